@@ -1,0 +1,6 @@
+"""LightningModules: thin subclasses of ``DiffusionModule`` that differ only where the method differs."""
+
+from meddiff.models.base import DiffusionModule
+from meddiff.models.unconditional import UnconditionalDiffusion
+
+__all__ = ["DiffusionModule", "UnconditionalDiffusion"]

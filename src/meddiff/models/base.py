@@ -1,0 +1,282 @@
+"""``DiffusionModule``: the one LightningModule all diffusion models derive from.
+
+It owns what every variant shares: the denoising loss on eps / x0 / v (l1, l2, huber), the optimizer and LR
+schedule, the EMA of the weights (used for validation, evaluation and reconstruction), NaN checks, logging,
+and validation-time anomaly AUROC. Subclasses override only what differs:
+
+- ``net_input(x_t, batch)``: what the network sees (conditional models concatenate ``cond``);
+- ``class_labels(batch, train)``: class ids for guided models;
+- ``loss_region(x0)``: where the loss counts (patched DDPM: one patch);
+- ``reconstruct(batch)``: the healthy estimate ``[B, C, H, W] in [-1, 1]`` that ``meddiff.anomaly`` scores.
+
+All diffusion math comes from ``meddiff.diffusion``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import BinaryAUROC
+
+from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
+from meddiff.anomaly.scoring import ScoringConfig, score_batch
+from meddiff.diffusion import NoiseSchedule, make_noise
+from meddiff.errors import ConfigError
+from meddiff.models.ema import EMA
+
+LOSSES = ("l1", "l2", "huber")
+
+
+def _as_dict(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _dataclass_from(cls, cfg: Mapping[str, Any] | None, what: str):
+    values = _as_dict(cfg)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"Unknown {what} option(s) {unknown}; valid options are {sorted(known)}.")
+    return cls(**values)
+
+
+class DiffusionModule(L.LightningModule):
+    """Shared training/validation logic for diffusion models on dict batches.
+
+    Args:
+        net: denoiser with ``forward(x, t, class_labels=None)`` (see ``meddiff.nets``).
+        schedule: the noise schedule (its ``prediction_type`` decides what the net predicts).
+        optimizer: a partial ``torch.optim`` constructor taking the parameters (Hydra ``_partial_: true``).
+        lr_scheduler: optional partial LR-scheduler constructor taking the optimizer.
+        loss: ``l1``, ``l2`` or ``huber`` on the prediction target.
+        t_range: training timesteps are drawn uniformly from ``[t_min, t_max)`` (``t_max`` null = T). Limiting it
+            to the noise levels that reconstruction uses focuses capacity where scoring needs it.
+        noise: ``gaussian`` or ``simplex``.
+        ema_decay: EMA decay of the weights (0 disables EMA).
+        recon: ``ReconstructionConfig`` fields for the healthy estimate.
+        scoring: ``ScoringConfig`` fields for validation AUROC.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[..., Any] | None = None,
+        loss: str = "l2",
+        huber_delta: float = 0.1,
+        t_range: tuple[int, int | None] | list | None = None,
+        noise: str = "gaussian",
+        ema_decay: float = 0.999,
+        recon: Mapping[str, Any] | None = None,
+        scoring: Mapping[str, Any] | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "schedule"], logger=False)
+        if loss not in LOSSES:
+            raise ConfigError(f"model.loss={loss!r} is unknown; choose one of {list(LOSSES)}.")
+        self.net = net
+        self.schedule = schedule
+        self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
+        self.loss_name = loss
+        self.huber_delta = huber_delta
+        self.noise_kind = noise
+        make_noise(noise, torch.zeros(1, 1, 4, 4))  # fail fast on an unknown noise kind
+        T = schedule.num_train_timesteps
+        t_min, t_max = (list(t_range) + [None, None])[:2] if t_range is not None else (0, None)
+        t_min, t_max = int(t_min or 0), int(t_max if t_max is not None else T)
+        if not 0 <= t_min < t_max <= T:
+            raise ConfigError(f"model.t_range=[{t_min}, {t_max}] must satisfy 0 <= t_min < t_max <= T={T}.")
+        self.t_min, self.t_max = t_min, t_max
+        self.recon_cfg: ReconstructionConfig = _dataclass_from(ReconstructionConfig, recon, "model.recon")
+        self.recon_cfg.validate(T)
+        self.scoring_cfg: ScoringConfig = _dataclass_from(ScoringConfig, scoring, "model.scoring")
+        self.val_auroc = BinaryAUROC()
+        self._val_has_anomalies = False
+
+    # ------------------------------------------------------------------ hooks subclasses override
+    def net_input(self, x_t: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """What the network sees at noise level t: ``[B, C_in, H, W]``."""
+        return x_t
+
+    def class_labels(self, batch: Mapping[str, Any], train: bool) -> torch.Tensor | None:
+        """Class ids ``[B]`` for class-conditional nets, or None."""
+        return None
+
+    def loss_region(self, x0: torch.Tensor) -> torch.Tensor | None:
+        """Bool ``[B, 1, H, W]`` where the sample is noised and the loss counts; None = everywhere."""
+        return None
+
+    def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Healthy estimate of ``batch['image']``: ``[B, C, H, W] in [-1, 1]``."""
+        return reconstruct(self.model_fn(batch), self.schedule, batch["image"], self.recon_cfg)
+
+    # ------------------------------------------------------------------ shared machinery
+    @property
+    def denoiser(self) -> nn.Module:
+        """The EMA weights outside training, the online weights while training."""
+        if self.ema is not None and not self.training:
+            return self.ema.shadow
+        return self.net
+
+    def model_fn(self, batch: Mapping[str, Any], class_labels: torch.Tensor | None = None):
+        """``fn(x_t, t, idx=None) -> output`` closing over the batch's conditioning.
+
+        ``idx`` (LongTensor ``[n]``) names the batch row each of the n items belongs to, so patched reconstruction
+        can run many patches of one image with that image's conditioning.
+        """
+        labels = class_labels if class_labels is not None else self.class_labels(batch, train=False)
+
+        def fn(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+            sub = batch if idx is None else _index_batch(batch, idx)
+            lab = labels if (labels is None or idx is None) else labels[idx]
+            return self.denoiser(self.net_input(x_t, sub), t, lab)
+
+        return fn
+
+    def sample_timesteps(self, n: int) -> torch.Tensor:
+        return torch.randint(self.t_min, self.t_max, (n,), device=self.device)
+
+    def diffusion_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising loss on one batch (online weights in training, EMA weights in eval)."""
+        x0 = batch["image"]
+        if generator is None:
+            t = self.sample_timesteps(x0.shape[0])
+        else:
+            t = torch.randint(self.t_min, self.t_max, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = make_noise(self.noise_kind, x0, generator=generator)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        region = self.loss_region(x0)
+        if region is not None:
+            x_t = torch.where(region, x_t, x0)
+        out = self.denoiser(self.net_input(x_t, batch), t, self.class_labels(batch, train=self.training))
+        target = self.schedule.training_target(x0, noise, t)
+        return self._reduce_loss(out, target, region)
+
+    def _reduce_loss(self, out: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+        out, target = out.float(), target.float()
+        if self.loss_name == "l1":
+            per = (out - target).abs()
+        elif self.loss_name == "l2":
+            per = (out - target) ** 2
+        else:
+            per = F.huber_loss(out, target, delta=self.huber_delta, reduction="none")
+        if region is None:
+            return per.mean()
+        weight = region.expand_as(per).to(per.dtype)
+        return (per * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Training loss is {loss.item()} at global step {self.global_step}. Lower model.optimizer.lr, "
+                "check the data for NaN/inf (images must be finite in [-1, 1]), or train with trainer.precision=32."
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.net)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        x0 = batch["image"]
+        gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
+        healthy = _healthy_rows(batch)
+        if healthy.any():
+            sub = _select(batch, healthy)
+            loss = self.diffusion_loss(sub, generator=gen)
+            self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=int(healthy.sum()))
+        if "label" in batch and self.score_in_validation:
+            labels = batch["label"]
+            recon = self.reconstruct(batch)
+            scores = score_batch(x0, recon, batch.get("brain_mask"), self.scoring_cfg)["score"]
+            self.val_auroc.update(scores, labels.long())
+            self._val_has_anomalies = True
+
+    @property
+    def score_in_validation(self) -> bool:
+        """Whether validation reconstructs and scores anomalies (models for anomaly detection)."""
+        return True
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_has_anomalies:
+            try:
+                auroc = self.val_auroc.compute()
+            except Exception:  # one class only in this (sanity-check) pass
+                auroc = torch.tensor(float("nan"))
+            self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
+            self.val_auroc.reset()
+            self._val_has_anomalies = False
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        return self.reconstruct(batch)
+
+    def configure_optimizers(self) -> Any:
+        make_opt = self.hparams.optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        opt = make_opt(params=self.net.parameters())
+        if self.hparams.lr_scheduler is None:
+            return opt
+        sched = self.hparams.lr_scheduler(optimizer=opt)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and stage == "fit":
+            self.net = torch.compile(self.net)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int = 500, total_steps: int = 100_000,
+                  min_factor: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base LR, then cosine decay to ``min_factor`` of it at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _healthy_rows(batch: Mapping[str, Any]) -> torch.Tensor:
+    x0 = batch["image"]
+    if "label" not in batch:
+        return torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
+    return batch["label"] == 0
+
+
+def _select(batch: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """Rows of a dict batch (tensors indexed, lists filtered)."""
+    out: dict[str, Any] = {}
+    idx = rows.nonzero().flatten()
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == rows.shape[0]:
+            out[k] = v[idx]
+        elif isinstance(v, (list, tuple)) and len(v) == rows.shape[0]:
+            out[k] = [v[i] for i in idx.tolist()]
+        else:
+            out[k] = v
+    return out
+
+
+def _index_batch(batch: Mapping[str, Any], idx: torch.Tensor) -> dict[str, Any]:
+    """The conditioning tensors of a batch gathered at rows ``idx`` (``[n]``, repeats allowed)."""
+    return {k: (v[idx] if k in ("cond", "coarse") else v) for k, v in batch.items()}
