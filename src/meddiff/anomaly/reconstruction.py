@@ -20,7 +20,7 @@ import torch
 
 from meddiff.anomaly.patches import patch_masks
 from meddiff.diffusion import NoiseSchedule, make_noise
-from meddiff.diffusion.samplers import sample, timesteps_from
+from meddiff.diffusion.samplers import make_partial_timesteps, sample
 from meddiff.errors import ConfigError
 
 ModelFn = Callable[..., torch.Tensor]  # (x_t [n,C,H,W], t [n], idx [n] | None) -> output
@@ -98,7 +98,7 @@ def reconstruct(
             def masked_fn(x: torch.Tensor, t: torch.Tensor, m=m, context=context, img=img) -> torch.Tensor:
                 return model_fn(torch.where(m, x, context), t, img)
 
-            steps = timesteps_from(t_start, cfg.num_steps)
+            steps = make_partial_timesteps(t_start, cfg.num_steps)
             pred = sample(masked_fn, schedule, start, steps, sampler=cfg.method, eta=cfg.eta, generator=generator)
         mf = m.to(x0.dtype)
         total.index_add_(0, img, pred.clamp(-1, 1) * mf)

@@ -45,6 +45,7 @@ def score_batch(
         or None) and ``score [B]``.
     """
     post = PostProcess(median_size=cfg.median_size, erode_iterations=cfg.erode_iterations)
-    maps, eroded = post(anomaly_map(x, recon, kind=cfg.map), region)
+    eroded = post.region(region)
+    maps = post(anomaly_map(x, recon, kind=cfg.map), region)
     scores = image_scores(maps, eroded, reduction=cfg.reduction, q=cfg.q)
     return {"map": maps, "region": eroded, "score": scores}

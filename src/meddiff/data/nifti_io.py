@@ -18,6 +18,7 @@ from meddiff.errors import ConfigError, DataError
 __all__ = [
     "NIFTI_SUFFIXES",
     "FrameWarning",
+    "foreground_percentiles",
     "is_nifti",
     "load_volume",
     "robust_normalise",
@@ -119,6 +120,32 @@ def load_volume(
     return np.ascontiguousarray(vol), affine
 
 
+def foreground_percentiles(
+    vol: np.ndarray,
+    mask: np.ndarray | None = None,
+    lower: float = 1.0,
+    upper: float = 99.0,
+) -> tuple[float, float] | None:
+    """The ``lower`` and ``upper`` percentiles of ``vol`` inside the foreground, or None if it is empty.
+
+    The foreground is ``mask`` (bool, ``vol``'s shape) or, by default, the voxels above the volume's minimum.
+    """
+    if not 0.0 <= lower < upper <= 100.0:
+        raise ConfigError(f"percentiles lower={lower}, upper={upper} must satisfy 0 <= lower < upper <= 100")
+    vol = np.asarray(vol)
+    if mask is None:
+        mask = vol > vol.min() if vol.size else np.zeros(vol.shape, bool)
+    else:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != vol.shape:
+            raise DataError(f"mask shape {mask.shape} does not match volume shape {vol.shape}")
+    fg = vol[mask]
+    if fg.size == 0:
+        return None
+    lo, hi = np.percentile(fg.astype(np.float64), [lower, upper])
+    return float(lo), float(hi)
+
+
 def robust_normalise(
     vol: np.ndarray,
     mask: np.ndarray | None = None,
@@ -137,21 +164,11 @@ def robust_normalise(
         float32 array of ``vol``'s shape in ``[-1, 1]``: the ``lower`` percentile maps to -1, ``upper`` to +1.
         A constant volume (or empty foreground) maps to -1 everywhere.
     """
-    if not 0.0 <= lower < upper <= 100.0:
-        raise ConfigError(f"percentiles lower={lower}, upper={upper} must satisfy 0 <= lower < upper <= 100")
     vol = np.asarray(vol, dtype=np.float32)
-    if mask is None:
-        mask = vol > vol.min() if vol.size else np.zeros(vol.shape, bool)
-    else:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != vol.shape:
-            raise DataError(f"mask shape {mask.shape} does not match volume shape {vol.shape}")
-    fg = vol[mask]
-    if fg.size == 0:
+    rng = foreground_percentiles(vol, mask, lower, upper)
+    if rng is None or not rng[1] > rng[0]:
         return np.full(vol.shape, -1.0, dtype=np.float32)
-    lo, hi = np.percentile(fg.astype(np.float64), [lower, upper])
-    if not hi > lo:
-        return np.full(vol.shape, -1.0, dtype=np.float32)
+    lo, hi = rng
     out = (np.clip(vol.astype(np.float64), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 

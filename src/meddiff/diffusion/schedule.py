@@ -148,16 +148,43 @@ class NoiseSchedule(nn.Module):
                     "choose 0 < beta_start <= beta_end <= 1 (e.g. 1e-4 and 0.02)."
                 )
 
+        self._betas_f32 = betas.detach().to(device="cpu", dtype=torch.float32).clone()
+        for key, table in self._build_tables(self._betas_f32).items():
+            self.register_buffer(key, table, persistent=False)
+
+    _TABLES = ("betas", "alphas", "alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+
+    @staticmethod
+    def _build_tables(betas: Tensor) -> dict[str, Tensor]:
+        """The float32 tables from float32 ``betas``: ``alpha = 1 - beta``, ``ā = cumprod(alpha)`` and the square
+        roots, computed in float64 and cast once."""
         b64 = betas.to(torch.float64)
         alphas = 1.0 - b64
         ac = torch.cumprod(alphas, dim=0)
-        self.register_buffer("betas", betas.to(torch.float32), persistent=False)
-        self.register_buffer("alphas", alphas.to(torch.float32), persistent=False)
-        self.register_buffer("alphas_cumprod", ac.to(torch.float32), persistent=False)
-        self.register_buffer("sqrt_alphas_cumprod", ac.sqrt().to(torch.float32), persistent=False)
-        self.register_buffer(
-            "sqrt_one_minus_alphas_cumprod", (1.0 - ac).sqrt().to(torch.float32), persistent=False
-        )
+        out = {
+            "betas": b64,
+            "alphas": alphas,
+            "alphas_cumprod": ac,
+            "sqrt_alphas_cumprod": ac.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+        }
+        return {k: v.to(torch.float32) for k, v in out.items()}
+
+    def _apply(self, fn, *args, **kwargs):
+        """Let ``.to(device)``/``.cuda()`` move the tables but keep them float32 under dtype casts.
+
+        ``module.to(torch.bfloat16)`` (e.g. Lightning's ``bf16-true`` precision) would otherwise round ``ā`` to
+        three significant digits (``1 - ā_0`` becomes 0); the tables are rebuilt exactly instead.
+        """
+        super()._apply(fn, *args, **kwargs)
+        tables = None
+        for key in self._TABLES:
+            buf = self._buffers.get(key)
+            if buf is not None and buf.dtype != torch.float32:
+                if tables is None:
+                    tables = self._build_tables(self._betas_f32)
+                self._buffers[key] = tables[key].to(buf.device)
+        return self
 
     @staticmethod
     def _custom_betas(trained_betas, num_train_timesteps: int) -> Tensor:

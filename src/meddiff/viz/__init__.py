@@ -1,0 +1,5 @@
+"""Figures for anomaly detection (headless; matplotlib's Agg canvas, pyplot is never imported)."""
+
+from meddiff.viz.figures import pr_curve, roc_curve, save_anomaly_grid, save_metric_curves, save_roc_pr
+
+__all__ = ["save_anomaly_grid", "save_roc_pr", "save_metric_curves", "roc_curve", "pr_curve"]

@@ -1,0 +1,46 @@
+# meddiff: two commands set everything up on a fresh machine with Python 3.11:
+#   make demo   -> creates .venv, installs, trains + evaluates the MNIST-splotch demo on the CPU, writes a report
+#   make test   -> creates .venv if missing, runs the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: install demo demo-ct demo-adni demo-denoise test test-fast lint bench clean
+
+install: $(STAMP)
+
+# torch first (the CPU wheel here; on a GPU box install the CUDA build of the same version first), then the
+# project: otherwise pip would pull a multi-GB CUDA build of torch as a dependency.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[dev,sweep]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m meddiff.train experiment=demo hydra.run.dir=logs/demo/latest $(DEMO_ARGS)
+	@echo "Report, figures and checkpoints: logs/demo/latest/ (report.json, roc.png, anomaly_grid.png)"
+
+test: install
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check src tests bench scripts
+
+bench: install
+	$(PY) bench/bench_training_step.py
+	$(PY) bench/bench_patched_scoring.py
+
+clean:
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,86 @@
+"""Image-level anomaly scores: one number per image from its anomaly map, reduced inside a region.
+
+``image_scores(maps [B, C, H, W], mask=None, reduction="mean"|"max"|"percentile", q=99) -> [B]``.
+Percentiles use linear interpolation between order statistics (numpy's default ``method="linear"``).
+An image whose mask is empty has no pixel to score: it gets ``empty_value`` (0.0 by default: no evidence of an
+anomaly; pass ``float("nan")`` to spot and drop such images instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from meddiff.errors import ConfigError, DataError
+
+REDUCTIONS = ("mean", "max", "percentile")
+
+
+def image_scores(
+    maps: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    q: float = 99.0,
+    empty_value: float = 0.0,
+) -> torch.Tensor:
+    """Reduce anomaly maps to one score per image, over the pixels inside ``mask`` only.
+
+    Args:
+        maps: ``[B, C, H, W]`` float anomaly maps (``C`` is usually 1; all channels' pixels are pooled).
+        mask: optional bool ``[B, 1, H, W]`` or ``[B, C, H, W]`` region (e.g. the eroded brain mask).
+        reduction: ``"mean"`` | ``"max"`` | ``"percentile"``.
+        q: percentile in ``[0, 100]`` for ``reduction="percentile"``.
+        empty_value: score of an image whose mask has no pixel.
+
+    Returns:
+        ``[B]`` float scores (the maps' dtype, float32 for integer maps), on the maps' device.
+
+    Raises:
+        ConfigError: unknown ``reduction`` or ``q`` outside ``[0, 100]``.
+        DataError: maps not 4D or mask shape not matching.
+    """
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown score reduction {reduction!r}; choose one of {list(REDUCTIONS)}.")
+    if not 0.0 <= float(q) <= 100.0:
+        raise ConfigError(f"percentile q={q} must be in [0, 100] (e.g. 99).")
+    if not isinstance(maps, torch.Tensor) or maps.ndim != 4:
+        shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+        raise DataError(f"maps must be a [B, C, H, W] tensor; got {shape}.")
+    x = maps if maps.is_floating_point() else maps.float()
+    B = x.shape[0]
+    if mask is None:
+        m = torch.ones_like(x, dtype=torch.bool)
+    else:
+        if (
+            not isinstance(mask, torch.Tensor)
+            or mask.ndim != 4
+            or mask.shape[0] != B
+            or mask.shape[2:] != x.shape[2:]
+            or mask.shape[1] not in (1, x.shape[1])
+        ):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise DataError(
+                f"mask shape {shape} does not fit maps shape {tuple(x.shape)}; it must be [B, 1, H, W] or "
+                "[B, C, H, W] with the maps' B, H, W."
+            )
+        m = (mask if mask.dtype == torch.bool else mask != 0).to(x.device).expand_as(x)
+    x = x.reshape(B, -1)
+    m = m.reshape(B, -1)
+    count = m.sum(dim=1)
+    empty = count == 0
+
+    if reduction == "mean":
+        s = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=1) / count.clamp_min(1)
+    elif reduction == "max":
+        s = torch.where(m, x, torch.full((), -torch.inf, dtype=x.dtype, device=x.device)).amax(dim=1)
+    else:
+        # Masked-out pixels sort to the end (+inf); the first `count` sorted values are the region's.
+        srt = torch.where(m, x, torch.full((), torch.inf, dtype=x.dtype, device=x.device)).sort(dim=1).values
+        pos = (count - 1).clamp_min(0).to(torch.float64) * (float(q) / 100.0)
+        lo = pos.floor().long()
+        hi = pos.ceil().long()
+        frac = (pos - lo.to(torch.float64)).to(x.dtype)
+        v_lo = srt.gather(1, lo[:, None])[:, 0]
+        v_hi = srt.gather(1, hi[:, None])[:, 0]
+        s = v_lo + (v_hi - v_lo) * frac
+        s = torch.where(hi == lo, v_lo, s)  # avoids inf - inf when lo == hi
+    return torch.where(empty, torch.full((), float(empty_value), dtype=x.dtype, device=x.device), s)

@@ -1,0 +1,1 @@
+"""Glue for the Hydra entry points: instantiation, run directories, resume, atomic writes."""
