@@ -43,6 +43,12 @@ def test_anomaly_grid_png(tmp_path):
     out = save_anomaly_grid(tmp_path / "sub" / "grid.png", images, recons, maps, masks, labels, n_rows=6, title="t")
     img = _assert_png(Path(out))
     assert img.shape[0] > img.shape[1]  # 6 rows x 4 columns: taller than wide
+    # the map, mask and reconstruction columns are really drawn: changing any one changes the picture
+    for k, variant in enumerate(
+        [(images, recons, maps.flip(-1), masks), (images, recons, maps, ~masks), (images, -recons, maps, masks)]
+    ):
+        other = imread(save_anomaly_grid(tmp_path / f"v{k}.png", *variant, labels, n_rows=6, title="t"))
+        assert other.shape != img.shape or not np.array_equal(other, img), k
     # numpy inputs, RGB, no masks / labels
     i3, r3, m3, _, _ = _batch(c=3)
     _assert_png(Path(save_anomaly_grid(tmp_path / "rgb.png", i3.numpy(), r3.numpy(), m3.numpy()[:, 0])))

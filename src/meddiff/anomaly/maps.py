@@ -39,7 +39,9 @@ def _check_pair(x: torch.Tensor, recon: torch.Tensor) -> None:
         )
 
 
-def _window_1d(size: int, kernel: str, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _window_1d(
+    size: int, kernel: str, sigma: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Normalised 1D window of odd ``size`` (Gaussian with ``sigma`` or uniform)."""
     if kernel == "uniform":
         w = torch.ones(size, dtype=dtype, device=device)
@@ -88,13 +90,13 @@ def local_ssim(
     a = a.to(dtype)
     b = b.to(dtype)
     w1 = _window_1d(window, kernel, sigma, dtype, a.device)
-    kh = w1.view(1, 1, window, 1)
-    kw = w1.view(1, 1, 1, window)
-
-    # All five statistics of all channels in one separable depthwise convolution.
-    stack = torch.cat([a, b, a * a, b * b, a * b], dim=1).reshape(B * 5 * C, 1, H, W)
+    # One depthwise convolution over the five statistics of every channel (the 2D window is the outer
+    # product of the 1D one; on CPU a depthwise 2D kernel is faster than two 1-channel separable passes).
+    groups = 5 * C
+    win2d = torch.outer(w1, w1).expand(groups, 1, window, window).contiguous()
+    stack = torch.cat([a, b, a * a, b * b, a * b], dim=1)  # [B, 5C, H, W]
     stack = F.pad(stack, (pad, pad, pad, pad), mode="reflect")
-    stats = F.conv2d(F.conv2d(stack, kh), kw).reshape(B, 5, C, H, W)
+    stats = F.conv2d(stack, win2d, groups=groups).reshape(B, 5, C, H, W)
     mu_a, mu_b, e_aa, e_bb, e_ab = stats.unbind(1)
 
     c1 = (k1 * data_range) ** 2
@@ -137,5 +139,7 @@ def anomaly_map(
     elif kind == "l2":
         m = (x - recon).pow(2)
     else:
-        m = 1.0 - local_ssim(x, recon, data_range=2.0, window=ssim_window, kernel=ssim_kernel, sigma=ssim_sigma)
+        m = 1.0 - local_ssim(
+            x, recon, data_range=2.0, window=ssim_window, kernel=ssim_kernel, sigma=ssim_sigma
+        )
     return m.mean(dim=1, keepdim=True)

@@ -29,7 +29,9 @@ _MAX_UNFOLD_ELEMENTS = 1 << 24  # transient memory bound of the 2D median filter
 
 def _check_4d(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise DataError(f"{name} must be a torch tensor, got {type(t).__name__}; convert with torch.as_tensor.")
+        raise DataError(
+            f"{name} must be a torch tensor, got {type(t).__name__}; convert with torch.as_tensor."
+        )
     if t.ndim != 4:
         raise DataError(f"{name} must be [B, C, H, W]; got shape {tuple(t.shape)}.")
 
@@ -57,7 +59,9 @@ def _check_connectivity(connectivity: int) -> None:
 
 def _check_odd_size(size: int) -> None:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1 or size % 2 == 0:
-        raise ConfigError(f"median filter size={size!r} must be an odd integer >= 1 (1 = no filtering, e.g. 5).")
+        raise ConfigError(
+            f"median filter size={size!r} must be an odd integer >= 1 (1 = no filtering, e.g. 5)."
+        )
 
 
 def median_filter(maps: torch.Tensor, size: int = 5, volume: bool = False) -> torch.Tensor:
@@ -83,7 +87,9 @@ def median_filter(maps: torch.Tensor, size: int = 5, volume: bool = False) -> to
         out = ndimage.median_filter(arr, size=(size, 1, size, size), mode="mirror")
         return torch.from_numpy(np.ascontiguousarray(out)).to(device=maps.device, dtype=maps.dtype)
     if pad >= min(H, W):
-        raise ConfigError(f"median filter size={size} is too large for {H}x{W} maps; use size <= {2 * min(H, W) - 1}.")
+        raise ConfigError(
+            f"median filter size={size} is too large for {H}x{W} maps; use size <= {2 * min(H, W) - 1}."
+        )
     work = maps if maps.is_floating_point() else maps.float()
     planes = F.pad(work.reshape(B * C, 1, H, W), (pad, pad, pad, pad), mode="reflect")
     chunk = max(1, _MAX_UNFOLD_ELEMENTS // (size * size * H * W))
@@ -94,7 +100,9 @@ def median_filter(maps: torch.Tensor, size: int = 5, volume: bool = False) -> to
     return out.reshape(B, C, H, W).to(maps.dtype)
 
 
-def erode_mask(mask: torch.Tensor, iterations: int = 1, connectivity: int = 1, volume: bool = False) -> torch.Tensor:
+def erode_mask(
+    mask: torch.Tensor, iterations: int = 1, connectivity: int = 1, volume: bool = False
+) -> torch.Tensor:
     """Binary erosion, ``iterations`` times, with a 3x3 cross (``connectivity=1``) or square (``2``).
 
     Each iteration removes one pixel from every edge of a region (a ``s x s`` square becomes
@@ -112,7 +120,9 @@ def erode_mask(mask: torch.Tensor, iterations: int = 1, connectivity: int = 1, v
     _check_4d(mask, "mask")
     _check_connectivity(connectivity)
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise ConfigError(f"erosion iterations={iterations!r} must be an integer >= 0 (pDDPM uses about W/25).")
+        raise ConfigError(
+            f"erosion iterations={iterations!r} must be an integer >= 0 (pDDPM uses about W/25)."
+        )
     m = mask if mask.dtype == torch.bool else mask != 0
     if iterations == 0:
         return m.clone()
@@ -121,7 +131,9 @@ def erode_mask(mask: torch.Tensor, iterations: int = 1, connectivity: int = 1, v
         struct = ndimage.generate_binary_structure(3, connectivity)
         arr = m.detach().cpu().numpy()
         for c in range(arr.shape[1]):
-            out[:, c] = ndimage.binary_erosion(arr[:, c], structure=struct, iterations=iterations, border_value=0)
+            out[:, c] = ndimage.binary_erosion(
+                arr[:, c], structure=struct, iterations=iterations, border_value=0
+            )
         return torch.from_numpy(out).to(mask.device)
     B, C, H, W = m.shape
     kernel = torch.ones(3, 3, device=m.device)
@@ -174,7 +186,9 @@ def remove_small_components(
     _check_4d(binary, "binary")
     _check_connectivity(connectivity)
     if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
-        raise ConfigError(f"min_size={min_size!r} must be an integer >= 0 (components smaller than it are removed).")
+        raise ConfigError(
+            f"min_size={min_size!r} must be an integer >= 0 (components smaller than it are removed)."
+        )
     b = binary if binary.dtype == torch.bool else binary != 0
     if min_size <= 1:
         return b.clone()

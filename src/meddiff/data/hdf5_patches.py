@@ -248,7 +248,9 @@ def _parse_intensity(intensity: IntensitySpec) -> str | tuple[float, float]:
     try:
         lo, hi = (float(v) for v in intensity)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"intensity={intensity!r} must be 'robust', 'minmax', 'none' or (low, high)") from exc
+        raise ConfigError(
+            f"intensity={intensity!r} must be 'robust', 'minmax', 'none' or (low, high)"
+        ) from exc
     if not hi > lo:
         raise ConfigError(f"intensity window {intensity!r} needs low < high")
     return (lo, hi)
@@ -277,7 +279,9 @@ def _extract(
     vol_s: np.ndarray, grid: np.ndarray, size: int, min_foreground: float, threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches of a block of slices ``[S, H, W]`` -> (``[n, P, P]``, ``[n, 3]`` (slice, y, x) within the block)."""
-    win = np.lib.stride_tricks.sliding_window_view(vol_s, (size, size), axis=(1, 2))  # [S, H-P+1, W-P+1, P, P]
+    win = np.lib.stride_tricks.sliding_window_view(
+        vol_s, (size, size), axis=(1, 2)
+    )  # [S, H-P+1, W-P+1, P, P]
     p = win[:, grid[:, 0], grid[:, 1]]  # [S, K, P, P] (copy)
     S, K = p.shape[:2]
     p = p.reshape(S * K, size, size)
@@ -423,8 +427,13 @@ def save_as_hdf5(
                 v_idx = len(meta)
                 n_vol = 0
                 for s0 in range(0, norm.shape[0], _SLICE_BLOCK):
-                    p, c = _extract(norm[s0 : s0 + _SLICE_BLOCK], grid, P, float(min_foreground),
-                                    float(foreground_threshold))
+                    p, c = _extract(
+                        norm[s0 : s0 + _SLICE_BLOCK],
+                        grid,
+                        P,
+                        float(min_foreground),
+                        float(foreground_threshold),
+                    )
                     if not len(p):
                         continue
                     k = len(p)
@@ -465,7 +474,12 @@ def save_as_hdf5(
                 raise DataError(f"no volume of {len(files)} could be converted to {P}px patches: {details}")
 
             vt = np.dtype(
-                [("name", h5py.string_dtype()), ("sha256", "S64"), ("shape", "<i8", (3,)), ("n_patches", "<i8")]
+                [
+                    ("name", h5py.string_dtype()),
+                    ("sha256", "S64"),
+                    ("shape", "<i8", (3,)),
+                    ("n_patches", "<i8"),
+                ]
             )
             table = np.zeros(len(meta), dtype=vt)
             table["name"] = [m["name"] for m in meta]
@@ -561,25 +575,34 @@ def inspect_hdf5(path: str | Path, expected: dict[str, Any] | None = None) -> Pa
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"cannot open {str(path)!r} as HDF5 ({exc}); it is truncated or not HDF5; "
-                        + _recreate_hint(path)) from exc
+        raise DataError(
+            f"cannot open {str(path)!r} as HDF5 ({exc}); it is truncated or not HDF5; " + _recreate_hint(path)
+        ) from exc
     try:
         with f:
             missing = [k for k in REQUIRED_DATASETS if k not in f]
             if missing or "settings" not in f.attrs:
                 what = ", ".join(missing + ([] if "settings" in f.attrs else ["attribute 'settings'"]))
-                raise DataError(f"{str(path)!r} is not a meddiff patch file (missing {what}); " + _recreate_hint(path))
+                raise DataError(
+                    f"{str(path)!r} is not a meddiff patch file (missing {what}); " + _recreate_hint(path)
+                )
             if f.attrs.get("format", "") != FORMAT:
-                raise DataError(f"{str(path)!r} has format {f.attrs.get('format')!r}, expected {FORMAT!r}; "
-                                + _recreate_hint(path))
+                raise DataError(
+                    f"{str(path)!r} has format {f.attrs.get('format')!r}, expected {FORMAT!r}; "
+                    + _recreate_hint(path)
+                )
             version = int(f.attrs.get("format_version", -1))
             if version > FORMAT_VERSION:
-                raise DataError(f"{str(path)!r} has format_version {version}, this meddiff reads <= {FORMAT_VERSION}; "
-                                "update meddiff")
+                raise DataError(
+                    f"{str(path)!r} has format_version {version}, this meddiff reads <= {FORMAT_VERSION}; "
+                    "update meddiff"
+                )
             try:
                 settings = json.loads(f.attrs["settings"])
             except (TypeError, ValueError) as exc:
-                raise DataError(f"{str(path)!r}: attribute 'settings' is not valid JSON; " + _recreate_hint(path)) from exc
+                raise DataError(
+                    f"{str(path)!r}: attribute 'settings' is not valid JSON; " + _recreate_hint(path)
+                ) from exc
             lacking = [k for k in REQUIRED_SETTINGS if k not in settings]
             if lacking:
                 raise DataError(f"{str(path)!r}: settings lack {lacking}; " + _recreate_hint(path))
@@ -587,8 +610,10 @@ def inspect_hdf5(path: str | Path, expected: dict[str, Any] | None = None) -> Pa
             patches = f["patches"]
             n = int(patches.shape[0])
             if patches.ndim != 4 or tuple(patches.shape[1:]) != (1, P, P):
-                raise DataError(f"{str(path)!r}: patches have shape {patches.shape}, settings say [N, 1, {P}, {P}]; "
-                                + _recreate_hint(path))
+                raise DataError(
+                    f"{str(path)!r}: patches have shape {patches.shape}, settings say [N, 1, {P}, {P}]; "
+                    + _recreate_hint(path)
+                )
             coords = np.asarray(f["coords"][()], dtype=np.int64)
             table = f["volumes"][()]
             slice_shapes = np.asarray(f["slice_shape"][()], dtype=np.int64).reshape(-1, 2)
@@ -599,14 +624,22 @@ def inspect_hdf5(path: str | Path, expected: dict[str, Any] | None = None) -> Pa
     except DataError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise DataError(f"cannot read {str(path)!r} ({type(exc).__name__}: {exc}); the file is truncated or "
-                        "corrupt; " + _recreate_hint(path)) from exc
+        raise DataError(
+            f"cannot read {str(path)!r} ({type(exc).__name__}: {exc}); the file is truncated or "
+            "corrupt; " + _recreate_hint(path)
+        ) from exc
 
     names = [v.decode() if isinstance(v, bytes) else str(v) for v in table["name"]]
     V = len(names)
-    if coords.shape != (n, 4) or len(slice_shapes) != V or (n and (coords[:, 0].min() < 0 or coords[:, 0].max() >= V)):
-        raise DataError(f"{str(path)!r}: coords {coords.shape}, {V} volumes and slice_shape {slice_shapes.shape} "
-                        "are inconsistent; " + _recreate_hint(path))
+    if (
+        coords.shape != (n, 4)
+        or len(slice_shapes) != V
+        or (n and (coords[:, 0].min() < 0 or coords[:, 0].max() >= V))
+    ):
+        raise DataError(
+            f"{str(path)!r}: coords {coords.shape}, {V} volumes and slice_shape {slice_shapes.shape} "
+            "are inconsistent; " + _recreate_hint(path)
+        )
 
     if expected:
         diffs = []
@@ -735,9 +768,10 @@ class PatchDataset(Dataset):
 
     def close(self) -> None:
         """Close this process's handle (reopened on the next access)."""
-        if self._h5 is not None and self._pid == os.getpid():
+        h5 = getattr(self, "_h5", None)  # absent if __init__ failed
+        if h5 is not None and getattr(self, "_pid", None) == os.getpid():
             try:
-                self._h5.close()
+                h5.close()
             except Exception:  # noqa: BLE001 - closing during interpreter shutdown
                 pass
         self._h5 = None
@@ -771,7 +805,9 @@ class PatchDataset(Dataset):
         try:
             arr = self._file()["patches"][row]
         except (OSError, KeyError) as exc:
-            raise DataError(f"cannot read patch {row} of {str(self.path)!r} ({exc}); " + _recreate_hint(self.path)) from exc
+            raise DataError(
+                f"cannot read patch {row} of {str(self.path)!r} ({exc}); " + _recreate_hint(self.path)
+            ) from exc
         image = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         std, noise = self._noise(row, tuple(image.shape))
         cond = image + noise
@@ -901,8 +937,10 @@ class HDF5PatchDataModule(L.LightningDataModule):
         src: str | Path = self.source
         if str(self.source).lower() == "synthetic":
             src = write_synthetic_volumes(
-                self.path.parent / f"{self.path.stem}_nifti", n=self.synthetic_volumes,
-                shape=self.synthetic_shape, seed=self.seed,  # type: ignore[arg-type]
+                self.path.parent / f"{self.path.stem}_nifti",
+                n=self.synthetic_volumes,
+                shape=self.synthetic_shape,
+                seed=self.seed,  # type: ignore[arg-type]
             )
         save_as_hdf5(src, self.path.stem, self.path.parent, filename=self.path.name, **kw)
 
@@ -918,7 +956,10 @@ class HDF5PatchDataModule(L.LightningDataModule):
             self.datasets[split] = self.make_dataset(split)
 
     def make_dataset(
-        self, split: str, noise_std: float | Sequence[float] | None = None, deterministic_noise: bool | None = None
+        self,
+        split: str,
+        noise_std: float | Sequence[float] | None = None,
+        deterministic_noise: bool | None = None,
     ) -> PatchDataset:
         """A dataset of one split, optionally at another noise level (for noise-level studies)."""
         if self.info is None:

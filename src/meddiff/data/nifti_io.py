@@ -105,7 +105,9 @@ def load_volume(
     try:
         vol = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
     except Exception as exc:  # truncated gzip stream, short data block
-        raise DataError(f"cannot read the voxel data of {str(path)!r}: {exc}; the file may be truncated") from exc
+        raise DataError(
+            f"cannot read the voxel data of {str(path)!r}: {exc}; the file may be truncated"
+        ) from exc
     affine = np.asarray(img.affine, dtype=np.float64)
 
     bad = ~np.isfinite(vol)
@@ -199,7 +201,7 @@ def write_synthetic_volumes(
     Args:
         directory: output folder (created).
         n: number of volumes (>= 1).
-        shape: ``(X, Y, Z)`` voxels, each >= 8.
+        shape: ``(X, Y, Z)`` voxels, each >= 4.
         seed: RNG seed; the same seed writes identical files.
 
     Returns:
@@ -209,8 +211,8 @@ def write_synthetic_volumes(
 
     if n < 1:
         raise ConfigError(f"n={n} must be >= 1")
-    if len(shape) != 3 or min(shape) < 8:
-        raise ConfigError(f"shape={tuple(shape)} must be three sizes >= 8")
+    if len(shape) != 3 or min(shape) < 4:
+        raise ConfigError(f"shape={tuple(shape)} must be three sizes >= 4")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

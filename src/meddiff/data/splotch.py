@@ -72,7 +72,7 @@ def sample_splotch_params(rng: np.random.Generator, size: int = REF_SIZE) -> Spl
     r_lo, r_hi = max(1, _scaled(BASE_RADIUS_RANGE[0], size)), max(1, _scaled(BASE_RADIUS_RANGE[1], size))
     cx = int(rng.integers(c_lo, c_hi + 1))
     cy = int(rng.integers(c_lo, c_hi + 1))
-    r = int(rng.integers(r_lo, r_hi))
+    r = int(rng.integers(r_lo, r_hi + 1))
     n = int(rng.integers(N_BLOBS_RANGE[0], N_BLOBS_RANGE[1] + 1))
     h = r // 2
     offsets = rng.integers(-h, h + 1, size=(n, 2)).astype(np.int64)

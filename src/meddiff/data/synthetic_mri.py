@@ -54,8 +54,14 @@ CLASS_DIRS: dict[int, str] = {1: "cn", 2: "emci", 3: "mci", 4: "lmci", 5: "ad"}
 #: mean atrophy severity per ``slice_label``
 CLASS_SEVERITY: dict[int, float] = {1: 0.0, 2: 0.25, 3: 0.5, 4: 0.75, 5: 1.0}
 #: tissue label ids of ``generate_volume(..., return_labels=True)``
-LABEL_NAMES: dict[int, str] = {0: "background", 1: "csf", 2: "grey_matter", 3: "white_matter", 4: "ventricle",
-                               5: "hippocampus"}
+LABEL_NAMES: dict[int, str] = {
+    0: "background",
+    1: "csf",
+    2: "grey_matter",
+    3: "white_matter",
+    4: "ventricle",
+    5: "hippocampus",
+}
 
 
 def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], sigma: float) -> np.ndarray:
@@ -224,7 +230,9 @@ def write_synthetic_adni(
     task_dir = Path(root) / task
     json_path = task_dir / "dataset.json"
     if json_path.exists() and not overwrite:
-        raise ConfigError(f"{json_path} already exists; pass overwrite=True (--overwrite) or choose another root")
+        raise ConfigError(
+            f"{json_path} already exists; pass overwrite=True (--overwrite) or choose another root"
+        )
     vs = 180.0 / max(shp)
     affine = np.diag([-vs, vs, vs, 1.0])  # LAS storage: voxel axis 0 runs right -> left
     affine[:3, 3] = [(shp[0] - 1) * vs / 2.0, -(shp[1] - 1) * vs / 2.0, -(shp[2] - 1) * vs / 2.0]
@@ -232,8 +240,13 @@ def write_synthetic_adni(
     for label, cdir in CLASS_DIRS.items():
         (task_dir / cdir).mkdir(parents=True, exist_ok=True)
         for i in range(int(n_per_class)):
-            vol = generate_volume(label, shp, np.random.default_rng([seed, label, i]), bias_field=bias_field,
-                                  noise_std=noise_std)
+            vol = generate_volume(
+                label,
+                shp,
+                np.random.default_rng([seed, label, i]),
+                bias_field=bias_field,
+                noise_std=noise_std,
+            )
             data = np.clip(np.rint(vol[::-1]), 0, np.iinfo(np.int16).max).astype(np.int16)  # RAS -> LAS
             img = nib.Nifti1Image(data, affine)
             img.header.set_xyzt_units("mm")

@@ -14,6 +14,7 @@ Long chains (:func:`sample`, :func:`reconstruct_from`, :func:`ddim_invert`) run 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -165,10 +166,6 @@ def _step_noise(noise: Tensor | None, generator, like: Tensor) -> Tensor:
     return gaussian_like(like, generator=generator)
 
 
-def _scalar(v: Tensor, like: Tensor) -> Tensor:
-    return v.to(device=like.device, dtype=like.dtype)
-
-
 # ---------------------------------------------------------------------------------------------------- steps
 def ddpm_step(
     schedule: NoiseSchedule,
@@ -204,10 +201,8 @@ def ddpm_step(
     if variance_type not in VARIANCE_TYPES:
         raise ConfigError(f"variance_type={variance_type!r} is not supported; choose one of {list(VARIANCE_TYPES)}.")
     clip = _clip_range(clip_sample)
-    a_t = schedule.alpha_bar(t)
-    a_s = schedule.alpha_bar(prev_t)
-    one_minus_a_t = 1.0 - a_t
-    one_minus_a_s = 1.0 - a_s
+    a_t = schedule.alpha_bar_float(t)
+    a_s = schedule.alpha_bar_float(prev_t)
     alpha = a_t / a_s
     beta = 1.0 - alpha
 
@@ -215,17 +210,14 @@ def ddpm_step(
     if clip is not None:
         x0_pred = x0_pred.clamp(-clip, clip)
 
-    coef_x0 = a_s.sqrt() * beta / one_minus_a_t
-    coef_xt = alpha.sqrt() * one_minus_a_s / one_minus_a_t
-    x_prev = _scalar(coef_x0, x_t) * x0_pred + _scalar(coef_xt, x_t) * x_t
+    coef_x0 = math.sqrt(a_s) * beta / (1.0 - a_t)
+    coef_xt = math.sqrt(alpha) * (1.0 - a_s) / (1.0 - a_t)
+    x_prev = coef_x0 * x0_pred + coef_xt * x_t
 
     if prev_t >= 0:
-        if variance_type == "fixed_small":
-            var = (one_minus_a_s / one_minus_a_t * beta).clamp(min=1e-20)
-        else:
-            var = beta
+        var = max((1.0 - a_s) / (1.0 - a_t) * beta, 1e-20) if variance_type == "fixed_small" else beta
         z = _step_noise(noise, generator, model_output)
-        x_prev = x_prev + _scalar(var.sqrt(), x_t) * z
+        x_prev = x_prev + math.sqrt(var) * z
     return x_prev, x0_pred
 
 
@@ -257,8 +249,8 @@ def ddim_step(
     if not eta >= 0:
         raise ConfigError(f"eta={eta} must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like noise).")
     clip = _clip_range(clip_sample)
-    a_t = schedule.alpha_bar(t)
-    a_s = schedule.alpha_bar(prev_t)
+    a_t = schedule.alpha_bar_float(t)
+    a_s = schedule.alpha_bar_float(prev_t)
 
     x0_pred = schedule.predict_x0(model_output, x_t, t)
     eps_pred = schedule.predict_eps(model_output, x_t, t)
@@ -266,12 +258,12 @@ def ddim_step(
         x0_pred = x0_pred.clamp(-clip, clip)
 
     var = (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)
-    sigma = eta * var.sqrt()
-    dir_coef = (1.0 - a_s - sigma**2).clamp(min=0.0).sqrt()
-    x_prev = _scalar(a_s.sqrt(), x_t) * x0_pred + _scalar(dir_coef, x_t) * eps_pred
+    sigma = eta * math.sqrt(var)
+    dir_coef = math.sqrt(max(1.0 - a_s - sigma**2, 0.0))
+    x_prev = math.sqrt(a_s) * x0_pred + dir_coef * eps_pred
     if eta > 0:
         z = _step_noise(noise, generator, model_output)
-        x_prev = x_prev + _scalar(sigma, x_t) * z
+        x_prev = x_prev + sigma * z
     return x_prev, x0_pred
 
 
@@ -411,13 +403,13 @@ def ddim_invert(
     """
     ts = _timestep_list(schedule, timesteps_ascending, descending=False)
     x = x0
-    a_s = schedule.alpha_bar(-1)
+    a_s = schedule.alpha_bar_float(-1)
     for t in _progress(ts, progress, "ddim inversion"):
-        a_t = schedule.alpha_bar(t)
+        a_t = schedule.alpha_bar_float(t)
         out = model_fn(x, _t_batch(t, x))
         eps = schedule.predict_eps(out, x, t)
-        x0_pred = (x - _scalar((1.0 - a_s).sqrt(), x) * eps) / _scalar(a_s.sqrt(), x)
-        x = _scalar(a_t.sqrt(), x) * x0_pred + _scalar((1.0 - a_t).sqrt(), x) * eps
+        x0_pred = (x - math.sqrt(1.0 - a_s) * eps) / math.sqrt(a_s)
+        x = math.sqrt(a_t) * x0_pred + math.sqrt(1.0 - a_t) * eps
         a_s = a_t
     return x
 

@@ -149,6 +149,9 @@ class NoiseSchedule(nn.Module):
                 )
 
         self._betas_f32 = betas.detach().to(device="cpu", dtype=torch.float32).clone()
+        # float64 ā on CPU (plain attribute, not a buffer: float64 is unsupported on some devices) for the
+        # scalar coefficients of sampler steps, where 1 - ā near t = 0 suffers cancellation in float32.
+        self._alphas_cumprod_f64 = torch.cumprod(1.0 - self._betas_f32.double(), dim=0)
         for key, table in self._build_tables(self._betas_f32).items():
             self.register_buffer(key, table, persistent=False)
 
@@ -260,7 +263,21 @@ class NoiseSchedule(nn.Module):
                 f"below {self.num_train_timesteps} (negative means the clean sample, ā=1)."
             )
         vals = self.alphas_cumprod[idx.clamp(min=0)]
-        return torch.where(idx < 0, torch.full_like(vals, self.final_alpha_cumprod), vals)
+        return torch.where(idx < 0, vals, vals)
+
+    def alpha_bar_float(self, t: int) -> float:
+        """``ā_t`` of one integer timestep as a Python float computed in float64 (``t < 0`` gives 1.0).
+
+        Used by the samplers for their per-step scalar coefficients (no device sync, no float32 cancellation in
+        ``1 - ā``).
+        """
+        t = int(t)
+        if t >= self.num_train_timesteps:
+            raise ConfigError(
+                f"t={t} is outside [-1, {self.num_train_timesteps}); alpha_bar takes timesteps below "
+                f"{self.num_train_timesteps} (negative means the clean sample, ā=1)."
+            )
+        return self.final_alpha_cumprod if t < 0 else float(self._alphas_cumprod_f64[t])
 
     def snr(self, t: Tensor | int) -> Tensor:
         """Signal-to-noise ratio ``ā_t / (1 - ā_t)`` (float32, same shape as ``t``)."""

@@ -20,15 +20,20 @@ def _check_images(images: torch.Tensor) -> None:
         raise DataError(f"images must be a [B, C, H, W] tensor in [-1, 1]; got {shape}.")
 
 
-def mean_intensity_score(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def mean_intensity_score(
+    images: torch.Tensor, mask: torch.Tensor | None = None, empty_value: float = -1.0
+) -> torch.Tensor:
     """Mean intensity per image over channels and the pixels inside ``mask``.
 
     Args:
         images: ``[B, C, H, W]`` in ``[-1, 1]``.
         mask: optional bool ``[B, 1, H, W]`` or ``[B, C, H, W]`` region (e.g. the brain mask).
+        empty_value: score of an image whose mask is empty; -1.0 (black, the least anomalous score, as
+            ``meddiff.anomaly.image_scores`` gives such images its lowest score 0) so metrics stay defined;
+            pass ``float("nan")`` to spot and drop them instead.
 
     Returns:
-        ``[B]`` float scores in ``[-1, 1]``; NaN for an image whose mask is empty.
+        ``[B]`` float scores in ``[-1, 1]``.
     """
     _check_images(images)
     x = images.float() if not images.is_floating_point() else images
@@ -46,7 +51,7 @@ def mean_intensity_score(images: torch.Tensor, mask: torch.Tensor | None = None)
     m = (mask if mask.dtype == torch.bool else mask != 0).to(x.device).expand_as(x).to(x.dtype)
     count = m.sum(dim=(1, 2, 3))
     mean = (x * m).sum(dim=(1, 2, 3)) / count.clamp_min(1)
-    return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
+    return torch.where(count > 0, mean, torch.full_like(mean, float(empty_value)))
 
 
 def intensity_map(images: torch.Tensor) -> torch.Tensor:
@@ -60,4 +65,4 @@ def intensity_map(images: torch.Tensor) -> torch.Tensor:
     """
     _check_images(images)
     x = images.float() if not images.is_floating_point() else images
-    return ((x.mean(dim=1, keepdim=True) + 1.0) * 0.5).clamp(0.0, 1.0)
+    return (x.mean(dim=1, keepdim=True)).clamp(0.0, 1.0)

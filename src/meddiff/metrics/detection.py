@@ -50,7 +50,9 @@ def check_scores_labels(scores: Any, labels: Any, need_both: bool = True) -> tup
     s = to_numpy_1d(scores, "scores").astype(np.float64)
     y_raw = to_numpy_1d(labels, "labels")
     if s.shape != y_raw.shape:
-        raise DataError(f"scores and labels must have the same length; got {s.shape[0]} and {y_raw.shape[0]}.")
+        raise DataError(
+            f"scores and labels must have the same length; got {s.shape[0]} and {y_raw.shape[0]}."
+        )
     if s.size == 0:
         raise DataError("scores are empty; at least one healthy and one anomalous image are needed.")
     bad = ~np.isfinite(s)
@@ -74,7 +76,9 @@ def check_scores_labels(scores: Any, labels: Any, need_both: bool = True) -> tup
     return s, y
 
 
-def weighted_auroc_ap(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def weighted_auroc_ap(
+    scores: np.ndarray, labels: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and average precision for many sample weightings at once.
 
     Args:
@@ -104,9 +108,7 @@ def weighted_auroc_ap(scores: np.ndarray, labels: np.ndarray, weights: np.ndarra
     return auroc, ap
 
 
-def _bootstrap(
-    s: np.ndarray, y: np.ndarray, n_boot: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _bootstrap(s: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     pos = np.flatnonzero(y)
     neg = np.flatnonzero(~y)
@@ -198,7 +200,9 @@ def aggregate_by_subject(
     s, y = check_scores_labels(scores, labels, need_both=False)
     subj = np.asarray([str(v) for v in subjects])
     if subj.shape != s.shape:
-        raise DataError(f"subjects must have one id per score; got {subj.shape[0]} ids for {s.shape[0]} scores.")
+        raise DataError(
+            f"subjects must have one id per score; got {subj.shape[0]} ids for {s.shape[0]} scores."
+        )
     ids, inv = np.unique(subj, return_inverse=True)
     counts = np.bincount(inv, minlength=ids.size)
     if reduction == "mean":

@@ -114,7 +114,11 @@ def ms_ssim_scales(height: int, width: int, kernel_size: int = 11, max_scales: i
     """
     side = min(int(height), int(width))
     for n in range(int(max_scales), 0, -1):
-        if side >= 2**n and side // max(1, n - 1) ** 2 > kernel_size - 1 and side // 2 ** (n - 1) >= kernel_size:
+        if (
+            side >= 2**n
+            and side // max(1, n - 1) ** 2 > kernel_size - 1
+            and side // 2 ** (n - 1) >= kernel_size
+        ):
             return n
     return 0
 

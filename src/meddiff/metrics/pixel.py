@@ -89,27 +89,45 @@ class PixelAccumulator:
         if region is not None and (not isinstance(region, torch.Tensor) or region.shape != maps.shape):
             shape = tuple(region.shape) if isinstance(region, torch.Tensor) else type(region).__name__
             raise DataError(f"region shape {shape} must equal maps shape {tuple(maps.shape)}.")
-        v = maps.detach().reshape(-1)
+        v = maps.detach().reshape(-1).to(torch.float64)
         t = _as_bool(masks).to(v.device).reshape(-1)
-        if region is not None:
-            keep = _as_bool(region).to(v.device).reshape(-1)
-            v = v[keep]
-            t = t[keep]
-        if v.numel() == 0:
-            return
-        v = v.to(torch.float64)
-        if torch.isnan(v).any():
-            raise DataError(f"maps contain {int(torch.isnan(v).sum())} NaN pixels inside the region; fix the maps.")
-        self.n_clipped += int(((v < self.min_value) | (v > self.max_value)).sum())
+        keep = None if region is None else _as_bool(region).to(v.device).reshape(-1)
+        nan = torch.isnan(v)
+        if keep is not None:
+            nan &= keep
+        if nan.any():
+            raise DataError(f"maps contain {int(nan.sum())} NaN pixels inside the region; fix the maps.")
+        v = v.nan_to_num(nan=self.min_value)  # NaN outside the region: any bin, it is dropped below
+        K = self.num_bins
+        clipped = (v < self.min_value) | (v > self.max_value)
+        if keep is not None:
+            clipped &= keep
+        self.n_clipped += int(clipped.sum())
+        # Bin index with edges[k] <= v < edges[k+1]: arithmetic guess, then a one-step correction against the
+        # stored edges so that the bins agree exactly with the thresholds "v >= edges[k]".
         edges = self.edges.to(v.device)
-        idx = (torch.bucketize(v, edges, right=True) - 1).clamp_(0, self.num_bins - 1)
-        self.pos_hist += torch.bincount(idx[t], minlength=self.num_bins).cpu()
-        self.neg_hist += torch.bincount(idx[~t], minlength=self.num_bins).cpu()
+        scale = K / (self.max_value - self.min_value)
+        idx = ((v - self.min_value) * scale).floor_().clamp_(0, K - 1).long()
+        idx -= (v < edges[idx]).long()
+        idx.clamp_(0, K - 1)
+        idx += ((v >= edges[idx + 1]) & (idx < K - 1)).long()
+        code = idx * 2 + t.long()  # 2k: non-lesion pixel in bin k, 2k+1: lesion pixel in bin k
+        if keep is not None:
+            code = torch.where(keep, code, torch.full_like(code, 2 * K))  # out of region: a dropped slot
+        if code.is_cuda:
+            counts = torch.bincount(code, minlength=2 * K + 1)[: 2 * K].cpu()
+        else:
+            counts = torch.from_numpy(np.bincount(code.numpy(), minlength=2 * K + 1)[: 2 * K])
+        counts = counts.view(K, 2).to(torch.int64)
+        self.neg_hist += counts[:, 0]
+        self.pos_hist += counts[:, 1]
 
     def merge(self, other: PixelAccumulator) -> PixelAccumulator:
         """Add another accumulator's pixels (same bins) into this one; returns self."""
         if not isinstance(other, PixelAccumulator) or not torch.equal(other.edges, self.edges):
-            raise ConfigError("can only merge PixelAccumulators with identical num_bins, min_value and max_value.")
+            raise ConfigError(
+                "can only merge PixelAccumulators with identical num_bins, min_value and max_value."
+            )
         self.pos_hist += other.pos_hist
         self.neg_hist += other.neg_hist
         self.n_clipped += other.n_clipped
@@ -222,7 +240,11 @@ def dice_score(
     """
     if reduction not in DICE_REDUCTIONS:
         raise ConfigError(f"unknown dice reduction {reduction!r}; choose one of {list(DICE_REDUCTIONS)}.")
-    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor) or pred.shape != target.shape:
+    if (
+        not isinstance(pred, torch.Tensor)
+        or not isinstance(target, torch.Tensor)
+        or pred.shape != target.shape
+    ):
         ps = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
         ts = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
         raise DataError(f"pred and target must be tensors of the same shape; got pred {ps} and target {ts}.")

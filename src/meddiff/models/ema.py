@@ -28,7 +28,7 @@ class EMA(nn.Module):
             raise ConfigError(f"model.ema_decay={decay} must be in [0, 1); use 0.999 (or 0 to disable EMA).")
         self.decay = decay
         self.warmup = warmup
-        self.shadow = copy.deepcopy(net).eval()
+        self.shadow = copy.deepcopy(net)
         self.shadow.requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 

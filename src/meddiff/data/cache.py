@@ -1,0 +1,538 @@
+"""A generic, resumable, one-time preprocessing cache of fixed-shape arrays (e.g. CT/MRI slices).
+
+Decoding medical files (DICOM, NIfTI) every epoch is the bottleneck of naive pipelines. :func:`build_cache`
+runs ``preprocess_fn(record)`` once per record in a multiprocessing pool and stores the results as
+memory-mapped ``.npy`` files that any number of DataLoader workers read fast through :class:`SliceCache`.
+
+Layout of one cache (``<cache_root>/<name>-<hash12>/``, the hash covering the settings, the records and the
+chunking; another hash is another folder, never reused by mistake)::
+
+    settings.json              the hashed key (settings + records fingerprint + chunk size + format version)
+    manifest.json              which chunks are finished (the commit point of a chunk; rewritten atomically)
+    chunks/c00000.<key>.npy    stacked arrays of the chunk's good records, ``[n_ok, ...]``, one file per key
+    chunks/c00000.index.csv    the chunk's records: id, record fields, meta from preprocess_fn, ok, kind, reason
+    index.csv                  all records; ``row`` = position in the concatenated arrays (-1 when skipped)
+    skipped.csv                the skipped records and why
+    complete                   written last: JSON with the key and counts; a cache without it is unfinished
+
+Every file is written to a temporary name and moved into place with ``os.replace`` (atomic on POSIX), so an
+interrupted build leaves only finished chunks behind; rerunning builds only the chunks the manifest lacks.
+
+A record is a mapping with a unique string ``id`` plus any scalar fields (copied into the index). A
+``preprocess_fn`` returns either a mapping ``key -> np.ndarray`` or :class:`Processed` (arrays + scalar meta
+for the index). Raising :class:`SkipRecord` (or any exception) skips the record; skips are listed, summarised in
+a log line, and never stop the build. Floating arrays are stored as float16 by default (``float_dtype``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from meddiff.errors import ConfigError, DataError
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "Processed",
+    "SkipRecord",
+    "SliceCache",
+    "build_cache",
+    "cache_key",
+    "cache_path",
+    "records_fingerprint",
+    "settings_hash",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+_RESERVED = ("row", "ok", "kind", "reason", "chunk")
+
+
+class SkipRecord(DataError):
+    """Raise from a ``preprocess_fn`` to skip a record on purpose; ``kind`` groups the summary (e.g. 'near_empty')."""
+
+    def __init__(self, reason: str, kind: str = "skipped") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass
+class Processed:
+    """What a ``preprocess_fn`` may return: fixed-shape ``arrays`` plus scalar ``meta`` for the index CSV."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+PreprocessFn = Callable[[Mapping[str, Any]], "Processed | Mapping[str, np.ndarray]"]
+
+
+# --------------------------------------------------------------------------------------------- hashing
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    raise ConfigError(
+        f"cache settings/records must be JSON-like (dict, list, str, number, bool, None); got {type(obj).__name__}: "
+        f"{obj!r}. Convert it to one of those before caching."
+    )
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def settings_hash(settings: Mapping[str, Any], n: int = 12) -> str:
+    """Stable hex hash of a JSON-like settings mapping (key order does not matter): ``n`` hex digits."""
+    return hashlib.sha256(_canonical_json(settings).encode()).hexdigest()[:n]
+
+
+def records_fingerprint(records: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 of the records (all fields, in order): a cache is only valid for the same record list."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(_canonical_json(r).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def cache_key(settings: Mapping[str, Any], records: Sequence[Mapping[str, Any]], chunk_size: int) -> dict[str, Any]:
+    """The mapping whose hash names the cache folder."""
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "settings": _jsonable(settings),
+        "records": records_fingerprint(records),
+        "n_records": len(records),
+        "chunk_size": int(chunk_size),
+    }
+
+
+def cache_path(
+    cache_root: str | os.PathLike,
+    name: str,
+    settings: Mapping[str, Any],
+    records: Sequence[Mapping[str, Any]],
+    chunk_size: int = 512,
+) -> Path:
+    """``<cache_root>/<name>-<hash12>`` for these settings, records and chunk size (nothing is created)."""
+    return Path(cache_root) / f"{name}-{settings_hash(cache_key(settings, records, chunk_size))}"
+
+
+# --------------------------------------------------------------------------------------------- atomic io
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
+    _atomic_write_text(path, df.to_csv(index=False))
+
+
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock so two processes never build the same cache at once (released when the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------- building
+def _chunk_file(chunk_dir: Path, chunk_id: int, suffix: str) -> Path:
+    return chunk_dir / f"c{chunk_id:05d}.{suffix}"
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(preprocess_fn: PreprocessFn, chunk_dir: str, float_dtype: str, shapes: dict | None) -> None:
+    _WORKER.update(fn=preprocess_fn, chunk_dir=Path(chunk_dir), float_dtype=float_dtype, shapes=shapes)
+    if "torch" in sys.modules:  # one intra-op thread per worker: the pool provides the parallelism
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _as_arrays(out: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if isinstance(out, Processed):
+        arrays, meta = out.arrays, out.meta
+    elif isinstance(out, Mapping):
+        arrays, meta = out, {}
+    else:
+        raise TypeError(f"preprocess_fn must return a mapping of arrays or Processed, got {type(out).__name__}")
+    if not arrays:
+        raise TypeError("preprocess_fn returned no arrays")
+    return {str(k): np.asarray(v) for k, v in arrays.items()}, dict(meta)
+
+
+def _process_chunk(task: tuple[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Run preprocess_fn over one chunk, write its array files and index CSV atomically, return a summary."""
+    chunk_id, records = task
+    fn: PreprocessFn = _WORKER["fn"]
+    chunk_dir: Path = _WORKER["chunk_dir"]
+    float_dtype = np.dtype(_WORKER["float_dtype"])
+    shapes: dict[str, tuple[tuple[int, ...], str]] | None = _WORKER["shapes"]
+
+    stacks: dict[str, list[np.ndarray]] = {}
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        row = {k: v for k, v in rec.items()}
+        try:
+            arrays, meta = _as_arrays(fn(rec))
+            arrays = {
+                k: v.astype(float_dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()
+            }
+            spec = shapes or {k: (tuple(v.shape), v.dtype.str) for k, v in arrays.items()}
+            if set(arrays) != set(spec):
+                raise DataError(f"arrays {sorted(arrays)} differ from the expected keys {sorted(spec)}")
+            for k, v in arrays.items():
+                if tuple(v.shape) != tuple(spec[k][0]) or v.dtype.str != np.dtype(spec[k][1]).str:
+                    raise DataError(
+                        f"array {k!r} has shape {v.shape} {v.dtype}, expected {tuple(spec[k][0])} {spec[k][1]}"
+                    )
+            shapes = spec
+            for k, v in arrays.items():
+                stacks.setdefault(k, []).append(v)
+            row.update({k: v for k, v in meta.items() if k not in _RESERVED})
+            row.update(ok=True, kind="", reason="")
+        except SkipRecord as e:
+            row.update(ok=False, kind=e.kind, reason=str(e))
+        except Exception as e:  # never let one bad record stop the build; it is listed in skipped.csv
+            row.update(ok=False, kind=type(e).__name__, reason=f"{type(e).__name__}: {e}")
+        rows.append(row)
+
+    written: dict[str, list[Any]] = {}
+    if shapes is not None:
+        for k, (shape, dtype) in shapes.items():
+            arr = (
+                np.stack(stacks[k]) if stacks.get(k) else np.zeros((0, *shape), dtype=np.dtype(dtype))
+            )
+            _atomic_save_npy(_chunk_file(chunk_dir, chunk_id, f"{k}.npy"), arr)
+            written[k] = [list(shape), np.dtype(dtype).str]
+    _atomic_write_csv(_chunk_file(chunk_dir, chunk_id, "index.csv"), pd.DataFrame(rows))
+    n_ok = sum(bool(r["ok"]) for r in rows)
+    return {"chunk": chunk_id, "n_records": len(rows), "n_ok": n_ok, "arrays": written}
+
+
+def _default_mp_context() -> str:
+    methods = mp.get_all_start_methods()
+    torch = sys.modules.get("torch")
+    cuda_on = bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
+    return "fork" if "fork" in methods and not cuda_on else "spawn"
+
+
+def _iter_results(
+    tasks: list[tuple[int, list[dict[str, Any]]]],
+    init_args: tuple,
+    num_workers: int,
+    mp_context: str | None,
+) -> Iterable[dict[str, Any]]:
+    if num_workers <= 0 or len(tasks) <= 1:
+        saved = dict(_WORKER)
+        _WORKER.update(fn=init_args[0], chunk_dir=Path(init_args[1]), float_dtype=init_args[2], shapes=init_args[3])
+        torch = sys.modules.get("torch")
+        n_threads = torch.get_num_threads() if torch is not None else None
+        if torch is not None:  # per-record ops are small: extra intra-op threads only add contention
+            torch.set_num_threads(1)
+        try:
+            for t in tasks:
+                yield _process_chunk(t)
+        finally:
+            _WORKER.clear()
+            _WORKER.update(saved)
+            if torch is not None and n_threads is not None:
+                torch.set_num_threads(n_threads)
+        return
+    ctx = mp.get_context(mp_context or _default_mp_context())
+    with ctx.Pool(min(num_workers, len(tasks)), initializer=_init_worker, initargs=init_args) as pool:
+        yield from pool.imap_unordered(_process_chunk, tasks)
+
+
+def _validate_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for i, r in enumerate(records):
+        if "id" not in r:
+            raise DataError(f"cache record {i} has no 'id' field: {dict(r)!r}; every record needs a unique id.")
+        clash = [k for k in _RESERVED if k in r]
+        if clash:
+            raise DataError(f"cache record {r['id']!r} uses reserved field(s) {clash}; rename them.")
+        out.append({k: v for k, v in r.items()})
+    ids = pd.Series([str(r["id"]) for r in out])
+    if ids.duplicated().any():
+        raise DataError(f"cache records have duplicate ids, e.g. {ids[ids.duplicated()].head(3).tolist()}.")
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_cache(
+    records: Sequence[Mapping[str, Any]],
+    preprocess_fn: PreprocessFn,
+    cache_root: str | os.PathLike,
+    name: str,
+    settings: Mapping[str, Any],
+    *,
+    chunk_size: int = 512,
+    num_workers: int = 0,
+    float_dtype: str = "float16",
+    array_shapes: Mapping[str, tuple[Sequence[int], str]] | None = None,
+    progress: bool = True,
+    mp_context: str | None = None,
+    str_columns: Sequence[str] = (),
+) -> SliceCache:
+    """Build (or resume, or just open) the cache for ``records`` under ``<cache_root>/<name>-<hash12>/``.
+
+    Args:
+        records: mappings with a unique ``id`` and JSON-like scalar fields; their order defines the chunks.
+        preprocess_fn: ``record -> {key: array}`` or :class:`Processed`; must be picklable when
+            ``num_workers > 0`` with the spawn start method (a module-level function or ``functools.partial``).
+        cache_root, name, settings: where, and the preprocessing settings that make this cache unique.
+        chunk_size: records per chunk (the unit of parallel work, of resumption and of files on disk).
+        num_workers: pool processes (0 = in this process).
+        float_dtype: dtype floating arrays are stored in (float16 halves the size of float32).
+        array_shapes: optional ``{key: (shape, dtype)}`` every record must match (else inferred per chunk).
+        progress: show a tqdm bar.
+        mp_context: 'fork' / 'spawn' / 'forkserver' (default: fork on Linux unless CUDA is initialised).
+        str_columns: index columns to read back as strings (ids that look numeric).
+
+    Returns:
+        the opened :class:`SliceCache`.
+    """
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size={chunk_size} must be >= 1.")
+    if not records:
+        raise DataError(f"no records to cache for {name!r}; check the data source.")
+    recs = _validate_records(records)
+    key = cache_key(settings, recs, chunk_size)
+    folder = Path(cache_root) / f"{name}-{settings_hash(key)}"
+    complete = folder / "complete"
+    if complete.is_file():
+        return SliceCache(folder, str_columns=str_columns, expected_key=key)
+
+    chunk_dir = folder / "chunks"
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(folder):
+        if complete.is_file():  # another process finished it while we waited for the lock
+            return SliceCache(folder, str_columns=str_columns, expected_key=key)
+        for stale in list(folder.glob(".*.tmp*")) + list(chunk_dir.glob(".*.tmp*")):
+            stale.unlink(missing_ok=True)  # leftovers of an interrupted atomic write
+        stored = _read_json(folder / "settings.json")
+        if stored is not None and stored != json.loads(_canonical_json(key)):
+            raise DataError(f"{folder} holds a cache with other settings (hash collision?); delete the folder.")
+        _atomic_write_text(folder / "settings.json", json.dumps(_jsonable(key), indent=2, sort_keys=True))
+
+        n_chunks = (len(recs) + chunk_size - 1) // chunk_size
+        manifest = _read_json(folder / "manifest.json") or {}
+        done: dict[str, dict[str, Any]] = {}
+        for cid, summary in (manifest.get("done") or {}).items():
+            files = [_chunk_file(chunk_dir, int(cid), "index.csv")]
+            files += [_chunk_file(chunk_dir, int(cid), f"{k}.npy") for k in summary.get("arrays", {})]
+            if int(cid) < n_chunks and all(f.is_file() for f in files):
+                done[cid] = summary
+        todo = [i for i in range(n_chunks) if str(i) not in done]
+        if done:
+            log.info("cache %s: resuming, %d/%d chunks already built", folder.name, len(done), n_chunks)
+
+        shapes = (
+            {k: (tuple(int(s) for s in v[0]), np.dtype(v[1]).str) for k, v in array_shapes.items()}
+            if array_shapes
+            else None
+        )
+        tasks = [(i, recs[i * chunk_size : (i + 1) * chunk_size]) for i in todo]
+        init_args = (preprocess_fn, str(chunk_dir), float_dtype, shapes)
+        t0 = time.perf_counter()
+        n_new = sum(len(t[1]) for t in tasks)
+        with tqdm(total=len(recs), initial=len(recs) - n_new, desc=f"cache {name}", disable=not progress,
+                  unit="rec", smoothing=0.1) as bar:
+            for summary in _iter_results(tasks, init_args, num_workers, mp_context):
+                done[str(summary["chunk"])] = summary
+                _atomic_write_text(folder / "manifest.json", json.dumps({"n_chunks": n_chunks, "done": done}))
+                bar.update(summary["n_records"])
+        elapsed = time.perf_counter() - t0
+
+        _finalize(folder, chunk_dir, n_chunks, done, key, elapsed, n_new)
+    return SliceCache(folder, str_columns=str_columns, expected_key=key)
+
+
+def _finalize(
+    folder: Path, chunk_dir: Path, n_chunks: int, done: dict[str, dict[str, Any]], key: dict, elapsed: float,
+    n_new: int,
+) -> None:
+    specs = {json.dumps(s["arrays"], sort_keys=True) for s in done.values() if s["arrays"]}
+    if len(specs) > 1:
+        raise DataError(
+            f"chunks of {folder} hold arrays of different shapes/dtypes {sorted(specs)}; preprocess_fn must return "
+            f"fixed shapes (pass array_shapes to enforce them). Delete the folder and rebuild."
+        )
+    arrays = json.loads(specs.pop()) if specs else {}
+    frames, offset = [], 0
+    for cid in range(n_chunks):
+        df = pd.read_csv(_chunk_file(chunk_dir, cid, "index.csv"), dtype={"id": str}, keep_default_na=False,
+                         na_values=[""])
+        df["ok"] = df["ok"].astype(str).str.lower().isin(["true", "1"])
+        df["chunk"] = cid
+        n_ok = int(df["ok"].sum())
+        row = np.full(len(df), -1, dtype=np.int64)
+        row[df["ok"].to_numpy()] = np.arange(offset, offset + n_ok)
+        offset += n_ok
+        df.insert(0, "row", row)
+        frames.append(df)
+    index = pd.concat(frames, ignore_index=True)
+    for c in ("kind", "reason"):
+        index[c] = index[c].fillna("").astype(str)
+    skipped = index[~index["ok"]]
+    _atomic_write_csv(folder / "index.csv", index)
+    _atomic_write_csv(folder / "skipped.csv", skipped)
+    n_skip = len(skipped)
+    kinds = ", ".join(f"{k}: {n}" for k, n in Counter(skipped["kind"]).most_common())
+    rate = f", {n_new / elapsed:.1f} rec/s" if n_new and elapsed > 0 else ""
+    if n_skip:
+        log.warning("cache %s: %d ok, %d skipped (%s; listed in %s)%s", folder.name, offset, n_skip, kinds,
+                    folder / "skipped.csv", rate)
+    else:
+        log.info("cache %s: %d ok, 0 skipped%s", folder.name, offset, rate)
+    if offset == 0:
+        raise DataError(
+            f"every record failed preprocessing for cache {folder}; first reasons: "
+            f"{skipped['reason'].head(3).tolist()}. Fix the data or preprocess_fn, then rerun."
+        )
+    marker = {"key": _jsonable(key), "n_records": len(index), "n_ok": offset, "n_skipped": n_skip, "arrays": arrays}
+    _atomic_write_text(folder / "complete", json.dumps(marker, indent=2, sort_keys=True))
+
+
+# --------------------------------------------------------------------------------------------- reading
+class SliceCache:
+    """Read access to a finished cache: ``cache.get(key, row)`` returns one record's array (a copy).
+
+    Rows ``0 .. len(cache)-1`` are the good records in index order; :attr:`index` lists them (``row >= 0``) and
+    the skipped ones (``row == -1``). Memory maps open lazily per process, so the object pickles cheaply into
+    DataLoader workers.
+
+    Raises:
+        DataError: the folder lacks the ``complete`` marker (unfinished build) or its key differs from
+            ``expected_key``.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, str_columns: Sequence[str] = (), expected_key: Mapping[str, Any] | None = None
+    ) -> None:
+        self.path = Path(path)
+        marker = _read_json(self.path / "complete")
+        if marker is None:
+            raise DataError(
+                f"{self.path} is not a finished cache (no valid 'complete' marker); rerun the build to resume it."
+            )
+        if expected_key is not None and marker.get("key") != json.loads(_canonical_json(expected_key)):
+            raise DataError(f"cache {self.path} was built with other settings; delete it or use another cache_root.")
+        self.key: dict[str, Any] = marker["key"]
+        self.settings: dict[str, Any] = self.key.get("settings", {})
+        self.arrays: dict[str, tuple[tuple[int, ...], str]] = {
+            k: (tuple(v[0]), v[1]) for k, v in marker.get("arrays", {}).items()
+        }
+        dtypes = {c: str for c in ("id", "kind", "reason", *str_columns)}
+        index = pd.read_csv(self.path / "index.csv", dtype=dtypes, keep_default_na=False, na_values=[""])
+        for c in dtypes:
+            if c in index:
+                index[c] = index[c].fillna("")
+        index["ok"] = index["ok"].astype(str).str.lower().isin(["true", "1"])
+        self.index: pd.DataFrame = index
+        good = index[index["row"] >= 0].sort_values("row")
+        self._chunks = good["chunk"].to_numpy(np.int64)
+        starts = good.groupby("chunk")["row"].min()
+        self._chunk_start = {int(c): int(s) for c, s in starts.items()}
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self._chunks.size)
+
+    @property
+    def ok_index(self) -> pd.DataFrame:
+        """Index rows of the good records, ordered by ``row``."""
+        return self.index[self.index["row"] >= 0].sort_values("row").reset_index(drop=True)
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        """Index rows of the skipped records (``kind``, ``reason`` say why)."""
+        return self.index[self.index["row"] < 0].reset_index(drop=True)
+
+    def _map(self, chunk: int, key: str) -> np.ndarray:
+        m = self._maps.get((chunk, key))
+        if m is None:
+            path = _chunk_file(self.path / "chunks", chunk, f"{key}.npy")
+            try:
+                m = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot open cache file {path}: {e}; delete {self.path} and rebuild.") from e
+            self._maps[(chunk, key)] = m
+        return m
+
+    def get(self, key: str, row: int) -> np.ndarray:
+        """Array ``key`` of good record ``row`` (a writable copy, dtype as stored)."""
+        if key not in self.arrays:
+            raise KeyError(f"cache {self.path.name} has no array {key!r}; it has {sorted(self.arrays)}")
+        row = int(row)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for cache of {len(self)} records")
+        chunk = int(self._chunks[row])
+        return np.array(self._map(chunk, key)[row - self._chunk_start[chunk]])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state

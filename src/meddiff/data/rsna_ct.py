@@ -1,0 +1,491 @@
+"""RSNA Intracranial Hemorrhage (brain CT) data layer: cached dataset and a Lightning DataModule.
+
+Expected layout (the Kaggle download, or the synthetic generator's output)::
+
+    <root>/stage_2_train.csv            ID,Label   (ID = ID_<hex>_<subtype>, six rows per image)
+    <root>/stage_2_train/ID_<hex>.dcm   one CT slice per file
+    <root>/masks/ID_<hex>.png           optional (synthetic data): uint8 label map, > 0 = hemorrhage
+
+``prepare_data`` (rank 0) decodes every DICOM once into a preprocessing cache (:mod:`meddiff.data.cache`,
+``<cache_dir>/rsna_ct-<hash12>/``): HU with the 12-bit intercept fix, windows as channels in ``[-1, 1]``, brain
+mask from HU, crop to the brain, resize to ``image_size``. Undecodable files are skipped and listed in the
+cache's ``skipped.csv``. ``setup`` splits by patient (``PatientID``, falling back to ``StudyInstanceUID``),
+deterministically per seed, stratified by "has any hemorrhage", and writes/reuses ``split_file``.
+
+Splits: train = healthy (``any == 0``) slices of train patients; val = all slices of val patients (healthy and
+hemorrhage, for thresholds and model selection); test = all slices of test patients. Near-empty slices (brain
+fraction < ``min_brain_fraction``) are left out of every split.
+
+Items follow ``docs/contracts.md``: ``image`` float32 ``[C, S, S]`` in ``[-1, 1]``, ``label`` int64 (``any``),
+``subtypes`` float32 ``[5]`` (:data:`SUBTYPES` order), ``brain_mask`` bool ``[1, S, S]``, ``mask`` bool
+``[1, S, S]`` (only when lesion masks exist, i.e. synthetic data), ``id`` and ``subject`` strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from meddiff.data.cache import Processed, SliceCache, build_cache, cache_path
+from meddiff.data.ct_transforms import WindowSpec, preprocess_hu, resolve_windows
+from meddiff.data.dicom_io import read_dicom
+from meddiff.data.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels
+from meddiff.errors import ConfigError, DataError
+
+__all__ = [
+    "SUBTYPES",
+    "RSNA_LAYOUT",
+    "RSNAPreprocess",
+    "RSNADataset",
+    "RSNADicomDataset",
+    "RSNACTDataModule",
+    "check_rsna_layout",
+    "rsna_records",
+    "split_subjects",
+]
+
+log = logging.getLogger(__name__)
+
+RSNA_LAYOUT = (
+    "expected <root>/stage_2_train.csv (Kaggle 'ID,Label', ID = ID_<hex>_<subtype>) and "
+    "<root>/stage_2_train/ID_<hex>.dcm; generate a synthetic one with "
+    "`python scripts/make_synthetic_rsna.py --root <root>` or set data.synthetic=true"
+)
+CACHE_NAME = "rsna_ct"
+_STR_COLUMNS = ("subject", "patient_id", "study_uid", "series_uid", "file", "mask_file")
+
+
+def check_rsna_layout(root: str | os.PathLike) -> tuple[Path, Path]:
+    """``(csv_path, dicom_dir)`` of an RSNA root; :class:`DataError` naming the missing path otherwise."""
+    root = Path(root)
+    csv, dcm = root / "stage_2_train.csv", root / "stage_2_train"
+    for p in (root, csv, dcm):
+        if not p.exists():
+            raise DataError(f"RSNA data path {str(p)!r} does not exist; {RSNA_LAYOUT}.")
+    return csv, dcm
+
+
+def rsna_records(
+    root: str | os.PathLike, max_slices: int | None = None, seed: int = 0, with_masks: bool | None = None
+) -> list[dict[str, Any]]:
+    """Cache records (sorted by id): ``id``, ``file`` (relative path), the six labels, optional ``mask_file``.
+
+    ``max_slices`` keeps a seeded random subset (for quick runs). ``with_masks`` defaults to whether
+    ``<root>/masks`` exists.
+    """
+    csv, _ = check_rsna_layout(root)
+    labels = parse_rsna_labels(csv)
+    if max_slices is not None:
+        if int(max_slices) < 1:
+            raise ConfigError(f"max_slices={max_slices} must be >= 1 (or null for all slices).")
+        if max_slices < len(labels):
+            keep = np.sort(np.random.default_rng(seed).choice(len(labels), int(max_slices), replace=False))
+            labels = labels.iloc[keep]
+    if with_masks is None:
+        with_masks = (Path(root) / "masks").is_dir()
+    records = []
+    for image_id, row in zip(labels.index.tolist(), labels.to_numpy(dtype=np.int64).tolist()):
+        rec: dict[str, Any] = {"id": image_id, "file": f"stage_2_train/{image_id}.dcm"}
+        rec.update(zip(LABEL_COLUMNS, row))
+        if with_masks:
+            rec["mask_file"] = f"masks/{image_id}.png"
+        records.append(rec)
+    return records
+
+
+@dataclass(frozen=True)
+class RSNAPreprocess:
+    """Picklable ``record -> Processed`` for the cache: DICOM -> HU -> windows/brain mask/crop/resize.
+
+    Arrays: ``image`` float16 ``[C, S, S]`` in ``[-1, 1]``, ``brain_mask`` bool ``[1, S, S]`` and, when
+    ``with_masks``, ``mask`` bool ``[1, S, S]``. Meta: subject, patient/study/series ids, z, rows, cols,
+    intercept_fixed, brain_fraction (of the original slice; near-empty filtering happens at setup).
+    """
+
+    root: str
+    windows: tuple[tuple[str, float, float], ...]
+    image_size: int
+    crop_to_brain: bool = True
+    with_masks: bool = False
+
+    def load(self, record: Mapping[str, Any]) -> tuple[Any, np.ndarray | None]:
+        """Decode the record's DICOM (and its lesion label map when ``with_masks``)."""
+        sl = read_dicom(Path(self.root) / record["file"])
+        lesion = None
+        if self.with_masks:
+            mpath = Path(self.root) / record["mask_file"]
+            try:
+                lesion = np.asarray(Image.open(mpath))
+            except OSError as e:
+                raise DataError(f"cannot read lesion mask {str(mpath)!r}: {e}") from e
+        return sl, lesion
+
+    def __call__(self, record: Mapping[str, Any]) -> Processed:
+        sl, lesion = self.load(record)
+        out = preprocess_hu(
+            sl.hu, [(c, w) for _, c, w in self.windows], self.image_size, self.crop_to_brain, lesion_mask=lesion
+        )
+        arrays = {"image": out["image"].astype(np.float16), "brain_mask": out["brain_mask"]}
+        if lesion is not None:
+            arrays["mask"] = out["mask"]
+        meta = {
+            "subject": sl.subject or str(record["id"]),
+            "patient_id": sl.patient_id,
+            "study_uid": sl.study_uid,
+            "series_uid": sl.series_uid,
+            "z": sl.z,
+            "rows": sl.shape[0],
+            "cols": sl.shape[1],
+            "intercept_fixed": sl.intercept_fixed,
+            "brain_fraction": round(out["brain_fraction"], 6),
+        }
+        return Processed(arrays, meta)
+
+
+def _item(
+    image: np.ndarray, brain_mask: np.ndarray, mask: np.ndarray | None, labels: np.ndarray, image_id: str,
+    subject: str,
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "image": torch.from_numpy(np.clip(image.astype(np.float32), -1.0, 1.0)),
+        "label": torch.tensor(int(labels[-1]), dtype=torch.int64),
+        "subtypes": torch.from_numpy(labels[:-1].astype(np.float32)),
+        "brain_mask": torch.from_numpy(np.ascontiguousarray(brain_mask, dtype=bool)),
+        "id": image_id,
+        "subject": subject,
+    }
+    if mask is not None:
+        item["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool))
+    return item
+
+
+class RSNADataset(Dataset):
+    """Slices read from a finished cache (no DICOM decoding).
+
+    Args:
+        cache: the opened :class:`SliceCache`.
+        rows: index rows (a subset of ``cache.ok_index``) with columns ``row``, ``id``, ``subject`` and
+            :data:`LABEL_COLUMNS`.
+
+    Items: ``image`` float32 ``[C, S, S]`` in ``[-1, 1]``, ``label`` int64 scalar (any), ``subtypes`` float32
+    ``[5]``, ``brain_mask`` bool ``[1, S, S]``, ``mask`` bool ``[1, S, S]`` (when the cache has masks), ``id``,
+    ``subject``.
+    """
+
+    def __init__(self, cache: SliceCache, rows: pd.DataFrame) -> None:
+        self.cache = cache
+        self.rows = rows["row"].to_numpy(np.int64)
+        self.ids = rows["id"].astype(str).tolist()
+        self.subjects = rows["subject"].astype(str).tolist()
+        self.labels = rows[list(LABEL_COLUMNS)].to_numpy(np.int64)
+        self.has_mask = "mask" in cache.arrays
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = int(self.rows[i])
+        mask = self.cache.get("mask", r) if self.has_mask else None
+        return _item(self.cache.get("image", r), self.cache.get("brain_mask", r), mask, self.labels[i],
+                     self.ids[i], self.subjects[i])
+
+
+class RSNADicomDataset(Dataset):
+    """The same items decoded from the DICOM files on every access (no cache): for quick looks and benchmarks.
+
+    A file that fails to decode raises :class:`DataError` here; use the cached :class:`RSNADataset` for training.
+    """
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], preprocess: RSNAPreprocess) -> None:
+        self.records = list(records)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rec = self.records[i]
+        out = self.preprocess(rec)
+        labels = np.array([rec[c] for c in LABEL_COLUMNS], dtype=np.int64)
+        return _item(out.arrays["image"], out.arrays["brain_mask"], out.arrays.get("mask"), labels, str(rec["id"]),
+                     str(out.meta["subject"]))
+
+
+def split_subjects(
+    subjects: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Assign subjects to train/val/test, stratified by whether they have any hemorrhage slice.
+
+    Args:
+        subjects: one row per slice with columns ``subject`` and ``any``.
+    Returns:
+        one row per subject: ``subject``, ``split`` ('train'/'val'/'test'), ``n_slices``, ``n_positive``;
+        deterministic for a given set of subjects and seed.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) with a sum < 1."
+        )
+    per = subjects.groupby("subject")["any"].agg(n_slices="size", n_positive="sum").reset_index()
+    per = per.sort_values("subject").reset_index(drop=True)
+    per["split"] = "train"
+    for stratum, has_pos in enumerate((False, True)):
+        idx = per.index[(per["n_positive"] > 0) == has_pos].to_numpy()
+        idx = idx[np.random.default_rng([seed, stratum]).permutation(idx.size)]
+        n_test = int(round(test_fraction * idx.size))
+        n_val = int(round(val_fraction * idx.size))
+        if idx.size >= 3:  # keep every split populated when the stratum allows it
+            n_test = max(n_test, 1 if test_fraction > 0 else 0)
+            n_val = max(n_val, 1 if val_fraction > 0 else 0)
+        n_test, n_val = min(n_test, idx.size), min(n_val, max(idx.size - n_test, 0))
+        per.loc[idx[:n_test], "split"] = "test"
+        per.loc[idx[n_test : n_test + n_val], "split"] = "val"
+    return per[["subject", "split", "n_slices", "n_positive"]]
+
+
+class RSNACTDataModule(L.LightningDataModule):
+    """Lightning DataModule for RSNA brain-CT hemorrhage (real Kaggle data or the synthetic stand-in).
+
+    Args:
+        root: data folder (see :data:`RSNA_LAYOUT`).
+        cache_dir: where caches live (default ``<root>/cache``).
+        image_size: output side ``S`` (crop to the brain, then resize).
+        windows: window presets / ``[center, width]`` pairs; one channel each (e.g. ``[brain]`` or
+            ``[brain, subdural, bone]``).
+        min_brain_fraction: slices whose brain mask covers less of the slice are left out of every split.
+        crop_to_brain: crop to a square around the brain mask (else pad the whole slice to a square).
+        val_fraction, test_fraction: shares of patients per stratum (with / without hemorrhage).
+        seed: split seed (and ``max_slices`` subset seed).
+        batch_size, num_workers, pin_memory: DataLoader settings.
+        max_slices: cap on the number of slices (seeded random subset) for quick runs; null = all.
+        synthetic: when ``root`` has no ``stage_2_train.csv``, write a synthetic dataset there first.
+        synthetic_patients, synthetic_slices_per_patient, synthetic_image_size, synthetic_hemorrhage_fraction,
+            synthetic_seed: generator settings (:func:`meddiff.data.synthetic_ct.write_synthetic_rsna`).
+        split_file: CSV of the patient split; written when absent, reused when present (so a later eval sees the
+            same split). Default ``<cache folder>/split_seed<seed>_val<v>_test<t>.csv``.
+        cache_workers: processes for the one-time cache build (default: CPU count, at most 16).
+        chunk_size: records per cache chunk (unit of resumption).
+        train_healthy_only: train on ``any == 0`` slices only (unsupervised anomaly detection).
+        progress: progress bar during the cache build.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
+        image_size: int = 96,
+        windows: WindowSpec | Sequence[WindowSpec] = ("brain",),
+        min_brain_fraction: float = 0.05,
+        crop_to_brain: bool = True,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        max_slices: int | None = None,
+        synthetic: bool = False,
+        synthetic_patients: int = 24,
+        synthetic_slices_per_patient: int = 8,
+        synthetic_image_size: int = 128,
+        synthetic_hemorrhage_fraction: float = 0.5,
+        synthetic_seed: int = 0,
+        split_file: str | os.PathLike | None = None,
+        cache_workers: int | None = None,
+        chunk_size: int = 512,
+        train_healthy_only: bool = True,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        if int(image_size) < 8:
+            raise ConfigError(f"image_size={image_size} is too small; use >= 8 (e.g. 96, 128 or 256).")
+        if not 0.0 <= float(min_brain_fraction) < 1.0:
+            raise ConfigError(f"min_brain_fraction={min_brain_fraction} must be in [0, 1).")
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size={batch_size} must be >= 1.")
+        self.root = Path(root)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "cache"
+        self.image_size = int(image_size)
+        self.windows = tuple(resolve_windows(windows))
+        self.min_brain_fraction = float(min_brain_fraction)
+        self.crop_to_brain = bool(crop_to_brain)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        split_subjects(pd.DataFrame({"subject": [], "any": []}), self.val_fraction, self.test_fraction, 0)
+        self.seed = int(seed)
+        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        self.max_slices = None if max_slices is None else int(max_slices)
+        self.synthetic = bool(synthetic)
+        self.synthetic_args = dict(
+            n_patients=int(synthetic_patients), slices_per_patient=int(synthetic_slices_per_patient),
+            image_size=int(synthetic_image_size), hemorrhage_fraction=float(synthetic_hemorrhage_fraction),
+            seed=int(synthetic_seed),
+        )
+        self.split_file = Path(split_file) if split_file is not None else None
+        self.cache_workers = min(os.cpu_count() or 1, 16) if cache_workers is None else int(cache_workers)
+        self.chunk_size = int(chunk_size)
+        self.train_healthy_only = bool(train_healthy_only)
+        self.progress = bool(progress)
+        self.prepare_data_per_node = True
+        self.cache: SliceCache | None = None
+        self.index: pd.DataFrame | None = None
+        self.splits: pd.DataFrame | None = None
+        self._records: list[dict[str, Any]] | None = None
+        self.datasets: dict[str, RSNADataset] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_channels(self) -> int:
+        """``C``: one channel per window."""
+        return len(self.windows)
+
+    @property
+    def subtype_names(self) -> tuple[str, ...]:
+        """Names of the ``subtypes`` entries, in order."""
+        return SUBTYPES
+
+    @property
+    def with_masks(self) -> bool:
+        """Whether lesion masks exist (``<root>/masks``, synthetic data)."""
+        return (self.root / "masks").is_dir()
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Everything that changes the cached arrays (hashed into the cache folder name)."""
+        return {
+            "dataset": CACHE_NAME,
+            "version": 1,
+            "windows": [list(w) for w in self.windows],
+            "image_size": self.image_size,
+            "crop_to_brain": self.crop_to_brain,
+            "bone_threshold": 300.0,
+            "with_masks": self.with_masks,
+        }
+
+    def preprocessor(self) -> RSNAPreprocess:
+        """The picklable per-record preprocessing used for the cache."""
+        return RSNAPreprocess(str(self.root), self.windows, self.image_size, self.crop_to_brain, self.with_masks)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Cache records for this configuration (label file parsed once per process)."""
+        if self._records is None:
+            self._records = rsna_records(self.root, self.max_slices, self.seed, with_masks=self.with_masks)
+        return self._records
+
+    def cache_folder(self) -> Path:
+        """``<cache_dir>/rsna_ct-<hash12>`` for the current settings and records."""
+        return cache_path(self.cache_dir, CACHE_NAME, self.cache_settings(), self.records(), self.chunk_size)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        """Generate synthetic data if asked and absent, then build (or resume) the cache. Runs on rank 0."""
+        if self.synthetic and not (self.root / "stage_2_train.csv").is_file():
+            from meddiff.data.synthetic_ct import write_synthetic_rsna
+
+            log.info("writing synthetic RSNA data to %s (%s)", self.root, self.synthetic_args)
+            write_synthetic_rsna(self.root, **self.synthetic_args)
+        check_rsna_layout(self.root)
+        self.cache = build_cache(
+            self.records(), self.preprocessor(), self.cache_dir, CACHE_NAME, self.cache_settings(),
+            chunk_size=self.chunk_size, num_workers=self.cache_workers, progress=self.progress,
+            str_columns=_STR_COLUMNS,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the cache, split by patient (write or reuse ``split_file``) and build the datasets."""
+        if self.cache is None:
+            folder = self.cache_folder() if (self.root / "stage_2_train.csv").is_file() else None
+            if folder is not None and (folder / "complete").is_file():
+                self.cache = SliceCache(folder, str_columns=_STR_COLUMNS)
+            else:
+                self.prepare_data()
+        assert self.cache is not None
+        index = self.cache.ok_index
+        keep = index["brain_fraction"].astype(float) >= self.min_brain_fraction
+        n_empty = int((~keep).sum())
+        if n_empty:
+            log.info("RSNA: %d near-empty slice(s) (brain fraction < %g) left out", n_empty, self.min_brain_fraction)
+        index = index[keep].reset_index(drop=True)
+        if index.empty:
+            raise DataError(
+                f"no usable slices in {self.cache.path} (all near-empty with min_brain_fraction="
+                f"{self.min_brain_fraction}); lower min_brain_fraction or check the data."
+            )
+        self.splits = self._load_or_make_split(index)
+        split_of = dict(zip(self.splits["subject"], self.splits["split"]))
+        index["split"] = index["subject"].map(split_of)
+        self.index = index
+        n_skip = len(self.cache.skipped)
+        if n_skip:
+            log.warning("RSNA: %d file(s) could not be used, listed in %s", n_skip, self.cache.path / "skipped.csv")
+        train = index[index["split"] == "train"]
+        if self.train_healthy_only:
+            train = train[train["any"] == 0]
+        self.datasets = {
+            "train": RSNADataset(self.cache, train),
+            "val": RSNADataset(self.cache, index[index["split"] == "val"]),
+            "test": RSNADataset(self.cache, index[index["split"] == "test"]),
+        }
+        for name, ds in self.datasets.items():
+            if len(ds) == 0:
+                log.warning("RSNA: the %s split is empty; use more data or other split fractions", name)
+
+    def default_split_file(self) -> Path:
+        """Split CSV path used when ``split_file`` is not given (inside the cache folder)."""
+        assert self.cache is not None
+        return self.cache.path / f"split_seed{self.seed}_val{self.val_fraction:g}_test{self.test_fraction:g}.csv"
+
+    def _load_or_make_split(self, index: pd.DataFrame) -> pd.DataFrame:
+        path = self.split_file or self.default_split_file()
+        if path.is_file():
+            saved = pd.read_csv(path, dtype={"subject": str, "split": str})
+            if not {"subject", "split"} <= set(saved.columns):
+                raise DataError(f"split file {str(path)!r} lacks the columns 'subject' and 'split'; delete it.")
+            bad = set(saved["split"]) - {"train", "val", "test"}
+            if bad:
+                raise DataError(f"split file {str(path)!r} has unknown split names {sorted(bad)}.")
+            missing = sorted(set(index["subject"]) - set(saved["subject"]))
+            if missing:
+                raise DataError(
+                    f"split file {str(path)!r} lacks {len(missing)} subject(s) of this data, e.g. {missing[:3]}; it "
+                    f"belongs to other data: delete it to re-split, or point split_file elsewhere."
+                )
+            log.info("RSNA: reusing patient split %s", path)
+            return saved
+        splits = split_subjects(index[["subject", "any"]], self.val_fraction, self.test_fraction, self.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        splits.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        log.info("RSNA: wrote patient split %s (%s)", path, splits["split"].value_counts().to_dict())
+        return splits
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise DataError(f"call setup() before asking for the {name} loader.")
+        return DataLoader(
+            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
