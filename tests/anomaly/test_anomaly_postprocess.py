@@ -123,6 +123,15 @@ def test_postprocess_pipeline():
     assert pp(maps).shape == maps.shape  # no brain mask: just the filter
 
 
+def test_postprocess_median_cannot_leak_outside_region():
+    maps = torch.ones(1, 1, 9, 9)
+    brain = torch.ones(1, 1, 9, 9, dtype=torch.bool)
+    brain[0, 0, 4, 4] = False  # a one-pixel hole: its 3x3 neighbourhood is mostly inside
+    out = PostProcess(median_size=3)(maps, brain)
+    assert out[0, 0, 4, 4] == 0.0
+    assert (out[brain] == 1.0).all()
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"median_size": 4}, {"median_size": 0}, {"erode_iterations": -1}, {"connectivity": 3}]
 )

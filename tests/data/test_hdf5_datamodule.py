@@ -325,6 +325,8 @@ def test_hydra_config_instantiates_the_datamodule(epi_h5):
         {"paths": {"data_dir": "/d"}, "data": OmegaConf.load(ROOT / "configs" / "data" / "hdf5_patches.yaml")}
     )
     assert default.data.path == "/d/ct_p64_s32.h5"
+    alone = OmegaConf.load(ROOT / "configs" / "data" / "hdf5_patches.yaml")  # no paths group: falls back
+    assert alone.path == "data/ct_p64_s32.h5"
 
 
 def _cli_module():

@@ -72,7 +72,14 @@ def test_ms_ssim_scale_selection():
     assert ms_ssim_scales(96, 96) == 3
     assert ms_ssim_scales(44, 44) == 3
     assert ms_ssim_scales(43, 43) == 2
+    assert ms_ssim_scales(16, 16) == 1  # a 2nd scale (8 px) would be smaller than the 11-px window
     assert ms_ssim_scales(10, 10) == 0
+
+
+def test_single_scale_ms_ssim_is_ssim():
+    gt, pred = _pair(b=2, h=16, w=16, noise=0.1)
+    ref = structural_similarity_index_measure(pred, gt, data_range=2.0, reduction="none")
+    assert torch.allclose(ms_ssim(gt, pred), ref.clamp_min(0), atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [64, 128, 176])

@@ -98,6 +98,20 @@ def test_choose_threshold_finds_planted_threshold_and_dice_at_is_consistent():
     assert test.dice_at(5.0) == 0.0
 
 
+@pytest.mark.parametrize("num_bins,max_value", [(100, 1.0), (1000, 2.0), (37, 0.3)])
+def test_values_on_bin_edges_land_in_the_bin_they_open(num_bins, max_value):
+    # floor(v * K / max) is off by one for many edges in floating point (e.g. 0.29 * 100 = 28.999...);
+    # the bins must agree exactly with the thresholds "v >= edges[k]".
+    acc = PixelAccumulator(num_bins=num_bins, max_value=max_value)
+    edges = torch.from_numpy(acc.thresholds.copy())
+    below = torch.nextafter(edges, torch.full_like(edges, -1.0))[1:]  # just under each edge but the first
+    vals = torch.cat([edges, below]).view(1, 1, 1, -1)
+    acc.update(vals, torch.ones_like(vals, dtype=torch.bool))
+    expected = torch.full((num_bins,), 2, dtype=torch.int64)  # edges[k] and just under edges[k + 1]
+    expected[-1] += 1  # max_value itself lands in the last bin
+    assert torch.equal(acc.pos_hist, expected)
+
+
 def test_clipping_is_counted_and_warned():
     acc = PixelAccumulator(num_bins=10, max_value=1.0)
     maps = torch.tensor([0.2, 3.0, 0.9, -1.0]).view(1, 1, 2, 2)

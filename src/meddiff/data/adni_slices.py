@@ -25,7 +25,7 @@ Cache: with ``cache_dir`` each volume's slices are written once to
 ``<cache_dir>/adni_slices_<settings hash>/<volume>_<file hash>.{img,mask,meta}.npy`` (``img`` float32
 ``[N, 1, S, S]``, ``mask`` uint8 ``[N, 1, S, S]``, ``meta`` int32 ``[N, 2]`` = (axis, index)); the settings hash
 covers every setting that changes the pixels, the file hash the file's resolved path, size and mtime. Files are
-written to a temp name and ``os.replace``\\d (``img`` last, so its presence means complete) and read back as
+written to a temp name and moved into place with ``os.replace`` (``img`` last: its presence means complete), read back as
 read-only memmaps, so epochs, DataLoader workers and DDP ranks never re-read NIfTI. Without ``cache_dir`` the
 slices are kept in memory for the dataset's life.
 

@@ -378,7 +378,7 @@ def _write_dicom(
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [-125.0, -125.0, round(z_mm, 3)]
+    ds.ImagePositionPatient = [-125.0, -125.0, z_mm]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [round(pixel_mm, 6), round(pixel_mm, 6)]
     ds.SamplesPerPixel = 1
@@ -495,16 +495,17 @@ def write_synthetic_rsna(
             z0 = float(prng.uniform(-50, 50))
             for i, sl in enumerate(slices):
                 image_id = new_id(9)
+                z_mm = round(z0 + 5.0 * i, 3)
                 hu, mask = sl["hu"], sl["mask"]
                 if p == n_patients - 1 and i == slices_per_patient // 2:
                     hu, mask = _place(hu, odd_shape, -1000.0), _place(mask, odd_shape, 0)
                 path = root / "stage_2_train" / f"{image_id}.dcm"
-                _write_dicom(path, hu, variant, image_id, patient_id, study, series, z0 + 5.0 * i, i + 1,
+                _write_dicom(path, hu, variant, image_id, patient_id, study, series, z_mm, i + 1,
                              pixel_mm, multi_window)
                 Image.fromarray(mask).save(root / "masks" / f"{image_id}.png")
                 rows.append({
                     "id": image_id, "patient_id": patient_id, "study_uid": study, "series_uid": series,
-                    "z": z0 + 5.0 * i, "variant": variant, "rows": int(hu.shape[0]), "cols": int(hu.shape[1]),
+                    "z": z_mm, "variant": variant, "rows": int(hu.shape[0]), "cols": int(hu.shape[1]),
                     **sl["labels"], "truncated": False, "near_empty": bool(sl["zrel"] > 0.95),
                 })
     table = pd.DataFrame(rows)

@@ -263,7 +263,7 @@ class NoiseSchedule(nn.Module):
                 f"below {self.num_train_timesteps} (negative means the clean sample, ā=1)."
             )
         vals = self.alphas_cumprod[idx.clamp(min=0)]
-        return torch.where(idx < 0, vals, vals)
+        return torch.where(idx < 0, torch.full_like(vals, self.final_alpha_cumprod), vals)
 
     def alpha_bar_float(self, t: int) -> float:
         """``ā_t`` of one integer timestep as a Python float computed in float64 (``t < 0`` gives 1.0).

@@ -65,4 +65,4 @@ def intensity_map(images: torch.Tensor) -> torch.Tensor:
     """
     _check_images(images)
     x = images.float() if not images.is_floating_point() else images
-    return (x.mean(dim=1, keepdim=True)).clamp(0.0, 1.0)
+    return ((x.mean(dim=1, keepdim=True) + 1.0) * 0.5).clamp(0.0, 1.0)

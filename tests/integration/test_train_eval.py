@@ -1,0 +1,92 @@
+"""End to end: train -> checkpoint -> evaluate, resume, multirun, DDP, mixed precision, loggers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_fast_dev_run(run, tmp_path, fast):
+    run("meddiff.train", *fast, "debug=fast_dev_run", f"paths.log_dir={tmp_path}/logs")
+
+
+def test_train_writes_report_figures_and_a_self_describing_checkpoint(run, tmp_path, fast):
+    run_dir = tmp_path / "run"
+    run("meddiff.train", *fast, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}")
+    for name in ("report.json", "metrics.csv", "roc.png", "anomaly_grid.png", "config_resolved.yaml",
+                 "checkpoints/last.ckpt", ".hydra/config.yaml"):
+        assert (run_dir / name).is_file(), name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["selection"]["chosen_on"] == "validation"
+    assert set(report["image"]) == {"model", "baseline_mean_intensity"}
+    lo, hi = report["image"]["model"]["auroc_ci"]
+    assert lo <= report["image"]["model"]["auroc"] <= hi
+    assert "dice_at_val_threshold" in report["pixel"]["model"]
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["meddiff_config"]["net"]["channels"] == [8, 16]
+    assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])
+
+    # meddiff.eval needs nothing but the checkpoint; the same weights and protocol give the same numbers
+    eval_dir = tmp_path / "eval"
+    best = report["checkpoint"]
+    run("meddiff.eval", f"ckpt_path={best}", "eval.n_boot=20", "eval.median_size=[1]", f"hydra.run.dir={eval_dir}")
+    again = json.loads((eval_dir / "report.json").read_text())
+    assert again["image"]["model"]["auroc"] == pytest.approx(report["image"]["model"]["auroc"], abs=1e-6)
+
+
+def test_resume_continues_the_same_run(run, tmp_path, fast):
+    run_dir = tmp_path / "run"
+    run("meddiff.train", *fast, "evaluate=false", f"hydra.run.dir={run_dir}")
+    first = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    run("meddiff.train", *fast, "evaluate=false", "trainer.max_epochs=2", f"resume={run_dir}")
+    second = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert second["global_step"] == 2 * first["global_step"]
+    assert second["epoch"] == first["epoch"] + 1
+    # optimizer and EMA state were restored, not restarted
+    assert int(second["state_dict"]["ema.num_updates"]) == second["global_step"]
+    assert second["optimizer_states"][0]["state"][0]["step"] == second["global_step"]
+    assert not (tmp_path / "logs").exists()  # no new run dir was made
+
+
+def test_multirun_sweep(run, tmp_path, fast):
+    run("meddiff.train", "-m", *fast, "evaluate=false", "model.optimizer.lr=1e-4,3e-4",
+        f"hydra.sweep.dir={tmp_path}/sweep")
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = [torch.load(j / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["meddiff_config"]["model"]
+           ["optimizer"]["lr"] for j in jobs]
+    assert lrs == [1e-4, 3e-4]
+
+
+def test_ddp_two_cpu_processes(run, tmp_path, fast):
+    run_dir = tmp_path / "ddp"
+    proc = run("meddiff.train", *fast, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+               "evaluate=false", f"hydra.run.dir={run_dir}")
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    # 64 training images, batch 32: 2 steps on one process, 1 step per process with 2 processes
+    assert ckpt["global_step"] == 1
+    assert "distributed_backend=gloo" in proc.stdout + proc.stderr or "gloo" in (proc.stdout + proc.stderr)
+
+
+def test_bf16_mixed_precision_on_cpu(run, tmp_path, fast):
+    run_dir = tmp_path / "bf16"
+    run("meddiff.train", *fast, "trainer.precision=bf16-mixed", f"hydra.run.dir={run_dir}")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert 0.0 <= report["image"]["model"]["auroc"] <= 1.0
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"]["schedule.alphas_cumprod"].dtype == torch.float32 if "schedule.alphas_cumprod" in \
+        ckpt["state_dict"] else True
+
+
+def test_wandb_offline_and_tensorboard_loggers(run, tmp_path, fast):
+    run_dir = tmp_path / "logged"
+    run("meddiff.train", *fast, "logger=many", "evaluate=false", f"hydra.run.dir={run_dir}",
+        env={"WANDB_API_KEY": ""})
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "wandb_id.txt").read_text().strip()
