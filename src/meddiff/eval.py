@@ -9,6 +9,7 @@ and ``anomaly_grid.png`` into the run dir and prints a table.
 from __future__ import annotations
 
 import csv
+import importlib
 import io
 import logging
 from pathlib import Path
@@ -49,7 +50,7 @@ def load_from_checkpoint(ckpt_path: str | Path, overrides: DictConfig | None = N
 def _eval_options(eval_cfg: Any) -> EvalOptions:
     if eval_cfg is None:
         return EvalOptions()
-    values = OmegaConf.to_container(eval_cfg, resolve=True) if isinstance(eval_cfg, DictConfig) else dict(eval_cfg)
+    values = _plain(eval_cfg)
     known = set(EvalOptions.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
@@ -72,28 +73,50 @@ def evaluate_checkpoint(
     cfg = None
     if model is None:
         model, cfg = load_from_checkpoint(ckpt_path, overrides)
+        if eval_cfg is None:
+            eval_cfg = cfg.get("eval")
     if datamodule is None:
         if cfg is None:
             raise ConfigError("evaluate_checkpoint needs a datamodule when no checkpoint config is available.")
         datamodule = hydra.utils.instantiate(cfg.data)
-    opts = _eval_options(eval_cfg)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")
+    protocol = getattr(model, "eval_protocol", "anomaly")
+    if protocol != "anomaly":
+        # other tasks (denoising, guided translation) bring their own protocol module:
+        # meddiff.evaluation.<protocol>.run(model, datamodule, eval_cfg, out_dir, device) -> report with "summary"
+        module = importlib.import_module(f"meddiff.evaluation.{protocol}")
+        report = module.run(model, datamodule, _plain(eval_cfg), out_dir, device)
+        report["checkpoint"] = str(ckpt_path) if ckpt_path else None
+        atomic_write_json(out_dir / "report.json", report)
+        _log_summary(loggers, report)
+        return report
+    opts = _eval_options(eval_cfg)
     val_loader = datamodule.val_dataloader() if opts.select_on_val else None
     report = evaluate_anomaly_detection(model, val_loader, datamodule.test_dataloader(), opts, device)
     report["checkpoint"] = str(ckpt_path) if ckpt_path else None
     report["reconstruction"] = dict(vars(model.recon_cfg))
     figures = report.pop("_figures")
     write_outputs(report, figures, out_dir)
-    for lg in loggers or []:
-        lg.log_metrics({f"test/{k}": v for k, v in report["summary"].items()})
-        if type(lg).__name__ == "WandbLogger":
-            lg.log_image(key="test/figures", images=[str(out_dir / "roc.png"), str(out_dir / "anomaly_grid.png")])
+    _log_summary(loggers, report, images=[out_dir / "roc.png", out_dir / "anomaly_grid.png"])
     return report
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def _log_summary(loggers: list | None, report: dict[str, Any], images: list[Path] | None = None) -> None:
+    for lg in loggers or []:
+        lg.log_metrics({f"test/{k}": v for k, v in report.get("summary", {}).items()})
+        if images and type(lg).__name__ == "WandbLogger":
+            lg.log_image(key="test/figures", images=[str(p) for p in images if p.is_file()])
 
 
 def write_outputs(report: dict[str, Any], figures: dict[str, Any], out_dir: Path) -> None:
@@ -147,8 +170,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
 def _hydra_main(cfg: DictConfig) -> None:
-    overrides = OmegaConf.create({k: cfg[k] for k in ("data", "model") if k in cfg})
-    evaluate_checkpoint(cfg.ckpt_path, cfg.paths.output_dir, eval_cfg=cfg.get("eval"), overrides=overrides)
+    overrides = OmegaConf.create({k: cfg[k] for k in ("data", "model", "eval") if k in cfg})
+    evaluate_checkpoint(cfg.ckpt_path, cfg.paths.output_dir, overrides=overrides)
 
 
 def main() -> None:

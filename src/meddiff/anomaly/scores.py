@@ -75,7 +75,7 @@ def image_scores(
     else:
         # Masked-out pixels sort to the end (+inf); the first `count` sorted values are the region's.
         srt = torch.where(m, x, torch.full((), torch.inf, dtype=x.dtype, device=x.device)).sort(dim=1).values
-        pos = (count).clamp_min(0).to(torch.float64) * (float(q) / 100.0)
+        pos = (count - 1).clamp_min(0).to(torch.float64) * (float(q) / 100.0)
         lo = pos.floor().long()
         hi = pos.ceil().long()
         frac = (pos - lo.to(torch.float64)).to(x.dtype)

@@ -74,7 +74,7 @@ def make_timesteps(num_train_timesteps: int, num_inference_steps: int, spacing: 
         ts = (k * (T // n)).flip(0)
     elif spacing == "trailing":
         # numpy's arange(T, 0, -T/n) evaluates start + k * ((start - T/n) - start); copy that exactly.
-        delta = -T / n
+        delta = (T - T / n) - T
         ts = torch.round(T + k * delta) - 1
     else:
         if n == 1:

@@ -73,6 +73,10 @@ class DiffusionModule(L.LightningModule):
         scoring: ``ScoringConfig`` fields for validation AUROC.
     """
 
+    #: which evaluation protocol ``meddiff.eval`` runs: ``anomaly`` (``meddiff.anomaly.evaluate``) or the name of a
+    #: module in ``meddiff.evaluation``
+    eval_protocol: str = "anomaly"
+
     def __init__(
         self,
         net: nn.Module,

@@ -89,7 +89,7 @@ def resume_overrides(argv: list[str]) -> list[str]:
 def config_for_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """The resolved experiment config (data, schedule, net, model) saved inside every checkpoint."""
     full = OmegaConf.to_container(cfg, resolve=True)
-    return {k: full[k] for k in ("data", "schedule", "net", "model", "seed", "task_name") if k in full}
+    return {k: full[k] for k in ("data", "schedule", "net", "model", "eval", "seed", "task_name") if k in full}
 
 
 class StoreConfigInCheckpoint(Callback):

@@ -1,0 +1,1 @@
+"""Evaluation protocols other than anomaly detection (which lives in ``meddiff.anomaly.evaluate``)."""

@@ -1,0 +1,205 @@
+"""Generic preprocessing cache: hashing, layout, skips, resume after interruption, atomic writes, pool."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import meddiff.data.cache as cache_mod
+from meddiff.data.cache import (
+    Processed,
+    SkipRecord,
+    SliceCache,
+    build_cache,
+    cache_path,
+    settings_hash,
+)
+from meddiff.errors import DataError
+
+CALLS: list[str] = []
+
+
+class Interrupt(BaseException):
+    """Stands in for Ctrl-C / a killed job (not an Exception, so it is not swallowed as a skip)."""
+
+
+def toy_preprocess(rec: dict) -> Processed:
+    """x = i (float32 -> stored float16), mask = i odd; skips i % 7 == 3, fails on i == 5."""
+    CALLS.append(rec["id"])
+    i = int(rec["i"])
+    if i % 7 == 3:
+        raise SkipRecord(f"record {i} is near-empty", kind="near_empty")
+    if i == 5:
+        raise ValueError("corrupt pixel data")
+    return Processed(
+        {"x": np.full((2, 3), i + 0.25, dtype=np.float32), "mask": np.full((1, 2, 3), i % 2 == 1)},
+        {"subject": f"s{i // 4}", "double": 2 * i},
+    )
+
+
+def _records(n: int) -> list[dict]:
+    return [{"id": f"r{i:03d}", "i": i} for i in range(n)]
+
+
+SETTINGS = {"image_size": 8, "windows": ["brain"], "crop": True}
+
+
+def _expected_ok(n: int) -> list[int]:
+    return [i for i in range(n) if i % 7 != 3 and i != 5]
+
+
+def _check_contents(cache: SliceCache, n: int) -> None:
+    ok = _expected_ok(n)
+    assert len(cache) == len(ok)
+    idx = cache.ok_index
+    assert idx["id"].tolist() == [f"r{i:03d}" for i in ok] and idx["row"].tolist() == list(range(len(ok)))
+    for row, i in enumerate(ok):
+        x = cache.get("x", row)
+        assert x.dtype == np.float16 and x.shape == (2, 3) and np.all(x == np.float16(i + 0.25))
+        assert cache.get("mask", row).dtype == bool and bool(cache.get("mask", row).all()) == (i % 2 == 1)
+    assert idx["double"].tolist() == [2 * i for i in ok] and idx["subject"].iloc[0] == "s0"
+
+
+def test_settings_hash_is_stable_and_sensitive(tmp_path):
+    a = {"image_size": 96, "windows": ["brain", "bone"], "nested": {"x": 1, "y": [1, 2]}}
+    b = {"nested": {"y": [1, 2], "x": 1}, "windows": ["brain", "bone"], "image_size": 96}
+    assert settings_hash(a) == settings_hash(b) and len(settings_hash(a)) == 12
+    assert settings_hash(a) != settings_hash({**a, "image_size": 128})
+    assert settings_hash(a) != settings_hash({**a, "windows": ["bone", "brain"]})
+    recs = _records(4)
+    p1 = cache_path(tmp_path, "toy", a, recs)
+    assert p1 == cache_path(tmp_path, "toy", b, recs) and p1.name.startswith("toy-")
+    assert p1 != cache_path(tmp_path, "toy", {**a, "image_size": 128}, recs)
+    assert p1 != cache_path(tmp_path, "toy", a, recs[:3])  # other records -> other cache
+    assert p1 != cache_path(tmp_path, "toy", a, recs, chunk_size=2)
+
+
+def test_build_layout_skips_and_reuse(tmp_path, caplog):
+    CALLS.clear()
+    with caplog.at_level(logging.INFO, logger="meddiff.data.cache"):
+        cache = build_cache(_records(20), toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=6, progress=False)
+    folder = cache.path
+    assert folder == cache_path(tmp_path, "toy", SETTINGS, _records(20), 6)
+    _check_contents(cache, 20)
+    marker = json.loads((folder / "complete").read_text())
+    assert marker["key"]["settings"] == SETTINGS and marker["n_ok"] == len(_expected_ok(20))
+    assert json.loads((folder / "settings.json").read_text())["settings"] == SETTINGS
+    assert sorted(p.name for p in (folder / "chunks").glob("c00000.*")) == [
+        "c00000.index.csv", "c00000.mask.npy", "c00000.x.npy"
+    ]
+    skipped = pd.read_csv(folder / "skipped.csv")
+    assert skipped["id"].tolist() == ["r003", "r005", "r010", "r017"]
+    assert skipped.set_index("id").loc["r005", "reason"] == "ValueError: corrupt pixel data"
+    assert skipped.set_index("id").loc["r010", "kind"] == "near_empty"
+    assert (cache.skipped["row"] == -1).all() and len(cache.index) == 20
+    assert any("4 skipped" in r.getMessage() and "near_empty: 3" in r.getMessage() for r in caplog.records)
+    # same settings -> the finished cache is opened, nothing recomputed
+    CALLS.clear()
+    again = build_cache(_records(20), toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=6, progress=False)
+    assert again.path == folder and CALLS == []
+    # other settings -> another folder, built from scratch; the first is untouched
+    other = build_cache(_records(20), toy_preprocess, tmp_path, "toy", {**SETTINGS, "image_size": 16},
+                        chunk_size=6, progress=False)
+    assert other.path != folder and len(CALLS) == 20 and (folder / "complete").is_file()
+
+
+def test_resume_after_interruption_builds_only_missing_chunks(tmp_path):
+    recs = _records(30)
+
+    def interrupting(rec):  # the job dies while processing record 13 (in chunk 3 of size 4)
+        if rec["i"] == 13:
+            raise Interrupt()
+        return toy_preprocess(rec)
+
+    with pytest.raises(Interrupt):
+        build_cache(recs, interrupting, tmp_path, "toy", SETTINGS, chunk_size=4, progress=False)
+    folder = cache_path(tmp_path, "toy", SETTINGS, recs, 4)
+    assert not (folder / "complete").exists()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(int(c) for c in manifest["done"]) == [0, 1, 2]  # records 0..11 finished
+    with pytest.raises(DataError, match="not a finished cache"):
+        SliceCache(folder)
+    CALLS.clear()
+    cache = build_cache(recs, toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=4, progress=False)
+    assert CALLS == [f"r{i:03d}" for i in range(12, 30)]  # only the missing chunks were built
+    _check_contents(cache, 30)
+
+
+def test_atomic_writes_leave_no_partial_files(tmp_path, monkeypatch):
+    recs = _records(12)
+    folder = cache_path(tmp_path, "toy", SETTINGS, recs, 4)
+    real_replace = os.replace
+    state = {"n": 0}
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("c00001.mask.npy"):
+            state["n"] += 1
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        build_cache(recs, toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=4, progress=False)
+    assert state["n"] == 1
+    chunk_files = sorted(p.name for p in (folder / "chunks").iterdir())
+    assert "c00001.mask.npy" not in chunk_files
+    assert not [n for n in chunk_files if ".tmp" in n]  # temporary files are removed on failure
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert list(manifest["done"]) == ["0"]
+    monkeypatch.setattr(cache_mod.os, "replace", real_replace)
+    # a garbage file at a chunk path the manifest does not list is rebuilt, never trusted
+    (folder / "chunks" / "c00001.x.npy").write_bytes(b"garbage")
+    (folder / "chunks" / ".c00002.x.npy.tmp999").write_bytes(b"leftover of a killed writer")
+    cache = build_cache(recs, toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=4, progress=False)
+    _check_contents(cache, 12)
+    assert not list((folder / "chunks").glob(".*tmp*"))
+    # an atomic save that fails midway keeps the previous file intact
+    target = tmp_path / "a.npy"
+    cache_mod._atomic_save_npy(target, np.arange(3))
+
+    def boom(*a, **k):
+        raise OSError("crash mid-write")
+
+    monkeypatch.setattr(cache_mod.os, "fsync", boom)
+    with pytest.raises(OSError):
+        cache_mod._atomic_save_npy(target, np.arange(5))
+    assert np.load(target).tolist() == [0, 1, 2] and [p.name for p in tmp_path.glob(".a.npy*")] == []
+
+
+def test_pool_matches_in_process(tmp_path):
+    recs = _records(40)
+    a = build_cache(recs, toy_preprocess, tmp_path / "a", "toy", SETTINGS, chunk_size=5, num_workers=0,
+                    progress=False)
+    b = build_cache(recs, toy_preprocess, tmp_path / "b", "toy", SETTINGS, chunk_size=5, num_workers=2,
+                    progress=False)
+    assert a.path.name == b.path.name
+    pd.testing.assert_frame_equal(a.index, b.index)
+    for row in range(len(a)):
+        assert np.array_equal(a.get("x", row), b.get("x", row))
+    _check_contents(b, 40)
+
+
+def test_shape_mismatch_and_bad_records(tmp_path):
+    def varying(rec):
+        n = 3 if rec["i"] != 2 else 4
+        return {"x": np.zeros((n,), dtype=np.float32)}
+
+    cache = build_cache(_records(5), varying, tmp_path, "var", {}, chunk_size=10, progress=False)
+    assert cache.skipped["id"].tolist() == ["r002"] and "shape" in cache.skipped["reason"].iloc[0]
+    enforced = build_cache(_records(5), varying, tmp_path, "var2", {}, chunk_size=10, progress=False,
+                           array_shapes={"x": ((4,), "float16")})
+    assert enforced.ok_index["id"].tolist() == ["r002"]
+    with pytest.raises(DataError, match="duplicate ids"):
+        build_cache([{"id": "a"}, {"id": "a"}], varying, tmp_path, "dup", {}, progress=False)
+    with pytest.raises(DataError, match="no 'id'"):
+        build_cache([{"i": 1}], varying, tmp_path, "noid", {}, progress=False)
+    def always_bad(rec):
+        raise DataError(f"bad file {rec['id']}")
+
+    with pytest.raises(DataError, match="every record failed.*bad file r000"):
+        build_cache(_records(3), always_bad, tmp_path, "allbad", {}, progress=False)
