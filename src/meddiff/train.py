@@ -45,7 +45,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # our own checkpoints carry config containers (OmegaConf) in hparams: load them in full
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     if cfg.get("evaluate", True) and trainer.is_global_zero and not trainer.fast_dev_run:

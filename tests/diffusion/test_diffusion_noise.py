@@ -19,7 +19,9 @@ def test_gaussian_like_matches_seeded_randn():
     x = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
     n = gaussian_like(x, torch.Generator().manual_seed(4))
     assert n.shape == x.shape and n.dtype == torch.float64 and n.device == x.device
-    assert torch.equal(n, torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    assert torch.equal(
+        n, torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    )
     assert not torch.equal(n, gaussian_like(x, torch.Generator().manual_seed(5)))
 
 
@@ -93,8 +95,12 @@ def test_make_noise_factory():
     assert torch.equal(g, gaussian_like(like, torch.Generator().manual_seed(0)))
     s = make_noise("simplex", like, torch.Generator().manual_seed(0), octaves=2, frequency=8)
     assert s.dtype == torch.float64 and s.shape == like.shape
-    assert torch.equal(s, simplex_noise(like.shape, torch.Generator().manual_seed(0), octaves=2, frequency=8,
-                                        dtype=torch.float64))
+    assert torch.equal(
+        s,
+        simplex_noise(
+            like.shape, torch.Generator().manual_seed(0), octaves=2, frequency=8, dtype=torch.float64
+        ),
+    )
     with pytest.raises(ConfigError) as e:
         make_noise("pink", like)
     assert "pink" in str(e.value) and "gaussian" in str(e.value) and "simplex" in str(e.value)
@@ -105,7 +111,12 @@ def test_make_noise_factory():
 
 
 @pytest.mark.parametrize(
-    "kw,match", [({"octaves": 0}, "octaves=0"), ({"persistence": 0}, "persistence=0"), ({"frequency": -1}, "frequency=-1")]
+    "kw,match",
+    [
+        ({"octaves": 0}, "octaves=0"),
+        ({"persistence": 0}, "persistence=0"),
+        ({"frequency": -1}, "frequency=-1"),
+    ],
 )
 def test_simplex_validation(kw, match):
     with pytest.raises(ConfigError, match=match):

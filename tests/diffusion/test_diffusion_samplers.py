@@ -9,6 +9,7 @@ from meddiff.diffusion import (
     ddim_invert,
     ddim_step,
     ddpm_step,
+    make_noise,
     make_partial_timesteps,
     make_timesteps,
     one_step_x0,
@@ -61,8 +62,13 @@ def test_reconstruct_from_calls_model_on_partial_chain(t_start, num_steps):
     # the chain starts from q_sample(x0, t_start, noise)
     torch.testing.assert_close(rec.calls[0][0], s.q_sample(x0, torch.full((2,), t_start), noise))
     # and is exactly the documented composition
-    manual = sample(lambda x, t: 0.1 * x, s, s.q_sample(x0, torch.full((2,), t_start), noise),
-                    make_partial_timesteps(t_start, num_steps), sampler="ddim")
+    manual = sample(
+        lambda x, t: 0.1 * x,
+        s,
+        s.q_sample(x0, torch.full((2,), t_start), noise),
+        make_partial_timesteps(t_start, num_steps),
+        sampler="ddim",
+    )
     torch.testing.assert_close(out, manual)
 
 
@@ -71,8 +77,15 @@ def test_reconstruct_from_calls_model_on_partial_chain(t_start, num_steps):
 def test_reconstruct_from_with_x0_oracle_returns_x0(sampler, t_start):
     s = NoiseSchedule(1000, "cosine", prediction_type="x0")
     x0 = _x0()
-    out = reconstruct_from(lambda x, t: x0, s, x0, t_start, num_steps=min(4, t_start + 1), sampler=sampler,
-                           generator=torch.Generator().manual_seed(0))
+    out = reconstruct_from(
+        lambda x, t: x0,
+        s,
+        x0,
+        t_start,
+        num_steps=min(4, t_start + 1),
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
     # a network that predicts zeros does not reconstruct
     bad = reconstruct_from(lambda x, t: torch.zeros_like(x), s, x0, t_start, num_steps=1, sampler=sampler)
@@ -94,10 +107,59 @@ def test_reconstruct_from_ddim_with_noise_oracle(num_steps):
 def test_reconstruct_from_is_seeded():
     s = NoiseSchedule(100, "linear")
     x0 = _x0()
-    a = reconstruct_from(lambda x, t: 0.1 * x, s, x0, 50, sampler="ddpm", generator=torch.Generator().manual_seed(3))
-    b = reconstruct_from(lambda x, t: 0.1 * x, s, x0, 50, sampler="ddpm", generator=torch.Generator().manual_seed(3))
-    c = reconstruct_from(lambda x, t: 0.1 * x, s, x0, 50, sampler="ddpm", generator=torch.Generator().manual_seed(4))
+    a = reconstruct_from(
+        lambda x, t: 0.1 * x, s, x0, 50, sampler="ddpm", generator=torch.Generator().manual_seed(3)
+    )
+    b = reconstruct_from(
+        lambda x, t: 0.1 * x, s, x0, 50, sampler="ddpm", generator=torch.Generator().manual_seed(3)
+    )
+    c = reconstruct_from(
+        lambda x, t: 0.1 * x, s, x0, 50, sampler="ddpm", generator=torch.Generator().manual_seed(4)
+    )
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize(
+    "sampler,eta,expected_calls", [("ddpm", 0.0, 1 + 3), ("ddim", 0.0, 1), ("ddim", 0.5, 1 + 4)]
+)
+def test_reconstruct_from_noise_fn(sampler, eta, expected_calls):
+    """AnoDDPM: simplex noise for the forward jump and for every noisy reverse step."""
+    s = NoiseSchedule(1000, "linear")
+    x0 = _x0()
+    g = torch.Generator().manual_seed(0)
+    calls = []
+
+    def noise_fn(x):
+        calls.append(x.shape)
+        return make_noise("simplex", x, g, octaves=2, frequency=4)
+
+    out = reconstruct_from(
+        lambda x, t: 0.1 * x, s, x0, 400, num_steps=4, sampler=sampler, eta=eta, noise_fn=noise_fn
+    )
+    assert len(calls) == expected_calls and all(c == x0.shape for c in calls)
+    g2 = torch.Generator().manual_seed(0)
+    again = reconstruct_from(
+        lambda x, t: 0.1 * x,
+        s,
+        x0,
+        400,
+        num_steps=4,
+        sampler=sampler,
+        eta=eta,
+        noise_fn=lambda x: make_noise("simplex", x, g2, octaves=2, frequency=4),
+    )
+    torch.testing.assert_close(out, again)
+    gauss = reconstruct_from(
+        lambda x, t: 0.1 * x,
+        s,
+        x0,
+        400,
+        num_steps=4,
+        sampler=sampler,
+        eta=eta,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not torch.allclose(out, gauss)
 
 
 # ------------------------------------------------------------------------------------------------ one-step x0
@@ -181,8 +243,14 @@ def test_bf16_sampling_keeps_float32_tables():
     s = NoiseSchedule(1000, "cosine")
     ref = s.alphas_cumprod.clone()
     x = _x0().bfloat16()
-    out = sample(lambda x, t: 0.1 * x, s, x, make_timesteps(1000, 5), sampler="ddpm",
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        lambda x, t: 0.1 * x,
+        s,
+        x,
+        make_timesteps(1000, 5),
+        sampler="ddpm",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert s.alphas_cumprod.dtype == torch.float32 and torch.equal(s.alphas_cumprod, ref)
     x_prev, x0_pred = ddim_step(s, 0.1 * x, 500, 400, x)

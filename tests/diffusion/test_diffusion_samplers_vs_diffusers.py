@@ -94,7 +94,9 @@ def test_ddpm_single_step_matches_diffusers(ours, theirs, pred, clip):
     # full chain (prev = t - 1) at several t, plus the last step (t = 0)
     for t in (999, 500, 1, 0):
         ref = d.step(out, t, x, generator=torch.Generator().manual_seed(7))
-        mine = ddpm_step(s, out, t, t - 1, x, generator=torch.Generator().manual_seed(7), clip_sample=clip_arg)
+        mine = ddpm_step(
+            s, out, t, t - 1, x, generator=torch.Generator().manual_seed(7), clip_sample=clip_arg
+        )
         tol = _tol(t)
         torch.testing.assert_close(mine[1], ref.pred_original_sample, **tol)
         torch.testing.assert_close(mine[0], ref.prev_sample, **tol)
@@ -132,8 +134,16 @@ def test_ddim_single_step_matches_diffusers(ours, theirs, pred, clip, eta):
     out = torch.randn(2, 3, 8, 8, generator=g)
     for t in (900, 500, 100, 0):
         ref = d.step(out, t, x, eta=eta, generator=torch.Generator().manual_seed(11))
-        mine = ddim_step(s, out, t, t - 100 if t >= 100 else -1, x, eta=eta,
-                         generator=torch.Generator().manual_seed(11), clip_sample=clip)
+        mine = ddim_step(
+            s,
+            out,
+            t,
+            t - 100 if t >= 100 else -1,
+            x,
+            eta=eta,
+            generator=torch.Generator().manual_seed(11),
+            clip_sample=clip,
+        )
         torch.testing.assert_close(mine[1], ref.pred_original_sample, **_tol(t))
         torch.testing.assert_close(mine[0], ref.prev_sample, **_tol(t))
 
@@ -154,8 +164,15 @@ def _diffusers_loop(d, timesteps, generator=None, eta=None):
 def test_ddpm_full_loop_golden(pred, golden_sum, golden_mean):
     """diffusers' own golden numbers (tests/schedulers/test_scheduler_ddpm.py), linear, clip, 1000 steps."""
     s = NoiseSchedule(1000, "linear", prediction_type=pred)
-    x = sample(dummy_model, s, dummy_sample_deter(), torch.arange(999, -1, -1), sampler="ddpm",
-               generator=torch.Generator().manual_seed(0), clip_sample=1.0)
+    x = sample(
+        dummy_model,
+        s,
+        dummy_sample_deter(),
+        torch.arange(999, -1, -1),
+        sampler="ddpm",
+        generator=torch.Generator().manual_seed(0),
+        clip_sample=1.0,
+    )
     assert abs(x.abs().sum().item() - golden_sum) < 1e-2
     assert abs(x.abs().mean().item() - golden_mean) < 1e-3
 
@@ -165,8 +182,15 @@ def test_ddpm_full_loop_golden(pred, golden_sum, golden_mean):
 def test_ddpm_full_loop_matches_diffusers(ours, theirs, pred):
     s, d = _pair(ours, theirs, pred, DDPMScheduler, True)
     ref = _diffusers_loop(d, range(999, -1, -1), generator=torch.Generator().manual_seed(0))
-    x = sample(dummy_model, s, dummy_sample_deter(), torch.arange(999, -1, -1), sampler="ddpm",
-               generator=torch.Generator().manual_seed(0), clip_sample=True)
+    x = sample(
+        dummy_model,
+        s,
+        dummy_sample_deter(),
+        torch.arange(999, -1, -1),
+        sampler="ddpm",
+        generator=torch.Generator().manual_seed(0),
+        clip_sample=True,
+    )
     assert x.abs().sum().item() == pytest.approx(ref.abs().sum().item(), rel=SUM_REL)
     torch.testing.assert_close(x, ref, **LOOP_TOL)
 
@@ -181,8 +205,15 @@ def test_ddpm_respaced_loop_matches_diffusers(ours, theirs, spacing, clip):
     ts = make_timesteps(1000, 10, spacing)
     assert torch.equal(ts, d.timesteps)
     ref = _diffusers_loop(d, d.timesteps, generator=torch.Generator().manual_seed(0))
-    x = sample(dummy_model, s, dummy_sample_deter(), ts, sampler="ddpm", generator=torch.Generator().manual_seed(0),
-               clip_sample=clip)
+    x = sample(
+        dummy_model,
+        s,
+        dummy_sample_deter(),
+        ts,
+        sampler="ddpm",
+        generator=torch.Generator().manual_seed(0),
+        clip_sample=clip,
+    )
     assert x.abs().sum().item() == pytest.approx(ref.abs().sum().item(), rel=SUM_REL)
     torch.testing.assert_close(x, ref, **LOOP_TOL)
 
@@ -198,7 +229,9 @@ def test_ddpm_respaced_loop_matches_diffusers(ours, theirs, spacing, clip):
 def test_ddim_full_loop_golden(pred, kw, golden_sum, golden_mean):
     """diffusers' own golden numbers (tests/schedulers/test_scheduler_ddim.py): 10 leading steps, eta 0, clip."""
     s = NoiseSchedule(1000, "linear", prediction_type=pred, **kw)
-    x = sample(dummy_model, s, dummy_sample_deter(), make_timesteps(1000, 10), sampler="ddim", clip_sample=True)
+    x = sample(
+        dummy_model, s, dummy_sample_deter(), make_timesteps(1000, 10), sampler="ddim", clip_sample=True
+    )
     assert abs(x.abs().sum().item() - golden_sum) < 1e-2
     assert abs(x.abs().mean().item() - golden_mean) < 1e-3
 
@@ -214,13 +247,29 @@ def test_ddim_loop_matches_diffusers(ours, theirs, pred, spacing, clip, eta):
     d.set_timesteps(10)
     ts = make_timesteps(1000, 10, spacing)
     ref = _diffusers_loop(d, d.timesteps, generator=torch.Generator().manual_seed(0), eta=eta)
-    x = sample(dummy_model, s, dummy_sample_deter(), ts, sampler="ddim", eta=eta,
-               generator=torch.Generator().manual_seed(0), clip_sample=clip)
+    x = sample(
+        dummy_model,
+        s,
+        dummy_sample_deter(),
+        ts,
+        sampler="ddim",
+        eta=eta,
+        generator=torch.Generator().manual_seed(0),
+        clip_sample=clip,
+    )
     assert x.abs().sum().item() == pytest.approx(ref.abs().sum().item(), rel=SUM_REL)
     torch.testing.assert_close(x, ref, **LOOP_TOL)
     if eta > 0 and pred != "sample":  # the generator matters (the dummy x0-model maps everything to 0 at t=0)
-        other = sample(dummy_model, s, dummy_sample_deter(), ts, sampler="ddim", eta=eta,
-                       generator=torch.Generator().manual_seed(1), clip_sample=clip)
+        other = sample(
+            dummy_model,
+            s,
+            dummy_sample_deter(),
+            ts,
+            sampler="ddim",
+            eta=eta,
+            generator=torch.Generator().manual_seed(1),
+            clip_sample=clip,
+        )
         assert not torch.allclose(other, x, atol=1e-3)
 
 
@@ -275,8 +324,16 @@ def test_loops_match_float64_reference(ours, theirs, pred, spacing, sampler, eta
     s = NoiseSchedule(1000, ours, prediction_type=pred)
     ts = torch.arange(999, -1, -1) if spacing == "full" else make_timesteps(1000, 10, spacing)
     truth = _reference_loop64(s.betas, pred, ts, sampler, seed=0, eta=eta)
-    x = sample(dummy_model, s, dummy_sample_deter(), ts, sampler=sampler, eta=eta,
-               generator=torch.Generator().manual_seed(0), clip_sample=1.0)
+    x = sample(
+        dummy_model,
+        s,
+        dummy_sample_deter(),
+        ts,
+        sampler=sampler,
+        eta=eta,
+        generator=torch.Generator().manual_seed(0),
+        clip_sample=1.0,
+    )
     torch.testing.assert_close(x.double(), truth, rtol=1e-5, atol=2e-5)
     if spacing == "full":
         d = DDPMScheduler(beta_schedule=theirs, prediction_type=pred)

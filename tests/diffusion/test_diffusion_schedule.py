@@ -25,7 +25,9 @@ def test_tables_match_diffusers(ours, theirs, T):
     torch.testing.assert_close(s.alphas_cumprod, d.alphas_cumprod, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(s.sqrt_alphas_cumprod, d.alphas_cumprod.sqrt(), rtol=2e-6, atol=1e-7)
     # diffusers forms 1 - ā in float32 (cancellation near t=0, relative error up to ~1e-4); ours is float64 math
-    torch.testing.assert_close(s.sqrt_one_minus_alphas_cumprod, (1 - d.alphas_cumprod).sqrt(), rtol=5e-4, atol=1e-7)
+    torch.testing.assert_close(
+        s.sqrt_one_minus_alphas_cumprod, (1 - d.alphas_cumprod).sqrt(), rtol=5e-4, atol=1e-7
+    )
     ac64 = torch.cumprod(1 - d.betas.double(), 0)
     torch.testing.assert_close(s.alphas_cumprod, ac64.float(), rtol=0, atol=0)
     torch.testing.assert_close(s.sqrt_one_minus_alphas_cumprod, (1 - ac64).sqrt().float(), rtol=0, atol=0)
@@ -72,8 +74,9 @@ def test_custom_betas():
     betas = torch.linspace(1e-3, 0.05, 20).tolist()
     s = NoiseSchedule(20, "custom", trained_betas=betas)
     torch.testing.assert_close(s.betas, torch.tensor(betas, dtype=torch.float32))
-    torch.testing.assert_close(s.alphas_cumprod.double(), torch.cumprod(1 - torch.tensor(betas).double(), 0),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        s.alphas_cumprod.double(), torch.cumprod(1 - torch.tensor(betas).double(), 0), rtol=1e-6, atol=0
+    )
 
 
 @pytest.mark.parametrize("ours,theirs", SCHEDULES)
@@ -132,7 +135,11 @@ def test_snr_and_alpha_bar():
     assert s.alpha_bar(-1).item() == 1.0 == s.final_alpha_cumprod
     ab = s.alpha_bar(torch.tensor([-1, 0, 999]))
     assert ab.dtype == torch.float32
-    assert ab[0].item() == 1.0 and ab[1].item() == s.alphas_cumprod[0].item() and ab[2].item() == s.alphas_cumprod[-1].item()
+    assert (
+        ab[0].item() == 1.0
+        and ab[1].item() == s.alphas_cumprod[0].item()
+        and ab[2].item() == s.alphas_cumprod[-1].item()
+    )
     with pytest.raises(ConfigError, match="1000"):
         s.alpha_bar(1000)
 
@@ -181,7 +188,13 @@ def test_errors():
     with pytest.raises(ConfigError) as e:
         NoiseSchedule(1000, "cosinus")
     msg = str(e.value)
-    assert "cosinus" in msg and "linear" in msg and "scaled_linear" in msg and "cosine" in msg and "custom" in msg
+    assert (
+        "cosinus" in msg
+        and "linear" in msg
+        and "scaled_linear" in msg
+        and "cosine" in msg
+        and "custom" in msg
+    )
     with pytest.raises(ConfigError, match="num_train_timesteps=0"):
         NoiseSchedule(0)
     with pytest.raises(ConfigError, match="trained_betas"):

@@ -84,7 +84,9 @@ def _simplex_octave(
         lin = (ci * gw + cj).reshape(-1)
         dxf, dyf = dx.reshape(1, -1), dy.reshape(1, -1)
         w4 = (0.5 - dxf * dxf - dyf * dyf).clamp(min=0.0) ** 4  # the pixel geometry is shared by all slices
-        out += torch.addcmul(torch.index_select(gx, 1, lin) * (w4 * dxf), torch.index_select(gy, 1, lin), w4 * dyf)
+        out += torch.addcmul(
+            torch.index_select(gx, 1, lin) * (w4 * dxf), torch.index_select(gy, 1, lin), w4 * dyf
+        )
     return 70.0 * out
 
 
@@ -121,7 +123,9 @@ def simplex_noise(
     if not persistence > 0:
         raise ConfigError(f"persistence={persistence} must be > 0 (AnoDDPM uses 0.8).")
     if not frequency > 0:
-        raise ConfigError(f"frequency={frequency} must be > 0: the coarsest wavelength in pixels (AnoDDPM: 64).")
+        raise ConfigError(
+            f"frequency={frequency} must be > 0: the coarsest wavelength in pixels (AnoDDPM: 64)."
+        )
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or torch.get_default_dtype()
     compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -136,7 +140,9 @@ def simplex_noise(
     amplitude = 1.0
     wavelength = float(frequency)
     for _ in range(int(octaves)):
-        total += amplitude * _simplex_octave(rows, cols, wavelength, n_slices, generator, rand_dev, compute_dtype)
+        total += amplitude * _simplex_octave(
+            rows, cols, wavelength, n_slices, generator, rand_dev, compute_dtype
+        )
         amplitude *= persistence
         wavelength /= 2.0
 
@@ -156,7 +162,9 @@ def make_noise(kind: str, like: Tensor, generator: torch.Generator | None = None
     """
     if kind == "gaussian":
         if kw:
-            raise ConfigError(f"gaussian noise takes no options, got {sorted(kw)}; drop them or use kind='simplex'.")
+            raise ConfigError(
+                f"gaussian noise takes no options, got {sorted(kw)}; drop them or use kind='simplex'."
+            )
         return gaussian_like(like, generator=generator)
     if kind == "simplex":
         allowed = {"octaves", "persistence", "frequency"}

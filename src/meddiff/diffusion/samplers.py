@@ -8,6 +8,10 @@ Notation: ``ā_t`` is ``schedule.alpha_bar(t)``; the *previous* timestep ``s = p
 (possibly respaced) descending timestep list, ``-1`` after the last one, with ``ā_{-1} = 1``. Using ``ā_s`` of the
 respaced list (not ``ā_{t-1}``) is what makes respaced DDPM sampling correct.
 
+Per-step scalar coefficients are Python floats computed in float64 from ``schedule.alpha_bar_float`` (no device
+sync; no float32 cancellation in ``1 - ā`` near ``t = 0``, where diffusers loses ~1e-3 relative accuracy). Only
+the tensors take the dtype of ``x_t``.
+
 Long chains (:func:`sample`, :func:`reconstruct_from`, :func:`ddim_invert`) run under ``torch.no_grad()``; a
 ``model_fn`` that needs gradients (classifier guidance) can re-enable them locally with ``torch.enable_grad()``.
 """
@@ -113,7 +117,9 @@ def _timestep_list(schedule: NoiseSchedule, timesteps: Tensor | Iterable[int], d
     T = schedule.num_train_timesteps
     for t in ts:
         if not 0 <= t < T:
-            raise ConfigError(f"timestep {t} is outside [0, {T}); build timesteps with make_timesteps({T}, n).")
+            raise ConfigError(
+                f"timestep {t} is outside [0, {T}); build timesteps with make_timesteps({T}, n)."
+            )
     pairs = zip(ts, ts[1:])
     ok = all(a > b for a, b in pairs) if descending else all(a < b for a, b in pairs)
     if not ok:
@@ -154,7 +160,9 @@ def _clip_range(clip_sample: float | bool | None) -> float | None:
         return 1.0
     c = float(clip_sample)
     if not c > 0:
-        raise ConfigError(f"clip_sample={clip_sample} must be a positive range (e.g. 1.0), True, False or None.")
+        raise ConfigError(
+            f"clip_sample={clip_sample} must be a positive range (e.g. 1.0), True, False or None."
+        )
     return c
 
 
@@ -188,6 +196,9 @@ def ddpm_step(
         var   = (1 - ā_s) / (1 - ā_t) · β  ("fixed_small", posterior variance, floored at 1e-20)  or  β ("fixed_large")
         x_s   = mu + sqrt(var) · z,   z ~ N(0, I); no noise on the last step (s = -1)
 
+    (diffusers adds noise whenever ``t > 0``, i.e. also on a last step from ``t > 0`` as in trailing spacing, where
+    the floored variance makes it ~1e-10 · z; the results agree.)
+
     Args:
         model_output: network output at ``(x_t, t)``, shape of ``x_t`` ``[B, ...]``.
         t, prev_t: current timestep and the next one of the descending list (``-1`` after the last).
@@ -199,7 +210,9 @@ def ddpm_step(
     """
     t, prev_t = _check_step(schedule, t, prev_t)
     if variance_type not in VARIANCE_TYPES:
-        raise ConfigError(f"variance_type={variance_type!r} is not supported; choose one of {list(VARIANCE_TYPES)}.")
+        raise ConfigError(
+            f"variance_type={variance_type!r} is not supported; choose one of {list(VARIANCE_TYPES)}."
+        )
     clip = _clip_range(clip_sample)
     a_t = schedule.alpha_bar_float(t)
     a_s = schedule.alpha_bar_float(prev_t)
@@ -291,11 +304,15 @@ def sample(
     generator: torch.Generator | None = None,
     clip_sample: float | bool | None = None,
     progress: bool = False,
+    noise_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run the reverse chain over descending ``timesteps`` starting from ``x_T`` (noise at ``timesteps[0]``).
 
     For ``k = 0 .. n-1``: ``out = model_fn(x, t_k · 1_B)`` and ``x <- step(out, t_k, t_{k+1}, x)`` with
     ``t_n = -1``; ``step`` is :func:`ddpm_step` or :func:`ddim_step` (``eta`` only affects DDIM).
+
+    ``noise_fn(x) -> z`` replaces the Gaussian step noise (e.g. ``lambda x: make_noise("simplex", x, g)`` for
+    AnoDDPM); it is called only on steps that add noise, and ``generator`` is then not used for step noise.
 
     Returns:
         the final sample ``x_0`` (shape of ``x_T``).
@@ -308,10 +325,15 @@ def sample(
         t = ts[i]
         prev_t = ts[i + 1] if i + 1 < len(ts) else -1
         out = model_fn(x, _t_batch(t, x))
+        adds_noise = prev_t >= 0 if sampler == "ddpm" else eta > 0
+        z = noise_fn(out) if (noise_fn is not None and adds_noise) else None
+        g = None if noise_fn is not None else generator
         if sampler == "ddpm":
-            x, _ = ddpm_step(schedule, out, t, prev_t, x, generator=generator, clip_sample=clip_sample)
+            x, _ = ddpm_step(schedule, out, t, prev_t, x, noise=z, generator=g, clip_sample=clip_sample)
         else:
-            x, _ = ddim_step(schedule, out, t, prev_t, x, eta=eta, generator=generator, clip_sample=clip_sample)
+            x, _ = ddim_step(
+                schedule, out, t, prev_t, x, eta=eta, noise=z, generator=g, clip_sample=clip_sample
+            )
     return x
 
 
@@ -328,12 +350,14 @@ def reconstruct_from(
     generator: torch.Generator | None = None,
     clip_sample: float | bool | None = None,
     progress: bool = False,
+    noise_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Partial diffusion + denoising (SDEdit / AnoDDPM-style reconstruction).
 
-    ``x_{t_start} = q_sample(x0, t_start, noise)`` (``noise`` drawn from ``generator`` if not given; pass simplex
-    noise here for AnoDDPM), then :func:`sample` over ``make_partial_timesteps(t_start, num_steps)``: ``t_start``
-    and evenly spaced timesteps below it (``num_steps=None``: every step ``t_start, ..., 0``).
+    ``x_{t_start} = q_sample(x0, t_start, noise)`` (``noise`` given, else ``noise_fn(x0)`` if given, else drawn
+    from ``generator``), then :func:`sample` over ``make_partial_timesteps(t_start, num_steps)``: ``t_start``
+    and evenly spaced timesteps below it (``num_steps=None``: every step ``t_start, ..., 0``). For AnoDDPM pass
+    ``noise_fn=lambda x: make_noise("simplex", x, g)`` so both the forward and the step noise are simplex.
 
     Returns:
         the reconstruction, shaped like ``x0``.
@@ -343,7 +367,7 @@ def reconstruct_from(
         raise ConfigError(f"sampler={sampler!r} is not supported; choose one of {list(SAMPLERS)}.")
     ts = make_partial_timesteps(t_start, num_steps)
     if noise is None:
-        noise = gaussian_like(x0, generator=generator)
+        noise = noise_fn(x0) if noise_fn is not None else gaussian_like(x0, generator=generator)
     x_t = schedule.q_sample(x0, _t_batch(t_start, x0), noise)
     return sample(
         model_fn,
@@ -355,6 +379,7 @@ def reconstruct_from(
         generator=generator,
         clip_sample=clip_sample,
         progress=progress,
+        noise_fn=noise_fn,
     )
 
 

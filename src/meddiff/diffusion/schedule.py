@@ -132,7 +132,9 @@ class NoiseSchedule(nn.Module):
                     "to use them, or drop trained_betas."
                 )
             if name == "linear":
-                betas = torch.linspace(self.beta_start, self.beta_end, num_train_timesteps, dtype=torch.float32)
+                betas = torch.linspace(
+                    self.beta_start, self.beta_end, num_train_timesteps, dtype=torch.float32
+                )
             elif name == "scaled_linear":
                 betas = (
                     torch.linspace(

@@ -181,7 +181,7 @@ class PixelAccumulator:
         precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
         auprc = float(np.sum((tpr[:-1] - tpr[1:]) * precision[:-1]))
         dice = _pooled_dice_from_counts(tp, fp, P)
-        k = int(np.argmax(dice)) + 1
+        k = int(np.argmax(dice))
         return {
             "auroc": auroc,
             "auprc": auprc,

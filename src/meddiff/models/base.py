@@ -93,7 +93,10 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "schedule"], logger=False)
+        # plain values only: checkpoints stay loadable with torch.load(weights_only=True); the full experiment
+        # config (optimizer included) is stored beside them by meddiff.train
+        self.save_hyperparameters(ignore=["net", "schedule", "optimizer", "lr_scheduler"], logger=False)
+        self.make_optimizer, self.make_lr_scheduler = optimizer, lr_scheduler
         if loss not in LOSSES:
             raise ConfigError(f"model.loss={loss!r} is unknown; choose one of {list(LOSSES)}.")
         self.net = net
@@ -235,11 +238,11 @@ class DiffusionModule(L.LightningModule):
         return self.reconstruct(batch)
 
     def configure_optimizers(self) -> Any:
-        make_opt = self.hparams.optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        make_opt = self.make_optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         opt = make_opt(params=self.net.parameters())
-        if self.hparams.lr_scheduler is None:
+        if self.make_lr_scheduler is None:
             return opt
-        sched = self.hparams.lr_scheduler(optimizer=opt)
+        sched = self.make_lr_scheduler(optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
