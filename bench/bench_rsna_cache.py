@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     for workers, sec in build.items():
         label = "cache build, in-process" if workers == 0 else f"cache build, pool of {workers} processes"
         print(f"{label:<44}{n / sec:>12.1f}")
-    print(f"{'cache reopen (already built, no decoding)':<44}{'%.3fs' % reopen:>12}")
-    print(f"{'load from cache (DataLoader, %d workers)' % a.loader_workers:<44}{m / times['cache']:>12.1f}")
+    reopen_s = f"{reopen:.3f}s"
+    load_label = f"load from cache (DataLoader, {a.loader_workers} workers)"
+    print(f"{'cache reopen (already built, no decoding)':<44}{reopen_s:>12}")
+    print(f"{load_label:<44}{m / times['cache']:>12.1f}")
     print(f"{'decode DICOM on the fly (same preprocessing)':<44}{m / times['dicom']:>12.1f}")
     print(f"ratio cache / on-the-fly loading: {times['dicom'] / times['cache']:.1f}x")
     if 0 in build and a.workers in build and a.workers != 0:

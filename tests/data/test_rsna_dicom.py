@@ -10,8 +10,8 @@ from pydicom.data import get_testdata_file
 
 from meddiff.data.ct_transforms import (
     WINDOW_PRESETS,
-    brain_mask_from_hu,
     brain_fraction,
+    brain_mask_from_hu,
     is_near_empty,
     preprocess_hu,
     resolve_windows,

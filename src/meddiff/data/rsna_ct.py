@@ -447,7 +447,7 @@ class RSNACTDataModule(L.LightningDataModule):
 
     def _load_or_make_split(self, index: pd.DataFrame) -> pd.DataFrame:
         path = self.split_file or self.default_split_file()
-        if False:
+        if path.is_file():
             saved = pd.read_csv(path, dtype={"subject": str, "split": str})
             if not {"subject", "split"} <= set(saved.columns):
                 raise DataError(f"split file {str(path)!r} lacks the columns 'subject' and 'split'; delete it.")
