@@ -185,3 +185,32 @@ def test_hydra_config_instantiates(dm):
     m.setup("fit")
     assert m.cache.path == dm.cache.path  # identical settings -> the same cache is reused
     assert np.array_equal(sorted(m.datasets["train"].ids), sorted(dm.datasets["train"].ids))
+
+
+def test_lightning_trainer_drives_the_datamodule(dm):
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: dict[str, list[int]] = {"train": [], "val": []}
+
+        def training_step(self, batch, i):
+            _check_batch(batch, 1)
+            self.seen["train"] += batch["label"].tolist()
+            return (self.w * batch["image"].mean()).sum()
+
+        def validation_step(self, batch, i):
+            _check_batch(batch, 1)
+            self.seen["val"] += batch["label"].tolist()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    probe = Probe()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(probe, datamodule=_dm(dm.root))
+    assert len(probe.seen["train"]) == len(dm.datasets["train"]) and set(probe.seen["train"]) == {0}
+    assert len(probe.seen["val"]) == len(dm.datasets["val"])

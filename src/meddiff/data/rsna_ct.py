@@ -222,6 +222,13 @@ class RSNADicomDataset(Dataset):
                      str(out.meta["subject"]))
 
 
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) with a sum < 1."
+        )
+
+
 def split_subjects(
     subjects: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
 ) -> pd.DataFrame:
@@ -233,10 +240,7 @@ def split_subjects(
         one row per subject: ``subject``, ``split`` ('train'/'val'/'test'), ``n_slices``, ``n_positive``;
         deterministic for a given set of subjects and seed.
     """
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ConfigError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) with a sum < 1."
-        )
+    _check_fractions(val_fraction, test_fraction)
     per = subjects.groupby("subject")["any"].agg(n_slices="size", n_positive="sum").reset_index()
     per = per.sort_values("subject").reset_index(drop=True)
     per["split"] = "train"
@@ -322,7 +326,7 @@ class RSNACTDataModule(L.LightningDataModule):
         self.min_brain_fraction = float(min_brain_fraction)
         self.crop_to_brain = bool(crop_to_brain)
         self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        split_subjects(pd.DataFrame({"subject": [], "any": []}), self.val_fraction, self.test_fraction, 0)
+        _check_fractions(self.val_fraction, self.test_fraction)
         self.seed = int(seed)
         self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
         self.max_slices = None if max_slices is None else int(max_slices)

@@ -51,6 +51,8 @@ __all__ = [
     "sample_anatomy",
     "sample_lesions",
     "phantom_slice",
+    "lesion_mask",
+    "hu_to_stored",
     "synthetic_patient",
     "write_synthetic_rsna",
 ]
