@@ -1,8 +1,8 @@
 """The evaluation protocol every anomaly-detection experiment shares.
 
-1. Reconstruct every validation image once; score it under each candidate post-processing setting
-   (map kind x median filter x reduction). The setting with the best validation image AUROC is chosen, and the
-   pixel threshold that maximises pooled validation Dice is chosen for it.
+1. Reconstruct every validation image once per candidate reconstruction depth ``t_start``; score it under each
+   candidate post-processing setting (map kind x median filter x reduction). The (depth, setting) with the best
+   validation image AUROC is chosen, and the pixel threshold that maximises pooled validation Dice for it.
 2. Reconstruct every test image once and score it with the chosen setting only: image AUROC/AUPRC with
    bootstrap 95% CIs, pixel AUROC/AUPRC (binned, bounded memory), Dice at the validation threshold, and the
    oracle best Dice (chosen on test: labelled ``oracle``, not a result), plus subject-level AUROC where the data
@@ -49,7 +49,7 @@ class EvalOptions:
     max_batches: int | None = None
     n_figure_rows: int = 8
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    t_start: Sequence[int] | int | None = None  # reconstruction depths tried on validation (None = the model's)
 
     def candidates(self, default: ScoringConfig) -> list[ScoringConfig]:
         if not self.select_on_val:
@@ -148,17 +148,29 @@ def evaluate_anomaly_detection(
     chosen_idx, threshold, val_summary = 0, None, {}
     base_threshold = None
     if val_loader is not None:
-        val = _pass(model, val_loader, candidates, opts, device, "val: reconstruct + score")
-        y_val = torch.cat(val.labels).numpy()
-        if len(np.unique(y_val)) == 2:
+        # reconstruction depth candidates: one validation pass each (the model's own t_start when none given)
+        t_list = [int(t) for t in _listify(opts.t_start)] if opts.t_start is not None else [model.recon_cfg.t_start]
+        best: tuple[float, int, int, _Collected] | None = None
+        rows = []
+        for t_start in t_list:
+            model.recon_cfg.t_start = t_start
+            model.recon_cfg.validate(model.schedule.num_train_timesteps)
+            val = _pass(model, val_loader, candidates, opts, device, f"val t_start={t_start}: reconstruct + score")
+            y_val = torch.cat(val.labels).numpy()
+            if len(np.unique(y_val)) < 2:
+                log.warning("Validation split has one class only: keeping the configured scoring %s.", default)
+                best = (float("nan"), t_start, 0, val)
+                break
             aurocs = [image_level(val.cat(j), y_val, n_boot=0)["auroc"] for j in range(len(candidates))]
-            chosen_idx = int(np.argmax(aurocs))
-            val_summary["candidates"] = [
-                {**c.as_dict(), "val_auroc": a} for c, a in zip(candidates, aurocs)
-            ]
-            val_summary["image_auroc"] = aurocs[chosen_idx]
-        else:
-            log.warning("Validation split has one class only: keeping the configured scoring %s.", default)
+            rows += [{"t_start": t_start, **c.as_dict(), "val_auroc": a} for c, a in zip(candidates, aurocs)]
+            j = int(np.argmax(aurocs))
+            if best is None or aurocs[j] > best[0]:
+                best = (aurocs[j], t_start, j, val)
+        assert best is not None
+        val_auroc, t_chosen, chosen_idx, val = best
+        model.recon_cfg.t_start = t_chosen
+        if rows:
+            val_summary.update(candidates=rows, image_auroc=val_auroc, t_start=t_chosen)
         pix = _matching_pixel_acc(val, candidates, chosen_idx)
         if pix is not None:
             threshold = choose_threshold(pix)

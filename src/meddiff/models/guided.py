@@ -128,6 +128,13 @@ class GuidedDiffusion(DiffusionModule):
         val_score_batches: int = 4,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("recon") is None:
+            # the base's partial-diffusion ``recon`` is unused here (``reconstruct`` translates); keep it valid for
+            # any schedule length by mirroring the translation depth
+            schedule = kwargs.get("schedule", args[1] if len(args) > 1 else None)
+            T = int(getattr(schedule, "num_train_timesteps", 1000))
+            depth = _as_dict(translate).get("t_start", TranslateConfig.t_start)
+            kwargs["recon"] = {"method": "ddim", "t_start": min(max(int(depth), 0), T - 1)}
         super().__init__(*args, **kwargs)
         if isinstance(num_classes, bool) or int(num_classes) < 1:
             raise ConfigError(f"model.num_classes={num_classes!r} must be an integer >= 1 (5 for ADNI).")

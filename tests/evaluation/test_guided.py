@@ -1,0 +1,220 @@
+"""Guided evaluation protocol: per-slice similarity, per-volume outputs, validation-chosen reduction, AUROCs,
+inputs (volume / dataset.json / record), skipping broken volumes, option errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from meddiff.data.adni_slices import ADNISliceDataModule
+from meddiff.data.synthetic_mri import write_synthetic_adni
+from meddiff.diffusion import NoiseSchedule
+from meddiff.errors import ConfigError, DataError
+from meddiff.evaluation import guided as ev
+from meddiff.models.guided import GuidedDiffusion
+
+FAST = {"n_boot": 50, "volume_plots": True, "batch_size": 64}
+
+
+class ZeroEps(nn.Module):
+    """eps = 0 for every class: DDIM inversion + guided DDIM returns the input exactly (identity translation)."""
+
+    num_class_embeds = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, class_labels=None):
+        return torch.zeros_like(x)
+
+
+class Darken(ZeroEps):
+    """The CN branch predicts x0 = x - 0.5 inside the head (x > -0.9): the counterfactual is darker there."""
+
+    def forward(self, x, t, class_labels=None):
+        out = torch.zeros_like(x)
+        cn = class_labels == 0
+        out[cn] = torch.where(x[cn] > -0.9, torch.full_like(x[cn], 0.25), out[cn])
+        return out
+
+
+def make_model(net: nn.Module) -> GuidedDiffusion:
+    schedule = NoiseSchedule(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-4, beta_end=0.2,
+                             prediction_type="epsilon")
+    return GuidedDiffusion(net=net, schedule=schedule, ema_decay=0,
+                           translate={"t_start": 40, "num_steps": 2, "guidance_scale": 3.0}).eval()
+
+
+@pytest.fixture(scope="module")
+def dm(tmp_path_factory: pytest.TempPathFactory) -> ADNISliceDataModule:
+    root = tmp_path_factory.mktemp("adni")
+    write_synthetic_adni(root, n_per_class=2, shape=(24, 24, 24), seed=0)
+    d = ADNISliceDataModule(root=str(root), image_size=16, val_frac=0.2, test_frac=0.4, cache_dir=None)
+    d.prepare_data()
+    d.setup("fit")
+    d.setup("test")
+    return d
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_identity_translation_gives_perfect_similarity_and_all_outputs(dm, tmp_path) -> None:
+    with pytest.warns(ev.MetricSkippedWarning) as rec:
+        report = ev.run(make_model(ZeroEps()), dm, {**FAST, "t_start": 30}, tmp_path, "cpu")
+    assert {"vsi", "lpips", "fid"} <= set(report["metrics_skipped"])
+    assert sum("skipped" in str(w.message) for w in rec) >= 3
+    test_ids = [e.volume_id for e in dm.test_set.volumes]
+    assert sorted(report["volumes"]) == sorted(test_ids)
+    n_slices = sum(len(dm.test_set.volume_indices(v)) for v in test_ids)
+    rows = read_csv(tmp_path / "slice_metrics.csv")
+    assert len(rows) == n_slices == report["summary"]["n_slices"]
+    # eps = 0 makes inversion + denoising the identity: SSIM = MS-SSIM = 1, PSNR at its cap, anomaly score 0
+    assert report["summary"]["ssim_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert report["summary"]["ms_ssim_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert report["summary"]["psnr_mean"] == pytest.approx(100.0)
+    assert all(float(r["score"]) == pytest.approx(0.0, abs=1e-6) for r in rows)
+    assert read_csv(tmp_path / "outlier_slices.csv") == []
+    assert report["translate"]["t_start"] == 30 and report["translate"]["guidance_scale"] == 3.0  # eval overrides
+    for v in test_ids:
+        for p in report["figures"]["volumes"][v]:
+            assert (tmp_path / p).is_file()
+    for name in ("ssim_all_volumes.png", "worst_slices.png", "volume_scores.csv", "report.json"):
+        assert (tmp_path / name).is_file(), name
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["summary"]["n_volumes"] == len(test_ids)
+    cls = on_disk["classification"]["model"]
+    assert set(cls) == {"EMCI_vs_CN", "MCI_vs_CN", "LMCI_vs_CN", "AD_vs_CN", "any_vs_CN"}
+    assert "auroc_ci" in cls["AD_vs_CN"] and "skipped" in cls["MCI_vs_CN"]  # no MCI volume in this test split
+    assert "AD_vs_CN" in on_disk["classification"]["baseline_mean_intensity"]
+    assert on_disk["selection"]["chosen_on"] == "validation"
+
+
+def test_counterfactual_that_changes_the_head_lowers_ssim_and_lists_outliers(dm, tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ev.MetricSkippedWarning)
+        report = ev.run(make_model(Darken()), dm, {**FAST, "ssim_outlier": 0.99, "max_volumes": 2,
+                                                  "volume_plots": False, "guidance_scale": 1.0}, tmp_path, "cpu")
+    rows = read_csv(tmp_path / "slice_metrics.csv")
+    assert report["summary"]["ssim_mean"] < 0.9 and report["summary"]["n_volumes"] == 2
+    assert {r["class"] for r in rows} == {"CN", "EMCI"}  # the cap interleaves classes
+    out = read_csv(tmp_path / "outlier_slices.csv")
+    ssims = [float(r["ssim"]) for r in out]
+    assert out and all(s < 0.99 for s in ssims) and ssims == sorted(ssims)
+    assert len(out) == sum(float(r["ssim"]) < 0.99 for r in rows)
+    assert all(float(r["score"]) > 0 for r in rows)
+    assert not (tmp_path / "volumes").exists()
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def test_dataset_json_input_skips_and_lists_broken_entries(dm, tmp_path) -> None:
+    task = dm.task_dir
+    records = [{"image": str(task / "cn/cn0.nii.gz"), "slice_label": 1},
+               {"image": str(task / "ad/missing.nii.gz"), "slice_label": 5},
+               {"image": str(task / "ad/ad0.nii.gz"), "slice_label": 7},
+               {"image": str(task / "ad/ad1.nii.gz"), "slice_label": 5}]
+    js = tmp_path / "dataset.json"
+    js.write_text(json.dumps(records))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        report = ev.run(make_model(ZeroEps()), dm, {**FAST, "input": str(js), "volume_plots": False},
+                        tmp_path / "out", "cpu")
+    assert sorted(report["volumes"]) == ["ad/ad1", "cn/cn0"]
+    reasons = {s["volume"]: s["reason"] for s in report["skipped"]}
+    assert "missing.nii.gz" in " ".join(reasons) and "not found" in " ".join(reasons.values())
+    assert any("slice_label 7 is outside 1-5" in r for r in reasons.values())
+    assert report["summary"]["n_skipped"] == 2
+    assert any("skipped 2 volume(s)" in str(w.message) for w in rec)
+
+
+def test_single_volume_inputs_and_clear_errors(dm, tmp_path) -> None:
+    model = make_model(ZeroEps())
+    vol = dm.task_dir / "ad/ad0.nii.gz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = ev.run(model, dm, {**FAST, "input": str(vol), "input_label": "AD", "volume_plots": False},
+                        tmp_path / "a", "cpu")
+        assert list(report["volumes"]) == ["ad0"] and report["volumes"]["ad0"]["class"] == "AD"
+        record = json.dumps({"image": str(vol), "label": 5})
+        rep = ev.run(model, dm, {**FAST, "input": record, "volume_plots": False}, tmp_path / "b", "cpu")
+        assert list(rep["volumes"]) == ["ad0"] and rep["volumes"]["ad0"]["slice_label"] == 5
+        with pytest.raises(DataError, match="not found"):
+            ev.run(model, dm, {**FAST, "input": str(tmp_path / "nope.nii.gz")}, tmp_path / "c", "cpu")
+        flat = tmp_path / "flat.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones((16, 16), np.float32), np.eye(4)), str(flat))
+        with pytest.raises(DataError, match="flat.nii.gz"):
+            ev.run(model, dm, {**FAST, "input": str(flat)}, tmp_path / "d", "cpu")
+        with pytest.raises(DataError, match="slice_label 9 is outside"):
+            ev.run(model, dm, {**FAST, "input": json.dumps({"image": str(vol), "label": 9})}, tmp_path / "e", "cpu")
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"guidance_scale": -1}, "guidance_scale=-1"),
+        ({"t_start": 100}, "t_start=100"),
+        ({"ssim_treshold": 0.5}, "Unknown eval option"),
+        ({"reductions": ["mean", "mode"]}, "reductions"),
+        ({"max_volumes": 0}, "max_volumes"),
+    ],
+)
+def test_bad_eval_options(dm, tmp_path, cfg, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ev.run(make_model(ZeroEps()), dm, cfg, tmp_path, "cpu")
+
+
+# ------------------------------------------------------------------------------------------ classification
+def _result(label: int, scores, intensity) -> ev.VolumeResult:
+    src = ev.VolumeSource(f"v{label}_{np.random.rand():.6f}", label, lambda: None)
+    n = len(scores)
+    return ev.VolumeResult(src, [str(i) for i in range(n)], np.zeros(n), np.arange(n),
+                           {"ssim": np.ones(n), "psnr": np.ones(n), "ms_ssim": np.ones(n)},
+                           np.asarray(scores, float), np.asarray(intensity, float))
+
+
+def test_reduction_and_baseline_sign_are_chosen_on_validation() -> None:
+    # CN volumes: uniform slice scores 0.5; AD volumes: mostly 0.2 with one very anomalous slice -> max separates,
+    # mean does not; the baseline is lower (darker) for AD -> sign -1
+    val = [_result(1, [0.5, 0.5, 0.5, 0.5], [0.3] * 4), _result(1, [0.45, 0.5, 0.55, 0.5], [0.35] * 4),
+           _result(5, [0.2, 0.2, 0.2, 0.9], [0.1] * 4), _result(5, [0.1, 0.2, 0.2, 0.95], [0.0] * 4)]
+    choice = ev.choose_on_validation(val, ev.REDUCTIONS)
+    assert choice["model_reduction"] == "max" and choice["val_auroc"]["max"] == 1.0
+    assert choice["val_auroc"]["mean"] < 0.5
+    assert choice["baseline_sign"] == -1
+    one_class = ev.choose_on_validation(val[:2], ev.REDUCTIONS)
+    assert one_class["model_reduction"] == "mean" and "defaults kept" in one_class["note"]
+
+
+def test_volume_aurocs_per_class_vs_cn() -> None:
+    test = [_result(1, [0.1], [0.0]), _result(1, [0.2], [0.0]), _result(5, [0.9], [0.5]), _result(5, [0.15], [0.5]),
+            _result(2, [0.3], [0.1])]
+    choice = {"model_reduction": "mean", "baseline_reduction": "mean", "baseline_sign": 1}
+    section, curves = ev.classification(test, choice, n_boot=20, seed=0)
+    assert section["model"]["AD_vs_CN"]["auroc"] == pytest.approx(0.75)  # 0.9 > both CN; 0.15 > one of two
+    assert section["model"]["EMCI_vs_CN"]["auroc"] == pytest.approx(1.0)
+    assert section["model"]["any_vs_CN"]["n"] == 5 and section["model"]["any_vs_CN"]["n_pos"] == 3
+    assert "skipped" in section["model"]["MCI_vs_CN"]
+    assert section["baseline_mean_intensity"]["AD_vs_CN"]["auroc"] == pytest.approx(1.0)
+    assert set(curves) == {"guided CFG", "mean intensity (baseline)"}
+
+
+def test_reduce_slices() -> None:
+    s = np.array([1.0, 2.0, 3.0, np.nan, 10.0])
+    assert ev.reduce_slices(s, "mean") == pytest.approx(4.0)
+    assert ev.reduce_slices(s, "median") == pytest.approx(2.5)
+    assert ev.reduce_slices(s, "max") == 10.0
+    assert ev.reduce_slices(s, "p90") == pytest.approx(np.percentile([1, 2, 3, 10], 90))
+    with pytest.raises(ConfigError):
+        ev.reduce_slices(s, "sum")
