@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from bench._common import interleaved
+
 from meddiff.anomaly.patches import patch_masks
 from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
 from meddiff.diffusion import NoiseSchedule

@@ -83,7 +83,7 @@ def main() -> None:
     batch = torch.rand(args.batch, 1, args.size, args.size) * 2 - 1
     base = build_net(NET)
     results = {}
-    for rnd in range(2):  # alternate, keep the best of each: machine noise hits both alike
+    for _rnd in range(2):  # alternate, keep the best of each: machine noise hits both alike
         for name, fn in (("bare", bare_run), ("lightning", lightning_run)):
             s = fn(copy.deepcopy(base), schedule, batch, args.steps, args.ema)
             results[name] = min(results.get(name, float("inf")), s)

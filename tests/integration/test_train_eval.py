@@ -90,3 +90,12 @@ def test_wandb_offline_and_tensorboard_loggers(run, tmp_path, fast):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents*"))
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert (run_dir / "wandb_id.txt").read_text().strip()
+
+
+def test_optuna_sweep_maximises_validation_auroc(run, tmp_path, fast):
+    sweep = tmp_path / "optuna"
+    run("meddiff.train", *fast, "hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={sweep}")
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "model.optimizer.lr" in results
+    assert "best_value" in results

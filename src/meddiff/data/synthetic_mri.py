@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from meddiff.errors import ConfigError
+from meddiff.utils.io import atomic_write_text
 
 __all__ = [
     "CLASS_DIRS",
@@ -180,17 +180,6 @@ def generate_volume(
     return (vol, labels) if return_labels else vol
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_synthetic_adni(
     root: str | os.PathLike[str],
     n_per_class: int = 4,
@@ -256,5 +245,5 @@ def write_synthetic_adni(
             nib.save(img, str(task_dir / rel))
             entries.append({"image": rel, "slice_label": label})
     text = "[" + ",\n ".join(json.dumps(e) for e in entries) + "\n]\n"
-    _atomic_write_text(json_path, text)
+    atomic_write_text(json_path, text)
     return task_dir

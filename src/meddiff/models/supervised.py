@@ -132,9 +132,9 @@ def train_supervised(
         opt.step()
         sched.step()
         if step >= steps - max(1, steps // 10):
-            tail.append(float(value))
+            tail.append(value.item())
         if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{float(value):.4f}")
+            bar.set_postfix(loss=f"{value.item():.4f}")
     model.eval()
     return {"steps": steps, "seconds": time.perf_counter() - start, "final_loss": sum(tail) / len(tail)}
 

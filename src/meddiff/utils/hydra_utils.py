@@ -39,7 +39,7 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[
     if not cfg:
         return []
     loggers: list[Logger] = []
-    for name, lg in cfg.items():
+    for _name, lg in cfg.items():
         if not isinstance(lg, DictConfig) or "_target_" not in lg:
             continue
         if "Wandb" in lg._target_:
