@@ -28,6 +28,12 @@ demo: install
 	$(PY) -m meddiff.train experiment=demo hydra.run.dir=logs/demo/latest $(DEMO_ARGS)
 	@echo "Report, figures and checkpoints: logs/demo/latest/ (report.json, roc.png, anomaly_grid.png)"
 
+demo-denoise: install
+	$(PY) -m meddiff.train experiment=demo_denoise hydra.run.dir=logs/demo_denoise/latest $(DEMO_ARGS)
+
+demo-adni: install
+	$(PY) -m meddiff.train experiment=demo_adni hydra.run.dir=logs/demo_adni/latest $(DEMO_ARGS)
+
 test: install
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 

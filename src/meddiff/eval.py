@@ -97,7 +97,8 @@ def evaluate_checkpoint(
         return report
     opts = _eval_options(eval_cfg)
     val_loader = datamodule.val_dataloader() if opts.select_on_val else None
-    report = evaluate_anomaly_detection(model, val_loader, datamodule.test_dataloader(), opts, device)
+    report = evaluate_anomaly_detection(model, val_loader, datamodule.test_dataloader(), opts, device,
+                                        subtype_names=getattr(datamodule, "subtype_names", None))
     report["checkpoint"] = str(ckpt_path) if ckpt_path else None
     report["reconstruction"] = dict(vars(model.recon_cfg))
     figures = report.pop("_figures")
@@ -136,6 +137,10 @@ def write_outputs(report: dict[str, Any], figures: dict[str, Any], out_dir: Path
         save_anomaly_grid(out_dir / "anomaly_grid.png", ex["image"], ex["recon"], ex["map"], ex.get("mask"),
                           ex.get("label"), n_rows=8)
     print_report(report)
+    if "subtypes" in ex:  # CT (RSNA): per-subtype table and figures, segmentation overlays over the CT
+        from meddiff.evaluation.ct_report import write_ct_outputs
+
+        write_ct_outputs(report, figures, out_dir)
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -48,10 +48,19 @@ class Darken(ZeroEps):
 
 
 def make_model(net: nn.Module) -> GuidedDiffusion:
-    schedule = NoiseSchedule(num_train_timesteps=100, beta_schedule="linear", beta_start=1e-4, beta_end=0.2,
-                             prediction_type="epsilon")
-    return GuidedDiffusion(net=net, schedule=schedule, ema_decay=0,
-                           translate={"t_start": 40, "num_steps": 2, "guidance_scale": 3.0}).eval()
+    schedule = NoiseSchedule(
+        num_train_timesteps=100,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.2,
+        prediction_type="epsilon",
+    )
+    return GuidedDiffusion(
+        net=net,
+        schedule=schedule,
+        ema_decay=0,
+        translate={"t_start": 40, "num_steps": 2, "guidance_scale": 3.0},
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +96,9 @@ def test_identity_translation_gives_perfect_similarity_and_all_outputs(dm, tmp_p
     assert report["summary"]["psnr_mean"] == pytest.approx(100.0)
     assert all(float(r["score"]) == pytest.approx(0.0, abs=1e-6) for r in rows)
     assert read_csv(tmp_path / "outlier_slices.csv") == []
-    assert report["translate"]["t_start"] == 30 and report["translate"]["guidance_scale"] == 3.0  # eval overrides
+    assert (
+        report["translate"]["t_start"] == 30 and report["translate"]["guidance_scale"] == 3.0
+    )  # eval overrides
     for v in test_ids:
         for p in report["figures"]["volumes"][v]:
             assert (tmp_path / p).is_file()
@@ -105,10 +116,16 @@ def test_identity_translation_gives_perfect_similarity_and_all_outputs(dm, tmp_p
 def test_counterfactual_that_changes_the_head_lowers_ssim_and_lists_outliers(dm, tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ev.MetricSkippedWarning)
-        report = ev.run(make_model(Darken()), dm, {**FAST, "ssim_outlier": 0.99, "max_volumes": 2,
-                                                  "volume_plots": False, "guidance_scale": 1.0}, tmp_path, "cpu")
+        report = ev.run(
+            make_model(Darken()),
+            dm,
+            {**FAST, "ssim_outlier": 0.99, "max_volumes": 2, "volume_plots": False, "guidance_scale": 1.0},
+            tmp_path,
+            "cpu",
+        )
     rows = read_csv(tmp_path / "slice_metrics.csv")
     assert report["summary"]["ssim_mean"] < 0.9 and report["summary"]["n_volumes"] == 2
+    assert report["ms_ssim_scales"]["used"] == [2]  # 3 requested; 16 px slices fit only 2 (11-px window)
     assert {r["class"] for r in rows} == {"CN", "EMCI"}  # the cap interleaves classes
     out = read_csv(tmp_path / "outlier_slices.csv")
     ssims = [float(r["ssim"]) for r in out]
@@ -121,16 +138,23 @@ def test_counterfactual_that_changes_the_head_lowers_ssim_and_lists_outliers(dm,
 # ------------------------------------------------------------------------------------------ inputs
 def test_dataset_json_input_skips_and_lists_broken_entries(dm, tmp_path) -> None:
     task = dm.task_dir
-    records = [{"image": str(task / "cn/cn0.nii.gz"), "slice_label": 1},
-               {"image": str(task / "ad/missing.nii.gz"), "slice_label": 5},
-               {"image": str(task / "ad/ad0.nii.gz"), "slice_label": 7},
-               {"image": str(task / "ad/ad1.nii.gz"), "slice_label": 5}]
+    records = [
+        {"image": str(task / "cn/cn0.nii.gz"), "slice_label": 1},
+        {"image": str(task / "ad/missing.nii.gz"), "slice_label": 5},
+        {"image": str(task / "ad/ad0.nii.gz"), "slice_label": 7},
+        {"image": str(task / "ad/ad1.nii.gz"), "slice_label": 5},
+    ]
     js = tmp_path / "dataset.json"
     js.write_text(json.dumps(records))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        report = ev.run(make_model(ZeroEps()), dm, {**FAST, "input": str(js), "volume_plots": False},
-                        tmp_path / "out", "cpu")
+        report = ev.run(
+            make_model(ZeroEps()),
+            dm,
+            {**FAST, "input": str(js), "volume_plots": False},
+            tmp_path / "out",
+            "cpu",
+        )
     assert sorted(report["volumes"]) == ["ad1", "cn0"]  # absolute image paths: ids are file names
     reasons = {s["volume"]: s["reason"] for s in report["skipped"]}
     assert any("entry #1" in r and "missing.nii.gz" in r and "does not exist" in r for r in reasons.values())
@@ -144,8 +168,13 @@ def test_single_volume_inputs_and_clear_errors(dm, tmp_path) -> None:
     vol = dm.task_dir / "ad/ad0.nii.gz"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = ev.run(model, dm, {**FAST, "input": str(vol), "input_label": "AD", "volume_plots": False},
-                        tmp_path / "a", "cpu")
+        report = ev.run(
+            model,
+            dm,
+            {**FAST, "input": str(vol), "input_label": "AD", "volume_plots": False},
+            tmp_path / "a",
+            "cpu",
+        )
         assert list(report["volumes"]) == ["ad0"] and report["volumes"]["ad0"]["class"] == "AD"
         record = json.dumps({"image": str(vol), "label": 5})
         rep = ev.run(model, dm, {**FAST, "input": record, "volume_plots": False}, tmp_path / "b", "cpu")
@@ -157,7 +186,13 @@ def test_single_volume_inputs_and_clear_errors(dm, tmp_path) -> None:
         with pytest.raises(DataError, match="flat.nii.gz"):
             ev.run(model, dm, {**FAST, "input": str(flat)}, tmp_path / "d", "cpu")
         with pytest.raises(DataError, match="slice_label 9 is outside"):
-            ev.run(model, dm, {**FAST, "input": json.dumps({"image": str(vol), "label": 9})}, tmp_path / "e", "cpu")
+            ev.run(
+                model,
+                dm,
+                {**FAST, "input": json.dumps({"image": str(vol), "label": 9})},
+                tmp_path / "e",
+                "cpu",
+            )
 
 
 @pytest.mark.parametrize(
@@ -179,16 +214,26 @@ def test_bad_eval_options(dm, tmp_path, cfg, match) -> None:
 def _result(label: int, scores, intensity) -> ev.VolumeResult:
     src = ev.VolumeSource(f"v{label}_{np.random.rand():.6f}", label, lambda: None)
     n = len(scores)
-    return ev.VolumeResult(src, [str(i) for i in range(n)], np.zeros(n), np.arange(n),
-                           {"ssim": np.ones(n), "psnr": np.ones(n), "ms_ssim": np.ones(n)},
-                           np.asarray(scores, float), np.asarray(intensity, float))
+    return ev.VolumeResult(
+        src,
+        [str(i) for i in range(n)],
+        np.zeros(n),
+        np.arange(n),
+        {"ssim": np.ones(n), "psnr": np.ones(n), "ms_ssim": np.ones(n)},
+        np.asarray(scores, float),
+        np.asarray(intensity, float),
+    )
 
 
 def test_reduction_and_baseline_sign_are_chosen_on_validation() -> None:
     # CN volumes: uniform slice scores 0.5; AD volumes: mostly 0.2 with one very anomalous slice -> max separates,
     # mean does not; the baseline is lower (darker) for AD -> sign -1
-    val = [_result(1, [0.5, 0.5, 0.5, 0.5], [0.3] * 4), _result(1, [0.45, 0.5, 0.55, 0.5], [0.35] * 4),
-           _result(5, [0.2, 0.2, 0.2, 0.9], [0.1] * 4), _result(5, [0.1, 0.2, 0.2, 0.95], [0.0] * 4)]
+    val = [
+        _result(1, [0.5, 0.5, 0.5, 0.5], [0.3] * 4),
+        _result(1, [0.45, 0.5, 0.55, 0.5], [0.35] * 4),
+        _result(5, [0.2, 0.2, 0.2, 0.9], [0.1] * 4),
+        _result(5, [0.1, 0.2, 0.2, 0.95], [0.0] * 4),
+    ]
     choice = ev.choose_on_validation(val, ev.REDUCTIONS)
     assert choice["val_auroc"]["max"] == choice["val_auroc"]["p90"] == 1.0
     assert choice["model_reduction"] == "p90"  # ties go to the first candidate in eval.reductions
@@ -200,8 +245,13 @@ def test_reduction_and_baseline_sign_are_chosen_on_validation() -> None:
 
 
 def test_volume_aurocs_per_class_vs_cn() -> None:
-    test = [_result(1, [0.1], [0.0]), _result(1, [0.2], [0.0]), _result(5, [0.9], [0.5]), _result(5, [0.15], [0.5]),
-            _result(2, [0.3], [0.1])]
+    test = [
+        _result(1, [0.1], [0.0]),
+        _result(1, [0.2], [0.0]),
+        _result(5, [0.9], [0.5]),
+        _result(5, [0.15], [0.5]),
+        _result(2, [0.3], [0.1]),
+    ]
     choice = {"model_reduction": "mean", "baseline_reduction": "mean", "baseline_sign": 1}
     section, curves = ev.classification(test, choice, n_boot=20, seed=0)
     assert section["model"]["AD_vs_CN"]["auroc"] == pytest.approx(0.75)  # 0.9 > both CN; 0.15 > one of two

@@ -28,7 +28,7 @@ FAST = [
 
 def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                "PYTHONWARNINGS": "ignore", **(env or {})}
+                "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -56,8 +56,13 @@ class DiracOracle(nn.Module):
 
 
 def eps_schedule(T: int = 100) -> NoiseSchedule:
-    return NoiseSchedule(num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.2,
-                         prediction_type="epsilon")
+    return NoiseSchedule(
+        num_train_timesteps=T,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.2,
+        prediction_type="epsilon",
+    )
 
 
 def guided(net: nn.Module, schedule: NoiseSchedule | None = None, **kw) -> GuidedDiffusion:
@@ -103,7 +108,11 @@ def test_cfg_combine_wiring_one_forward_for_both_branches(w: float, expected_off
 
 def test_guidance_toward_another_target_class() -> None:
     net = ClassOffsetNet()
-    out = guided(net).eval().guided_fn(target_class=4, guidance_scale=1.0)(torch.zeros(2, 1, 2, 2), torch.zeros(2).long())
+    out = (
+        guided(net)
+        .eval()
+        .guided_fn(target_class=4, guidance_scale=1.0)(torch.zeros(2, 1, 2, 2), torch.zeros(2).long())
+    )
     torch.testing.assert_close(out, torch.full((2, 1, 2, 2), 4.0))
 
 
@@ -115,7 +124,9 @@ def test_inversion_runs_the_null_class_then_denoising_runs_both_branches() -> No
     assert all(torch.equal(c, torch.tensor([5, 5])) for c in net.calls[:6])
     assert all(torch.equal(c, torch.tensor([5, 5, 0, 0])) for c in net.calls[6:])
     net.calls.clear()
-    model.healthy_counterfactual(torch.zeros(2, 1, 4, 4), TranslateConfig(t_start=60, num_steps=6, invert=False))
+    model.healthy_counterfactual(
+        torch.zeros(2, 1, 4, 4), TranslateConfig(t_start=60, num_steps=6, invert=False)
+    )
     assert len(net.calls) == 6  # q_sample: no inversion passes
 
 
@@ -139,16 +150,24 @@ def test_translation_with_dirac_oracle_lands_on_the_healthy_image() -> None:
     model = guided(DiracOracle(schedule, points), schedule).eval()
     x_in = points[5:6].repeat(2, 1, 1, 1)  # the null-class point: inversion is then exact
     cfg = TranslateConfig(t_start=99, num_steps=10, guidance_scale=1.0)
-    torch.testing.assert_close(model.healthy_counterfactual(x_in, cfg), points[0:1].expand(2, -1, -1, -1), atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(
+        model.healthy_counterfactual(x_in, cfg), points[0:1].expand(2, -1, -1, -1), atol=1e-4, rtol=0
+    )
     # w=0 (unconditional) gives the null point back; target_class=3 goes to x*_3
-    torch.testing.assert_close(model.healthy_counterfactual(x_in, TranslateConfig(t_start=99, num_steps=10,
-                                                                                   guidance_scale=0.0)),
-                               x_in, atol=1e-4, rtol=0)
-    torch.testing.assert_close(model.healthy_counterfactual(x_in, TranslateConfig(t_start=99, num_steps=10,
-                                                                                   guidance_scale=1.0,
-                                                                                   target_class=3)),
-                               points[3:4].expand(2, -1, -1, -1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        model.healthy_counterfactual(x_in, TranslateConfig(t_start=99, num_steps=10, guidance_scale=0.0)),
+        x_in,
+        atol=1e-4,
+        rtol=0,
+    )
+    torch.testing.assert_close(
+        model.healthy_counterfactual(
+            x_in, TranslateConfig(t_start=99, num_steps=10, guidance_scale=1.0, target_class=3)
+        ),
+        points[3:4].expand(2, -1, -1, -1),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 def test_reconstruct_uses_model_translate_and_validation_scores_few_batches(tiny_net_cfg) -> None:
@@ -156,8 +175,12 @@ def test_reconstruct_uses_model_translate_and_validation_scores_few_batches(tiny
     net = build_net({**tiny_net_cfg, "num_class_embeds": 6})
     model = guided(net, val_score_batches=1, translate={"t_start": 20, "num_steps": 2}).eval()
     model.log = lambda *a, **k: None
-    batch = {"image": torch.rand(4, 1, 16, 16) * 2 - 1, "class_label": torch.tensor([0, 0, 4, 4]),
-             "label": torch.tensor([0, 0, 1, 1]), "brain_mask": torch.ones(4, 1, 16, 16, dtype=torch.bool)}
+    batch = {
+        "image": torch.rand(4, 1, 16, 16) * 2 - 1,
+        "class_label": torch.tensor([0, 0, 4, 4]),
+        "label": torch.tensor([0, 0, 1, 1]),
+        "brain_mask": torch.ones(4, 1, 16, 16, dtype=torch.bool),
+    }
     rec = model.reconstruct(batch)
     assert rec.shape == batch["image"].shape and rec.abs().max() <= 1
     model.validation_step(batch, 0)  # scored (batch 0 of val_score_batches=1)
@@ -195,9 +218,13 @@ def test_net_without_a_null_class_is_rejected(tiny_net_cfg) -> None:
 def test_negative_guidance_at_translation_time_and_bad_labels() -> None:
     model = guided(ClassOffsetNet()).eval()
     with pytest.raises(ConfigError, match="guidance_scale=-0.5"):
-        model.healthy_counterfactual(torch.zeros(1, 1, 4, 4), model.translate_cfg.with_overrides(guidance_scale=-0.5))
+        model.healthy_counterfactual(
+            torch.zeros(1, 1, 4, 4), model.translate_cfg.with_overrides(guidance_scale=-0.5)
+        )
     with pytest.raises(DataError, match=r"class_label values \[7\]"):
         model.class_labels({"image": torch.zeros(1, 1, 4, 4), "class_label": torch.tensor([7])}, train=False)
     with pytest.raises(DataError, match="class_label"):
         model.class_labels({"image": torch.zeros(1, 1, 4, 4)}, train=True)
-    assert torch.equal(model.class_labels({"image": torch.zeros(2, 1, 4, 4)}, train=False), torch.tensor([5, 5]))
+    assert torch.equal(
+        model.class_labels({"image": torch.zeros(2, 1, 4, 4)}, train=False), torch.tensor([5, 5])
+    )

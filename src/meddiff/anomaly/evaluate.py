@@ -68,6 +68,8 @@ class _Collected:
     baseline: list[torch.Tensor] = field(default_factory=list)
     labels: list[torch.Tensor] = field(default_factory=list)
     subjects: list[str] = field(default_factory=list)
+    subtypes: list[torch.Tensor] = field(default_factory=list)  # [B, K] per batch, when batches carry "subtypes"
+    ids: list[str] = field(default_factory=list)
     pixel: dict[int, PixelAccumulator] = field(default_factory=dict)
     pixel_baseline: PixelAccumulator | None = None
     examples: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
@@ -117,6 +119,9 @@ def _pass(
                 out.examples["label"].append(labels.cpu())
                 if has_mask:
                     out.examples["mask"].append(batch["mask"].cpu())
+                if "subtypes" in batch:
+                    out.examples["subtypes"].append(batch["subtypes"].cpu())
+                    out.examples["id"].append([str(v) for v in batch.get("id", [""] * x.shape[0])])
         out.baseline.append(mean_intensity_score(x.float(), region).cpu())
         if has_mask:
             if out.pixel_baseline is None:
@@ -129,6 +134,9 @@ def _pass(
         subj = batch.get("subject")
         if subj is not None:
             out.subjects.extend([str(s) for s in subj])
+        if "subtypes" in batch:
+            out.subtypes.append(batch["subtypes"].cpu())
+            out.ids.extend(str(v) for v in batch.get("id", [""] * x.shape[0]))
     return out
 
 
@@ -138,8 +146,13 @@ def evaluate_anomaly_detection(
     test_loader: Iterable,
     opts: EvalOptions,
     device: torch.device | str = "cpu",
+    subtype_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol; returns the report dict (JSON-ready) plus ``_figures`` data for plotting."""
+    """Run the protocol; returns the report dict (JSON-ready) plus ``_figures`` data for plotting.
+
+    When test batches carry ``subtypes`` ``[B, K]`` (RSNA CT), ``report["image"]["per_subtype"]`` holds each subtype's
+    AUROC/AUPRC (healthy slices vs slices with it, ``meddiff.evaluation.ct_report``), named by ``subtype_names``.
+    """
     device = torch.device(device)
     default = model.scoring_cfg
     candidates = opts.candidates(default)
@@ -216,8 +229,18 @@ def evaluate_anomaly_detection(
     report["summary"] = _summary(report)
     report["_figures"] = {
         "curves": {"model": (s_model, y), "baseline (mean intensity)": (s_base, y)},
-        "examples": {k: torch.cat(v) for k, v in test.examples.items()},
+        "examples": {k: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for k, v in test.examples.items()},
     }
+    if test.subtypes:
+        from meddiff.evaluation.ct_report import per_subtype_detection, subtype_summary
+
+        subtypes = torch.cat(test.subtypes).numpy()
+        per = per_subtype_detection({"model": s_model, "baseline_mean_intensity": s_base}, y, subtypes,
+                                    subtype_names, n_boot=opts.n_boot, seed=opts.seed)
+        report["image"]["per_subtype"] = per
+        report["summary"].update(subtype_summary(per))
+        report["_figures"]["items"] = {"id": test.ids, "subject": test.subjects, "label": y, "subtypes": subtypes,
+                                       "model": s_model, "baseline": s_base}
     return report
 
 

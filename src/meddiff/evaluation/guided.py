@@ -106,7 +106,9 @@ class GuidedEvalOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"Unknown eval option(s) {unknown} for the guided protocol; valid: {sorted(known)}.")
+            raise ConfigError(
+                f"Unknown eval option(s) {unknown} for the guided protocol; valid: {sorted(known)}."
+            )
         opts = cls(**values)
         opts.validate()
         return opts
@@ -126,19 +128,27 @@ class GuidedEvalOptions:
                 f"eval.n_worst={self.n_worst} >= 0."
             )
         if not -1.0 <= float(self.ssim_outlier) <= 1.0:
-            raise ConfigError(f"eval.ssim_outlier={self.ssim_outlier!r} must be an SSIM value in [-1, 1] (seed: 0.6).")
+            raise ConfigError(
+                f"eval.ssim_outlier={self.ssim_outlier!r} must be an SSIM value in [-1, 1] (seed: 0.6)."
+            )
         if int(self.ms_ssim_scales) < 1:
             raise ConfigError(f"eval.ms_ssim_scales={self.ms_ssim_scales!r} must be >= 1 (3 for 64-128 px).")
         self.reductions = tuple(str(r) for r in (self.reductions or ()))
         bad = [r for r in self.reductions if r not in REDUCTIONS]
         if not self.reductions or bad:
-            raise ConfigError(f"eval.reductions={list(self.reductions)} must be a non-empty subset of {list(REDUCTIONS)}.")
+            raise ConfigError(
+                f"eval.reductions={list(self.reductions)} must be a non-empty subset of {list(REDUCTIONS)}."
+            )
         if isinstance(self.n_boot, bool) or int(self.n_boot) < 0:
             raise ConfigError(f"eval.n_boot={self.n_boot!r} must be an integer >= 0.")
 
     def translate_overrides(self) -> dict[str, Any]:
-        return {"guidance_scale": self.guidance_scale, "t_start": self.t_start, "num_steps": self.num_steps,
-                "invert": self.invert}
+        return {
+            "guidance_scale": self.guidance_scale,
+            "t_start": self.t_start,
+            "num_steps": self.num_steps,
+            "invert": self.invert,
+        }
 
 
 # ------------------------------------------------------------------------------------------ volume sources
@@ -179,15 +189,25 @@ def _dataset_sources(ds: Any) -> list[VolumeSource]:
         def load() -> VolumeData:
             items = [ds[i] for i in idx]
             images = torch.stack([it["image"] for it in items])
-            masks = torch.stack([it["brain_mask"] if "brain_mask" in it else torch.ones_like(it["image"], dtype=torch.bool)
-                                 for it in items])
-            return VolumeData(images, masks, np.array([int(it["axis"]) for it in items]),
-                              np.array([int(it["index"]) for it in items]))
+            masks = torch.stack(
+                [
+                    it["brain_mask"] if "brain_mask" in it else torch.ones_like(it["image"], dtype=torch.bool)
+                    for it in items
+                ]
+            )
+            return VolumeData(
+                images,
+                masks,
+                np.array([int(it["axis"]) for it in items]),
+                np.array([int(it["index"]) for it in items]),
+            )
 
         return load
 
-    return [VolumeSource(e.volume_id, int(e.slice_label), loader(ds.volume_indices(e.volume_id)), e.describe())
-            for e in ds.volumes]
+    return [
+        VolumeSource(e.volume_id, int(e.slice_label), loader(ds.volume_indices(e.volume_id)), e.describe())
+        for e in ds.volumes
+    ]
 
 
 def _file_source(entry: Any, settings: Any) -> VolumeSource:
@@ -195,8 +215,12 @@ def _file_source(entry: Any, settings: Any) -> VolumeSource:
 
     def load() -> VolumeData:
         vs = volume_slices(entry, settings)
-        return VolumeData(torch.from_numpy(np.ascontiguousarray(vs.images)), torch.from_numpy(np.ascontiguousarray(vs.masks)),
-                          vs.meta[:, 0].astype(np.int64), vs.meta[:, 1].astype(np.int64))
+        return VolumeData(
+            torch.from_numpy(np.ascontiguousarray(vs.images)),
+            torch.from_numpy(np.ascontiguousarray(vs.masks)),
+            vs.meta[:, 0].astype(np.int64),
+            vs.meta[:, 1].astype(np.int64),
+        )
 
     if isinstance(entry, ADNIEntry):
         return VolumeSource(entry.volume_id, entry.slice_label, load, entry.describe())
@@ -205,7 +229,9 @@ def _file_source(entry: Any, settings: Any) -> VolumeSource:
     return VolumeSource(vid, None, load, f"volume {str(path)!r}")
 
 
-def input_sources(spec: Any, input_label: Any, settings: Any) -> tuple[list[VolumeSource], list[dict[str, str]], bool]:
+def input_sources(
+    spec: Any, input_label: Any, settings: Any
+) -> tuple[list[VolumeSource], list[dict[str, str]], bool]:
     """Volumes named by ``eval.input``.
 
     Args:
@@ -224,27 +250,35 @@ def input_sources(spec: Any, input_label: Any, settings: Any) -> tuple[list[Volu
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError as exc:
-            raise DataError(f"eval.input={spec!r} is not a valid JSON record ({exc}); write "
-                            '{"image": "path/to/vol.nii.gz", "label": 5}') from exc
+            raise DataError(
+                f"eval.input={spec!r} is not a valid JSON record ({exc}); write "
+                '{"image": "path/to/vol.nii.gz", "label": 5}'
+            ) from exc
     if isinstance(spec, Mapping):
         entry = entry_from_dict(dict(spec), base_dir=".", position=0, check_file=True)
         return [_file_source(entry, settings)], [], False
     path = Path(str(spec)).expanduser()
     if path.suffix.lower() == ".json":
         if not path.is_file():
-            raise DataError(f"eval.input={str(path)!r} not found; give a dataset.json, a .nii.gz volume or a record.")
+            raise DataError(
+                f"eval.input={str(path)!r} not found; give a dataset.json, a .nii.gz volume or a record."
+            )
         try:
             records = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"eval.input={str(path)!r} is not valid JSON ({exc}).") from exc
         if not isinstance(records, list):
-            raise DataError(f"eval.input={str(path)!r} must hold a JSON list of entries, found {type(records).__name__}.")
+            raise DataError(
+                f"eval.input={str(path)!r} must hold a JSON list of entries, found {type(records).__name__}."
+            )
         sources, skipped = [], []
         for i, rec in enumerate(records):
             try:
                 entry = entry_from_dict(rec, base_dir=path.parent, position=i, check_file=False)
             except DataError as exc:
-                skipped.append({"volume": str(rec.get("image") if isinstance(rec, Mapping) else rec), "reason": str(exc)})
+                skipped.append(
+                    {"volume": str(rec.get("image") if isinstance(rec, Mapping) else rec), "reason": str(exc)}
+                )
                 continue
             sources.append(_file_source(entry, settings))
         return sources, skipped, True
@@ -285,23 +319,35 @@ class _OptionalMetrics:
         self.lpips = None
         self.fid_factory: Callable[[], Any] | None = None
         if opts.vsi:
-            self._skip("vsi", "VSI skipped: piq needs torchvision and meddiff has no validated VSI implementation.")
+            self._skip(
+                "vsi", "VSI skipped: piq needs torchvision and meddiff has no validated VSI implementation."
+            )
         else:
             self.skipped["vsi"] = "disabled (eval.vsi=false)"
         if opts.lpips_torch_home:
             home = Path(opts.lpips_torch_home).expanduser()
             if not (home / "hub" / "checkpoints").is_dir():
-                self._skip("lpips", f"LPIPS skipped: {str(home)!r} has no hub/checkpoints with the AlexNet weights.")
+                self._skip(
+                    "lpips", f"LPIPS skipped: {str(home)!r} has no hub/checkpoints with the AlexNet weights."
+                )
             else:
                 try:
                     os.environ["TORCH_HOME"] = str(home)
                     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-                    self.lpips = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=False).to(device).eval()
+                    self.lpips = (
+                        LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=False)
+                        .to(device)
+                        .eval()
+                    )
                 except Exception as exc:  # ImportError (torchvision), missing weights, ...
-                    self._skip("lpips", f"LPIPS skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                    self._skip(
+                        "lpips", f"LPIPS skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    )
         else:
-            self._skip("lpips", "LPIPS skipped: no local weights (set eval.lpips_torch_home to a $TORCH_HOME).")
+            self._skip(
+                "lpips", "LPIPS skipped: no local weights (set eval.lpips_torch_home to a $TORCH_HOME)."
+            )
         if opts.fid_weights:
             path = Path(opts.fid_weights).expanduser()
             try:
@@ -309,11 +355,14 @@ class _OptionalMetrics:
                     raise FileNotFoundError(f"{str(path)!r} not found")
                 from torchmetrics.image.fid import FrechetInceptionDistance
 
-                FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+                FrechetInceptionDistance(
+                    feature=2048, normalize=True, feature_extractor_weights_path=str(path)
+                )
 
                 def make() -> Any:
-                    return FrechetInceptionDistance(feature=2048, normalize=True,
-                                                    feature_extractor_weights_path=str(path)).to(device)
+                    return FrechetInceptionDistance(
+                        feature=2048, normalize=True, feature_extractor_weights_path=str(path)
+                    ).to(device)
 
                 self.fid_factory = make
             except Exception as exc:
@@ -374,6 +423,7 @@ class VolumeResult:
     baseline: np.ndarray  # mean intensity in the brain mask per slice
     fid: float | None = None
     worst: list[tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    ms_ssim_scales: int = 0  # MS-SSIM scales used (the requested count, fewer if the slice is too small)
 
 
 @torch.no_grad()
@@ -395,11 +445,13 @@ def translate_volume(
     keep = np.arange(0, data.images.shape[0], int(opts.slice_stride))
     images, masks = data.images[keep], data.masks[keep]
     if images.ndim != 4 or images.shape[0] == 0:
-        raise DataError(f"{source.name or source.volume_id}: no slices to evaluate (shape {tuple(images.shape)}).")
+        raise DataError(
+            f"{source.name or source.volume_id}: no slices to evaluate (shape {tuple(images.shape)})."
+        )
     if not torch.isfinite(images).all():
         raise DataError(f"{source.name or source.volume_id}: slices hold NaN/inf values.")
     h, w = images.shape[-2:]
-    scales = min(int(opts.ms_ssim_scales), ms_ssim_scales(h, w))
+    scales = 1
     cols: dict[str, list[np.ndarray]] = {"ssim": [], "psnr": [], "ms_ssim": [], "lpips": []}
     score, base, xs, hs = [], [], [], []
     worst: list[tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -413,8 +465,11 @@ def translate_volume(
         q = image_scores(x, healthy, dynamic_range=2.0, max_psnr=float(opts.max_psnr))
         cols["ssim"].append(q["ssim"].cpu().numpy())
         cols["psnr"].append(q["psnr"].cpu().numpy())
-        cols["ms_ssim"].append(ms_ssim(x, healthy, data_range=2.0, scales=scales).cpu().numpy()
-                               if scales >= 1 else np.full(x.shape[0], np.nan))
+        cols["ms_ssim"].append(
+            ms_ssim(x, healthy, data_range=2.0, scales=scales).cpu().numpy()
+            if scales >= 1
+            else np.full(x.shape[0], np.nan)
+        )
         if extra is not None:
             lp = extra.lpips_per_slice(x, healthy)
             if lp is not None:
@@ -435,9 +490,18 @@ def translate_volume(
     metrics = {k: np.concatenate(v).astype(np.float64) for k, v in cols.items() if v}
     fid = extra.fid_volume(torch.cat(xs), torch.cat(hs)) if (extra is not None and xs) else None
     ids = [f"{source.volume_id}:{int(a)}:{int(i)}" for a, i in zip(data.axes[keep], data.indices[keep])]
-    return VolumeResult(source, ids, data.axes[keep], data.indices[keep], metrics,
-                        np.concatenate(score).astype(np.float64), np.concatenate(base).astype(np.float64), fid,
-                        [(-a, b, c, d, e) for a, b, c, d, e in worst])
+    return VolumeResult(
+        source,
+        ids,
+        data.axes[keep],
+        data.indices[keep],
+        metrics,
+        np.concatenate(score).astype(np.float64),
+        np.concatenate(base).astype(np.float64),
+        fid,
+        [(-a, b, c, d, e) for a, b, c, d, e in worst],
+        scales,
+    )
 
 
 def translate_many(
@@ -472,7 +536,9 @@ def translate_many(
 
 
 # ------------------------------------------------------------------------------------------ classification
-def _binary(results: Sequence[VolumeResult], values: np.ndarray, positive: set[int]) -> tuple[np.ndarray, np.ndarray]:
+def _binary(
+    results: Sequence[VolumeResult], values: np.ndarray, positive: set[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Scores and 0/1 labels of CN (0) vs the ``positive`` slice labels (1); other volumes dropped."""
     lab = np.array([r.source.slice_label or 0 for r in results])
     keep = (lab == 1) | np.isin(lab, list(positive))
@@ -488,17 +554,22 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels[ok], scores[ok]))
 
 
-def choose_on_validation(
-    val: Sequence[VolumeResult], reductions: Sequence[str]
-) -> dict[str, Any]:
+def choose_on_validation(val: Sequence[VolumeResult], reductions: Sequence[str]) -> dict[str, Any]:
     """Pick the model's slice->volume reduction and the baseline's reduction and sign on validation volumes.
 
     Criterion: AUROC of any non-CN class vs CN (ties: first in ``reductions``; the baseline prefers sign +1).
     Without both classes among the validation volumes the defaults (``reductions[0]``, sign +1) are kept.
     """
-    out: dict[str, Any] = {"chosen_on": "validation", "n_val_volumes": len(val), "criterion": "AUROC non-CN vs CN",
-                           "model_reduction": reductions[0], "baseline_reduction": reductions[0], "baseline_sign": 1,
-                           "val_auroc": {}, "val_auroc_baseline": {}}
+    out: dict[str, Any] = {
+        "chosen_on": "validation",
+        "n_val_volumes": len(val),
+        "criterion": "AUROC non-CN vs CN",
+        "model_reduction": reductions[0],
+        "baseline_reduction": reductions[0],
+        "baseline_sign": 1,
+        "val_auroc": {},
+        "val_auroc_baseline": {},
+    }
     labels = np.array([int((r.source.slice_label or 1) != 1) for r in val])
     if len(val) < 2 or len(set(labels.tolist())) < 2:
         out["note"] = "validation lacks CN or non-CN volumes: defaults kept"
@@ -533,7 +604,9 @@ def classification(
     from meddiff.metrics.detection import image_level
 
     m = np.array([reduce_slices(r.score, choice["model_reduction"]) for r in test])
-    b = float(choice["baseline_sign"]) * np.array([reduce_slices(r.baseline, choice["baseline_reduction"]) for r in test])
+    b = float(choice["baseline_sign"]) * np.array(
+        [reduce_slices(r.baseline, choice["baseline_reduction"]) for r in test]
+    )
     comparisons = {f"{name}_vs_CN": {k + 1} for k, name in enumerate(CLASS_NAMES) if k > 0}
     comparisons["any_vs_CN"] = {2, 3, 4, 5}
     section: dict[str, Any] = {"model": {}, "baseline_mean_intensity": {}}
@@ -544,8 +617,11 @@ def classification(
             ok = np.isfinite(s)
             s, y = s[ok], y[ok]
             if y.size < 2 or y.min() == y.max():
-                section[key][cname] = {"skipped": f"needs CN and {cname[:-6]} volumes; have {int((y == 0).sum())} CN "
-                                                  f"and {int((y == 1).sum())} others", "n": int(y.size)}
+                section[key][cname] = {
+                    "skipped": f"needs CN and {cname[:-6]} volumes; have {int((y == 0).sum())} CN "
+                    f"and {int((y == 1).sum())} others",
+                    "n": int(y.size),
+                }
                 continue
             section[key][cname] = image_level(s, y, n_boot=int(n_boot), seed=int(seed))
             if cname == "AD_vs_CN":
@@ -577,8 +653,15 @@ def _slice_rows(results: Sequence[VolumeResult]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         for j, sid in enumerate(r.ids):
-            row = {"volume": r.source.volume_id, "class": r.source.class_name, "id": sid, "axis": int(r.axes[j]),
-                   "index": int(r.indices[j]), "score": float(r.score[j]), "mean_intensity": float(r.baseline[j])}
+            row = {
+                "volume": r.source.volume_id,
+                "class": r.source.class_name,
+                "id": sid,
+                "axis": int(r.axes[j]),
+                "index": int(r.indices[j]),
+                "score": float(r.score[j]),
+                "mean_intensity": float(r.baseline[j]),
+            }
             row.update({k: float(v[j]) for k, v in r.metrics.items()})
             rows.append(row)
     return rows
@@ -592,39 +675,78 @@ def write_figures(results: Sequence[VolumeResult], opts: GuidedEvalOptions, out_
     if opts.volume_plots:
         for r in results:
             x = np.arange(len(r.ids))
-            sim = {k.upper().replace("_", "-"): r.metrics[k] for k in ("ssim", "ms_ssim", "lpips") if k in r.metrics}
+            sim = {
+                k.upper().replace("_", "-"): r.metrics[k]
+                for k in ("ssim", "ms_ssim", "lpips")
+                if k in r.metrics
+            }
             name = _safe(r.source.volume_id)
             title = f"{r.source.volume_id} ({r.source.class_name}): slices sagittal | coronal | axial"
-            p1 = save_metric_curves(out_dir / "volumes" / f"{name}_similarity.png", x, sim, "slice (axis-major)",
-                                    "similarity to healthy counterfactual", title=title)
-            p2 = save_metric_curves(out_dir / "volumes" / f"{name}_psnr.png", x, {"PSNR": r.metrics["psnr"]},
-                                    "slice (axis-major)", "PSNR [dB]", title=title)
-            written["volumes"][r.source.volume_id] = [str(p1.relative_to(out_dir)), str(p2.relative_to(out_dir))]
+            p1 = save_metric_curves(
+                out_dir / "volumes" / f"{name}_similarity.png",
+                x,
+                sim,
+                "slice (axis-major)",
+                "similarity to healthy counterfactual",
+                title=title,
+            )
+            p2 = save_metric_curves(
+                out_dir / "volumes" / f"{name}_psnr.png",
+                x,
+                {"PSNR": r.metrics["psnr"]},
+                "slice (axis-major)",
+                "PSNR [dB]",
+                title=title,
+            )
+            written["volumes"][r.source.volume_id] = [
+                str(p1.relative_to(out_dir)),
+                str(p2.relative_to(out_dir)),
+            ]
     n = max(len(r.ids) for r in results)
     series = {}
     for r in results:
         v = np.full(n, np.nan)
         v[: len(r.ids)] = r.metrics["ssim"]
         series[f"{r.source.volume_id} ({r.source.class_name})"] = v
-    written["ssim_all_volumes"] = str(save_metric_curves(
-        out_dir / "ssim_all_volumes.png", np.arange(n), series, "slice (axis-major)", "SSIM",
-        title=f"SSIM across slices, {len(results)} volumes").relative_to(out_dir))
-    worst = sorted((w for r in results for w in [(a, r, b, c, d, e) for a, b, c, d, e in r.worst]),
-                   key=lambda t: t[0])[: int(opts.n_worst)]
+    written["ssim_all_volumes"] = str(
+        save_metric_curves(
+            out_dir / "ssim_all_volumes.png",
+            np.arange(n),
+            series,
+            "slice (axis-major)",
+            "SSIM",
+            title=f"SSIM across slices, {len(results)} volumes",
+        ).relative_to(out_dir)
+    )
+    worst = sorted(
+        (w for r in results for w in [(a, r, b, c, d, e) for a, b, c, d, e in r.worst]), key=lambda t: t[0]
+    )[: int(opts.n_worst)]
     if worst:
         images = torch.stack([w[3] for w in worst])
         recons = torch.stack([w[4] for w in worst])
         maps = torch.stack([w[5] for w in worst])
         names = ", ".join(f"{w[1].ids[w[2]]} ({w[0]:.3f})" for w in worst[:3])
-        written["worst_slices"] = str(save_anomaly_grid(
-            out_dir / "worst_slices.png", images, recons, maps, n_rows=len(worst),
-            title=f"lowest SSIM slices (outlier threshold {opts.ssim_outlier}): {names}").relative_to(out_dir))
+        written["worst_slices"] = str(
+            save_anomaly_grid(
+                out_dir / "worst_slices.png",
+                images,
+                recons,
+                maps,
+                n_rows=len(worst),
+                title=f"lowest SSIM slices (outlier threshold {opts.ssim_outlier}): {names}",
+            ).relative_to(out_dir)
+        )
     return written
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir: str | Path,
-        device: str | torch.device | None = None) -> dict[str, Any]:
+def run(
+    model: Any,
+    datamodule: Any,
+    eval_cfg: Mapping[str, Any] | None,
+    out_dir: str | Path,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
     """Translate the test volumes (or ``eval.input``) toward healthy; similarity analysis and classification.
 
     Args:
@@ -646,31 +768,31 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model = model.to(device).eval()
     tcfg = model.translate_cfg.with_overrides(**opts.translate_overrides()).validate(
-        model.schedule.num_train_timesteps, model.num_classes)
+        model.schedule.num_train_timesteps, model.num_classes
+    )
 
     skipped: list[dict[str, str]] = []
-    for ds_name in ("test_set",) if opts.input is None else ():
-        ds = getattr(datamodule, ds_name, None)
-        skipped += [{"volume": img, "reason": why} for img, why in getattr(ds, "skipped", [])]
     if opts.input is not None:
         settings = getattr(datamodule, "settings", None)
         if settings is None:
             from meddiff.data.adni_slices import SliceSettings
 
             settings = SliceSettings()
-        sources, bad, is_batch = input_sources(opts.input, opts.input_label, settings)
-        skipped += bad
+        sources, skipped, is_batch = input_sources(opts.input, opts.input_label, settings)
     else:
         test_set = getattr(datamodule, "test_set", None)
         if test_set is None:
             datamodule.setup("test")
             test_set = datamodule.test_set
+        # volumes the DataModule could not load are listed too
+        skipped = [{"volume": img, "reason": why} for img, why in getattr(test_set, "skipped", [])]
         sources, is_batch = _dataset_sources(test_set), True
     sources = _interleave_cap(sources, opts.max_volumes)
 
     extra = _OptionalMetrics(opts, device)
-    results, bad = translate_many(model, sources, tcfg, opts, device, extra, keep_worst=int(opts.n_worst),
-                                  batch=is_batch, what="test")
+    results, bad = translate_many(
+        model, sources, tcfg, opts, device, extra, keep_worst=int(opts.n_worst), batch=is_batch, what="test"
+    )
     skipped += bad
 
     # slice -> volume reduction (and baseline sign) chosen on validation volumes
@@ -693,20 +815,42 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
     volumes: dict[str, Any] = {}
     vol_rows = []
     for r in results:
-        v = {"class": r.source.class_name, "slice_label": r.source.slice_label, "n_slices": len(r.ids),
-             "mean": {k: _finite_mean(a) for k, a in r.metrics.items()},
-             "min_ssim": float(np.nanmin(r.metrics["ssim"])),
-             "n_outliers": int((r.metrics["ssim"] < float(opts.ssim_outlier)).sum()),
-             "score": reduce_slices(r.score, choice["model_reduction"]),
-             "baseline_score": float(choice["baseline_sign"]) * reduce_slices(r.baseline, choice["baseline_reduction"])}
+        v = {
+            "class": r.source.class_name,
+            "slice_label": r.source.slice_label,
+            "n_slices": len(r.ids),
+            "mean": {k: _finite_mean(a) for k, a in r.metrics.items()},
+            "min_ssim": float(np.nanmin(r.metrics["ssim"])),
+            "n_outliers": int((r.metrics["ssim"] < float(opts.ssim_outlier)).sum()),
+            "score": reduce_slices(r.score, choice["model_reduction"]),
+            "baseline_score": float(choice["baseline_sign"])
+            * reduce_slices(r.baseline, choice["baseline_reduction"]),
+        }
         if r.fid is not None:
             v["fid"] = r.fid
         volumes[r.source.volume_id] = v
-        vol_rows.append({"volume": r.source.volume_id, "class": v["class"], "n_slices": v["n_slices"],
-                         **{f"mean_{k}": a for k, a in v["mean"].items()}, "min_ssim": v["min_ssim"],
-                         "n_outliers": v["n_outliers"], "score": v["score"], "baseline_score": v["baseline_score"]})
-    vol_header = ["volume", "class", "n_slices", *[f"mean_{k}" for k in metric_cols], "min_ssim", "n_outliers",
-                  "score", "baseline_score"]
+        vol_rows.append(
+            {
+                "volume": r.source.volume_id,
+                "class": v["class"],
+                "n_slices": v["n_slices"],
+                **{f"mean_{k}": a for k, a in v["mean"].items()},
+                "min_ssim": v["min_ssim"],
+                "n_outliers": v["n_outliers"],
+                "score": v["score"],
+                "baseline_score": v["baseline_score"],
+            }
+        )
+    vol_header = [
+        "volume",
+        "class",
+        "n_slices",
+        *[f"mean_{k}" for k in metric_cols],
+        "min_ssim",
+        "n_outliers",
+        "score",
+        "baseline_score",
+    ]
     atomic_write_text(out_dir / "volume_scores.csv", _csv(vol_rows, vol_header))
     figures = write_figures(results, opts, out_dir)
     if len(curves) == 2:
@@ -728,8 +872,12 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
         "psnr_mean": slice_means.get("psnr", float("nan")),
         "ms_ssim_mean": slice_means.get("ms_ssim", float("nan")),
         "auroc_ad_vs_cn": pick("model", "AD_vs_CN"),
-        "auroc_ad_vs_cn_ci_lo": float(cls_section["model"].get("AD_vs_CN", {}).get("auroc_ci", (math.nan,) * 2)[0]),
-        "auroc_ad_vs_cn_ci_hi": float(cls_section["model"].get("AD_vs_CN", {}).get("auroc_ci", (math.nan,) * 2)[1]),
+        "auroc_ad_vs_cn_ci_lo": float(
+            cls_section["model"].get("AD_vs_CN", {}).get("auroc_ci", (math.nan,) * 2)[0]
+        ),
+        "auroc_ad_vs_cn_ci_hi": float(
+            cls_section["model"].get("AD_vs_CN", {}).get("auroc_ci", (math.nan,) * 2)[1]
+        ),
         "baseline_auroc_ad_vs_cn": pick("baseline_mean_intensity", "AD_vs_CN"),
         "auroc_any_vs_cn": pick("model", "any_vs_CN"),
         "baseline_auroc_any_vs_cn": pick("baseline_mean_intensity", "any_vs_CN"),
@@ -746,10 +894,17 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
         "scoring": model.scoring_cfg.as_dict(),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
         "input": opts.input if opts.input is None or isinstance(opts.input, str) else dict(opts.input),
-        "ms_ssim_scales": {"requested": int(opts.ms_ssim_scales),
-                           "note": "standard 5 scales need >= 176 px; 3 scales (first 3 betas rescaled) from 44 px"},
-        "similarity": {"whole_image": True, "data_range": 2.0, "slice_means": slice_means,
-                       "ssim_outlier": float(opts.ssim_outlier)},
+        "ms_ssim_scales": {
+            "requested": int(opts.ms_ssim_scales),
+            "used": sorted({r.ms_ssim_scales for r in results}),
+            "note": "standard 5 scales need >= 176 px; 3 scales (first 3 betas rescaled) from 44 px",
+        },
+        "similarity": {
+            "whole_image": True,
+            "data_range": 2.0,
+            "slice_means": slice_means,
+            "ssim_outlier": float(opts.ssim_outlier),
+        },
         "metrics_skipped": extra.skipped,
         "selection": choice,
         "classification": cls_section,
@@ -771,7 +926,9 @@ def _print_summary(summary: Mapping[str, float], choice: Mapping[str, Any]) -> N
         from rich.table import Table
     except ImportError:  # pragma: no cover
         return
-    t = Table(title=f"Guided translation toward CN (volume reduction {choice['model_reduction']!r}, chosen on val)")
+    t = Table(
+        title=f"Guided translation toward CN (volume reduction {choice['model_reduction']!r}, chosen on val)"
+    )
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in summary.items():

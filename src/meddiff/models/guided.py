@@ -65,7 +65,11 @@ class TranslateConfig:
                 "~3 = the seed's healthy translation)."
             )
         T = int(num_train_timesteps)
-        if isinstance(self.t_start, bool) or int(self.t_start) != self.t_start or not 0 <= int(self.t_start) < T:
+        if (
+            isinstance(self.t_start, bool)
+            or int(self.t_start) != self.t_start
+            or not 0 <= int(self.t_start) < T
+        ):
             raise ConfigError(
                 f"t_start={self.t_start!r} is outside [0, {T}); pick an integer inversion depth, e.g. {T // 2}."
             )
@@ -151,7 +155,9 @@ class GuidedDiffusion(DiffusionModule):
                 f"model.cond_drop_prob={cond_drop_prob!r} must be in [0, 1] (FIELD-NOTES: 0.1-0.35)."
             )
         self.cond_drop_prob = p
-        self.translate_cfg: TranslateConfig = _dataclass_from(TranslateConfig, _as_dict(translate), "model.translate")
+        self.translate_cfg: TranslateConfig = _dataclass_from(
+            TranslateConfig, _as_dict(translate), "model.translate"
+        )
         self.translate_cfg.validate(self.schedule.num_train_timesteps, self.num_classes)
         if int(val_score_batches) < 0:
             raise ConfigError(f"model.val_score_batches={val_score_batches!r} must be >= 0.")
