@@ -28,6 +28,10 @@ demo: install
 	$(PY) -m meddiff.train experiment=demo hydra.run.dir=logs/demo/latest $(DEMO_ARGS)
 	@echo "Report, figures and checkpoints: logs/demo/latest/ (report.json, roc.png, anomaly_grid.png)"
 
+demo-ct: install
+	$(PY) -m meddiff.train experiment=demo_ct hydra.run.dir=logs/demo_ct/latest $(DEMO_ARGS)
+	@echo "Report, figures and checkpoints: logs/demo_ct/latest/ (report.json, ct_segmentation.png, subtype_auroc.png)"
+
 demo-denoise: install
 	$(PY) -m meddiff.train experiment=demo_denoise hydra.run.dir=logs/demo_denoise/latest $(DEMO_ARGS)
 

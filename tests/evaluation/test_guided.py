@@ -19,6 +19,7 @@ from meddiff.data.synthetic_mri import write_synthetic_adni
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
 from meddiff.evaluation import guided as ev
+from meddiff.metrics.image_quality import image_scores, ms_ssim, ms_ssim_scales
 from meddiff.models.guided import GuidedDiffusion
 
 FAST = {"n_boot": 50, "volume_plots": True, "batch_size": 64}
@@ -125,7 +126,7 @@ def test_counterfactual_that_changes_the_head_lowers_ssim_and_lists_outliers(dm,
         )
     rows = read_csv(tmp_path / "slice_metrics.csv")
     assert report["summary"]["ssim_mean"] < 0.9 and report["summary"]["n_volumes"] == 2
-    assert report["ms_ssim_scales"]["used"] == [2]  # 3 requested; 16 px slices fit only 2 (11-px window)
+    assert report["ms_ssim_scales"]["used"] == [min(3, ms_ssim_scales(16, 16))]  # 16 px fits fewer than 3
     assert {r["class"] for r in rows} == {"CN", "EMCI"}  # the cap interleaves classes
     out = read_csv(tmp_path / "outlier_slices.csv")
     ssims = [float(r["ssim"]) for r in out]
@@ -133,6 +134,29 @@ def test_counterfactual_that_changes_the_head_lowers_ssim_and_lists_outliers(dm,
     assert len(out) == sum(float(r["ssim"]) < 0.99 for r in rows)
     assert all(float(r["score"]) > 0 for r in rows)
     assert not (tmp_path / "volumes").exists()
+
+
+def test_per_slice_metrics_match_the_metric_functions_at_48_px() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 1, 48, 48, generator=g) * 2 - 1
+    masks = torch.zeros(5, 1, 48, 48, dtype=torch.bool)
+    masks[:, :, 8:40, 8:40] = True
+    data = ev.VolumeData(images, masks, np.zeros(5, dtype=np.int64), np.arange(5))
+    model = make_model(Darken())
+    opts = ev.GuidedEvalOptions(batch_size=2)  # batches of 2: results must not depend on batching
+    res = ev.translate_volume(model, ev.VolumeSource("v", 5, lambda: data), model.translate_cfg, opts, "cpu")
+    healthy = model.healthy_counterfactual(images)
+    assert res.ms_ssim_scales == 3 == ms_ssim_scales(48, 48)
+    np.testing.assert_allclose(res.metrics["ms_ssim"], ms_ssim(images, healthy, scales=3).numpy(), atol=1e-5)
+    q = image_scores(images, healthy, max_psnr=100.0)
+    np.testing.assert_allclose(res.metrics["ssim"], q["ssim"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(res.metrics["psnr"], q["psnr"].numpy(), atol=1e-4)
+    inside = ((images - healthy).abs() * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3))
+    np.testing.assert_allclose(res.score, inside.numpy(), atol=1e-5)  # mean |x - h| inside the brain mask
+    np.testing.assert_allclose(
+        res.baseline, ((images * masks).sum((1, 2, 3)) / masks.sum((1, 2, 3))).numpy(), atol=1e-5
+    )
+    assert res.ids == [f"v:0:{i}" for i in range(5)]
 
 
 # ------------------------------------------------------------------------------------------ inputs

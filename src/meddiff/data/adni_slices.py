@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from meddiff.data import nifti_io
+from meddiff.data.loaders import dict_loader
 from meddiff.errors import ConfigError, DataError
 
 __all__ = [
@@ -882,14 +883,12 @@ class ADNISliceDataModule(L.LightningDataModule):
     def _loader(self, ds: ADNISliceDataset | None, shuffle: bool, name: str) -> DataLoader:
         if ds is None:
             raise DataError(f"{name} dataset is not built; call setup() with the matching stage first")
-        return DataLoader(
+        return dict_loader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:

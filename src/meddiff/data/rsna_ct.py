@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from meddiff.data.cache import Processed, SliceCache, build_cache, cache_path
 from meddiff.data.ct_transforms import WindowSpec, preprocess_hu, resolve_windows
 from meddiff.data.dicom_io import read_dicom
+from meddiff.data.loaders import dict_loader
 from meddiff.data.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels
 from meddiff.errors import ConfigError, DataError
 
@@ -477,10 +478,8 @@ class RSNACTDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         if name not in self.datasets:
             raise DataError(f"call setup() before asking for the {name} loader.")
-        return DataLoader(
-            self.datasets[name], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, drop_last=False,
-        )
+        return dict_loader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

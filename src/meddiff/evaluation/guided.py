@@ -451,7 +451,7 @@ def translate_volume(
     if not torch.isfinite(images).all():
         raise DataError(f"{source.name or source.volume_id}: slices hold NaN/inf values.")
     h, w = images.shape[-2:]
-    scales = 1
+    scales = min(int(opts.ms_ssim_scales), ms_ssim_scales(h, w))
     cols: dict[str, list[np.ndarray]] = {"ssim": [], "psnr": [], "ms_ssim": [], "lpips": []}
     score, base, xs, hs = [], [], [], []
     worst: list[tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
