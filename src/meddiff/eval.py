@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from meddiff.anomaly.evaluate import EvalOptions, evaluate_anomaly_detection
-from meddiff.errors import ConfigError
+from meddiff.errors import ConfigError, DataError
 from meddiff.utils.hydra_utils import CKPT_CONFIG_KEY
 from meddiff.utils.io import atomic_write_json, atomic_write_text
 
@@ -82,10 +82,17 @@ def evaluate_checkpoint(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.setup("test")
     protocol = getattr(model, "eval_protocol", "anomaly")
+    single_input = protocol != "anomaly" and bool(_plain(eval_cfg).get("input"))
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        datamodule.setup("test")
+    except DataError:
+        if not single_input:
+            raise
+        # translating one given volume needs only the data settings, not the training data
+        log.warning("Training data not available; evaluating eval.input only.")
     if protocol != "anomaly":
         # other tasks (denoising, guided translation) bring their own protocol module:
         # meddiff.evaluation.<protocol>.run(model, datamodule, eval_cfg, out_dir, device) -> report with "summary"
@@ -176,6 +183,9 @@ def print_report(report: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
 def _hydra_main(cfg: DictConfig) -> None:
     overrides = OmegaConf.create({k: cfg[k] for k in ("data", "model", "eval") if k in cfg})
+    shortcuts = {k: cfg.get(k) for k in ("input", "guidance_scale", "t_start") if cfg.get(k) is not None}
+    if shortcuts:
+        overrides = OmegaConf.merge(overrides, {"eval": shortcuts})
     evaluate_checkpoint(cfg.ckpt_path, cfg.paths.output_dir, overrides=overrides)
 
 

@@ -39,7 +39,7 @@ def batch(b: int = 3, size: int = 16, seed: int = 0) -> dict:
 
 
 def test_net_input_concatenates_x_t_and_cond():
-    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20))
+    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sample_steps=5)
     b = batch()
     x_t = torch.randn_like(b["image"])
     inp = m.net_input(x_t, b)
@@ -81,7 +81,8 @@ def test_denoise_is_seeded_and_averages_samples():
 
 def test_cond_skip_adds_the_noisy_image_to_the_output():
     net = tiny_net()
-    m = ConditionalDiffusion(net=net, schedule=NoiseSchedule(20, prediction_type="sample"), cond_skip=True)
+    m = ConditionalDiffusion(net=net, schedule=NoiseSchedule(20, prediction_type="sample"), cond_skip=True,
+                             sample_steps=5)
     b = batch()
     x = m.net_input(torch.randn_like(b["image"]), b)
     t = torch.zeros(3, dtype=torch.long)
@@ -95,7 +96,7 @@ def test_cond_skip_adds_the_noisy_image_to_the_output():
 def test_training_reduces_loss_and_validation_logs_psnr():
     torch.manual_seed(0)
     m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20, prediction_type="sample"), loss="l1",
-                             cond_skip=True, ema_decay=0, val_sample_steps=2,
+                             cond_skip=True, ema_decay=0, val_sample_steps=2, sample_steps=5,
                              optimizer=lambda params: torch.optim.Adam(params, lr=3e-3))
     opt = m.configure_optimizers()
     b = batch(8)
@@ -107,7 +108,7 @@ def test_training_reduces_loss_and_validation_logs_psnr():
         opt.step()
     assert m.diffusion_loss(b, generator=torch.Generator().manual_seed(0)).item() < 0.7 * first
     logged = {}
-    m.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    m.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
     m.eval()
     m.validation_step(b, 0)
     assert {"val/loss", "val/psnr", "val/ssim", "val/psnr_noisy"} <= set(logged)
@@ -134,11 +135,11 @@ def test_training_reduces_loss_and_validation_logs_psnr():
 def test_bad_config_raises_a_clear_config_error(kw, match):
     net = tiny_net(kw.pop("net_channels", 2))
     with pytest.raises(ConfigError, match=match):
-        ConditionalDiffusion(net=net, schedule=NoiseSchedule(20), **kw)
+        ConditionalDiffusion(net=net, schedule=NoiseSchedule(20), **{"sample_steps": 5, **kw})
 
 
 def test_cond_with_wrong_channels_is_a_data_error():
-    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20)).eval()
+    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sample_steps=5).eval()
     with pytest.raises(DataError, match=r"\[B, 1, H, W\]"):
         m.denoise(torch.zeros(2, 2, 16, 16))
 

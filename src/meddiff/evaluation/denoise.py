@@ -91,6 +91,7 @@ class DenoiseEvalOptions:
     n_slices_out: int = 3
     write_tiff: bool = True
     write_nifti: bool = True
+    figures: bool = True  # metric-vs-noise plots and the example grid (PNG)
     seed: int = 0
     progress: bool = True
 
@@ -509,8 +510,6 @@ def _summary(results: dict[str, dict[str, dict[str, float]]], quality: dict[str,
 # ------------------------------------------------------------------------------------------------ outputs
 def _write_outputs(report: dict[str, Any], kept: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]],
                    out_dir: Path, opts: DenoiseEvalOptions) -> None:
-    from meddiff.viz.figures import save_metric_curves
-
     atomic_write_json(out_dir / "report.json", report)
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -529,12 +528,30 @@ def _write_outputs(report: dict[str, Any], kept: dict[str, dict[tuple[int, int],
                     f"{r['ssim']:.5f}"])
     atomic_write_text(out_dir / "speed.csv", buf.getvalue())
 
+    names = ["clean", *report["methods"]]
+    _write_images(kept, names, out_dir, opts)
+    if opts.figures:
+        _write_figures(report, kept, names, out_dir)
+    print_report(report)
+
+
+def _write_figures(report: dict[str, Any], kept: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]],
+                   names: list[str], out_dir: Path) -> None:
+    from meddiff.viz.figures import save_metric_curves
+
     levels = report["noise_levels"]
     for k, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("mae", "MAE")):
         series = {m: [report["results"][f"{s:g}"][m][k] for s in levels] for m in report["methods"]}
         save_metric_curves(out_dir / f"{k}_vs_noise.png", levels, series, "noise std ([-1, 1] units)", label,
                            title=f"{label} vs noise level (test patches, mean)")
-    names = ["clean", *report["methods"]]
+    ref = _reference_level(report)
+    if ref in kept and kept[ref]:
+        _save_examples(out_dir / "denoise_examples.png", kept[ref], names, report["results"][ref], ref)
+
+
+def _write_images(kept: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]], names: list[str], out_dir: Path,
+                  opts: DenoiseEvalOptions) -> None:
+    """TIFF hyperstacks per slice and NIfTI stacks per method/volume of the kept slices, per noise level."""
     for lkey, slices in kept.items():
         folder = out_dir / "images" / f"sigma{lkey}"
         if opts.write_tiff:
@@ -557,10 +574,6 @@ def _write_outputs(report: dict[str, Any], kept: dict[str, dict[tuple[int, int],
                     img = nib.Nifti1Image(vol, np.eye(4))
                     img.header["descrip"] = f"{n} slices {[s for s, _ in items]}"[:79].encode()
                     _atomic_write(folder / f"vol{v:03d}_{n}.nii.gz", lambda p, img=img: nib.save(img, str(p)))
-    ref = _reference_level(report)
-    if ref in kept and kept[ref]:
-        _save_examples(out_dir / "denoise_examples.png", kept[ref], names, report["results"][ref], ref)
-    print_report(report)
 
 
 def _reference_level(report: dict[str, Any]) -> str:

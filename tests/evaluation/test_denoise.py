@@ -1,0 +1,181 @@
+"""Denoising protocol: slice selection, NLM baseline, metrics plumbing, outputs, supervised cache, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from meddiff.data.hdf5_patches import HDF5PatchDataModule, save_as_hdf5, stitch
+from meddiff.data.nifti_io import write_synthetic_volumes
+from meddiff.diffusion import NoiseSchedule
+from meddiff.errors import ConfigError
+from meddiff.evaluation.denoise import DenoiseEvalOptions, nlm_denoise, run, select_slices, trained_noise_levels
+from meddiff.metrics.image_quality import image_scores
+from meddiff.models.conditional import ConditionalDiffusion
+from meddiff.nets import build_net
+
+NET = dict(in_channels=2, out_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
+           norm_num_groups=8, num_head_channels=8)
+
+
+@pytest.fixture(scope="module")
+def h5(tmp_path_factory):
+    d = tmp_path_factory.mktemp("denoise")
+    vols = write_synthetic_volumes(d / "nifti", n=4, shape=(32, 32, 4), seed=3)
+    return save_as_hdf5(vols, "ph", d, image_size=16, stride=16, progress=False)
+
+
+def make_dm(h5, noise_std=0.1):
+    dm = HDF5PatchDataModule(h5, noise_std=noise_std, val_fraction=0.25, test_fraction=0.25, batch_size=8)
+    dm.setup()
+    return dm
+
+
+def small_cfg(**kw):
+    cfg = dict(ddim_steps=[2, 3], ddpm=True, batch_size=8, nlm_h_factors=[0.5, 1.0], nlm_val_patches=6,
+               supervised=dict(steps=2, net=NET), n_slices_out=2, progress=False)
+    cfg.update(kw)
+    return cfg
+
+
+class NoisyOracle(torch.nn.Module):
+    """A stand-in 'model' whose denoise returns its input: every diffusion method must score like `noisy`."""
+
+    image_channels = cond_channels = 1
+
+    def __init__(self):
+        super().__init__()
+        self.schedule = NoiseSchedule(10)
+        self.calls = []
+
+    def denoise(self, cond, sampler=None, steps=None, eta=None, num_samples=None, generator=None):
+        self.calls.append((sampler, steps))
+        return cond.clamp(-1, 1)
+
+
+def test_select_slices_takes_whole_slices_evenly_spread():
+    coords = np.array([(v, s, y, 0) for v in range(3) for s in range(5) for y in range(4)])
+    assert len(select_slices(coords, None)) == 60
+    pos = select_slices(coords, 8)
+    picked = coords[pos]
+    keys = {(int(v), int(s)) for v, s in picked[:, :2]}
+    assert keys == {(0, 0), (2, 4)}  # first and last slice of the split, each complete
+    assert len(pos) == 8
+    pos = select_slices(coords, 13)  # 3 whole slices fit; never a partial one
+    assert len(pos) == 12 and len({(int(v), int(s)) for v, s in coords[pos][:, :2]}) == 3
+    one = np.array([(0, 0, y, 0) for y in range(10)])
+    assert select_slices(one, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_nlm_removes_noise_and_trained_levels():
+    g = np.random.default_rng(0)
+    clean = -np.ones((2, 1, 32, 32), np.float32)
+    clean[:, :, 8:24, 8:24] = 0.5
+    noisy = clean + 0.1 * g.standard_normal(clean.shape).astype(np.float32)
+    den = nlm_denoise(noisy, 0.1, 0.8)
+    c, n, d = (torch.from_numpy(a) for a in (clean, np.clip(noisy, -1, 1), den))
+    assert image_scores(c, d)["psnr"].mean() > image_scores(c, n)["psnr"].mean() + 6
+    assert trained_noise_levels(0.1) == [0.1]
+    assert trained_noise_levels([0.05, 0.15]) == [0.05, 0.1, 0.15]
+
+
+def test_options_reject_bad_values():
+    with pytest.raises(ConfigError, match="ddim_stepz"):
+        DenoiseEvalOptions.from_dict({"ddim_stepz": [5]})
+    with pytest.raises(ConfigError, match="eval.supervised option.*step"):
+        DenoiseEvalOptions.from_dict({"supervised": {"step": 5}})
+    with pytest.raises(ConfigError, match="no diffusion method"):
+        DenoiseEvalOptions.from_dict({"ddpm": False, "ddim_steps": []})
+    with pytest.raises(ConfigError, match="eval.mask"):
+        DenoiseEvalOptions.from_dict({"mask": "brain"})
+    with pytest.raises(ConfigError, match="noise_levels"):
+        DenoiseEvalOptions.from_dict({"noise_levels": [-0.1]})
+
+
+def test_methods_are_scored_on_the_same_patches_with_the_given_dynamic_range(h5, tmp_path):
+    dm = make_dm(h5)
+    oracle = NoisyOracle()
+    cfg = small_cfg(nlm=False, supervised={"enabled": False}, write_nifti=False, write_tiff=False, figures=False)
+    rep = run(oracle, dm, cfg, tmp_path / "a", "cpu")
+    res = rep["results"]["0.1"]
+    assert rep["methods"] == ["noisy", "ddim_2", "ddim_3", "ddpm"]
+    assert ("ddim", 2) in oracle.calls and ("ddpm", None) in oracle.calls
+    for m in ("ddim_2", "ddim_3", "ddpm"):
+        for k in ("psnr", "ssim", "mae", "slice_psnr"):
+            assert res[m][k] == pytest.approx(res["noisy"][k], abs=1e-6)
+    # the noisy PSNR is the mean over the test patches, recomputed here independently
+    ds = dm.make_dataset("test")
+    items = [ds[i] for i in range(len(ds))]
+    clean = torch.stack([it["image"] for it in items])
+    noisy = torch.stack([it["cond"] for it in items]).clamp(-1, 1)
+    assert res["noisy"]["psnr"] == pytest.approx(image_scores(clean, noisy)["psnr"].mean().item(), abs=1e-4)
+    assert rep["n_patches"] == len(ds)
+    half = run(oracle, dm, {**cfg, "dynamic_range": 1.0}, tmp_path / "b", "cpu")["results"]["0.1"]
+    assert half["noisy"]["psnr"] == pytest.approx(res["noisy"]["psnr"] - 20 * math.log10(2), abs=1e-3)
+    masked = run(oracle, dm, {**cfg, "mask": "foreground"}, tmp_path / "c", "cpu")["results"]["0.1"]
+    assert masked["noisy"]["psnr"] != pytest.approx(res["noisy"]["psnr"], abs=1e-3)
+
+
+def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
+    torch.manual_seed(0)
+    dm = make_dm(h5)
+    model = ConditionalDiffusion(net=build_net(NET), schedule=NoiseSchedule(10, beta_start=0.01, beta_end=0.5),
+                                 sample_steps=2)
+    rep = run(model, dm, small_cfg(noise_levels=[0.1, 0.2]), tmp_path, "cpu")
+    for name in ("report.json", "metrics.csv", "speed.csv", "psnr_vs_noise.png", "ssim_vs_noise.png",
+                 "mae_vs_noise.png", "denoise_examples.png"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["methods"] == ["noisy", "nlm", "supervised", "ddim_2", "ddim_3", "ddpm"]
+    assert set(saved["results"]) == {"0.1", "0.2"}
+    assert saved["nlm"]["0.1"]["chosen_on"] == "validation"
+    assert saved["nlm"]["0.1"]["h_factor"] in (0.5, 1.0)
+    assert list(saved["quality_bar"]) == ["0.1"]  # only the trained level is held to the bar
+    assert {"ddpm_beats_nlm_psnr", "ddim_within_0.5db_of_ddpm"} <= set(saved["quality_bar"]["0.1"])
+    assert all(isinstance(v, float) for v in saved["summary"].values())
+    assert "psnr/ddpm@0.1" in saved["summary"] and "psnr/nlm@0.2" in saved["summary"]
+    speed = [(r["sampler"], r["steps"]) for r in saved["speed"] if r["noise_std"] == 0.1]
+    assert speed == [("ddim", 2), ("ddim", 3), ("ddpm", 10)]
+    assert all(r["sec_per_patch"] > 0 for r in saved["speed"])
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 6 and rows[0].startswith("noise_std,method,psnr")
+    # higher noise: the noisy input gets worse
+    assert saved["results"]["0.2"]["noisy"]["psnr"] < saved["results"]["0.1"]["noisy"]["psnr"] - 3
+
+    # TIFF: pages clean, noisy, methods...; the clean page is the original slice, stitched back exactly
+    tifs = sorted((tmp_path / "images" / "sigma0.1").glob("*.tif"))
+    assert len(tifs) == 2
+    with tifffile.TiffFile(tifs[0]) as tf:
+        stack = tf.asarray()
+        labels = tf.imagej_metadata["Labels"]
+    assert labels == ["clean", *saved["methods"]] and stack.shape == (7, 32, 32)
+    v, s = (int(p[-3:]) for p in tifs[0].stem.split("_"))
+    info = dm.info
+    rows_vs = np.nonzero((info.coords[:, 0] == v) & (info.coords[:, 1] == s))[0]
+    with __import__("h5py").File(h5, "r") as f:
+        patches = f["patches"][np.sort(rows_vs)]
+    original = stitch(patches, info.coords[np.sort(rows_vs)], info.slice_shapes)[(v, s)]
+    np.testing.assert_array_equal(stack[0], original)
+    nii = nib.load(tmp_path / "images" / "sigma0.1" / f"vol{v:03d}_ddpm.nii.gz")
+    assert nii.shape == (32, 32, 2)
+
+    # the supervised baseline is cached in the run dir and reused
+    assert saved["supervised"]["cached"] is False and saved["supervised"]["steps"] == 2
+    again = run(model, dm, small_cfg(ddim_steps=[2], ddpm=False, write_tiff=False, write_nifti=False, figures=False),
+                tmp_path, "cpu")
+    assert again["supervised"]["cached"] is True
+    assert again["supervised"]["cache"] == saved["supervised"]["cache"]
+
+
+def test_bad_model_or_steps_raise_config_errors(h5, tmp_path):
+    dm = make_dm(h5)
+    with pytest.raises(ConfigError, match="denoise"):
+        run(torch.nn.Linear(1, 1), dm, small_cfg(), tmp_path, "cpu")
+    with pytest.raises(ConfigError, match=r"ddim_steps \[50\] exceed the model's T=10"):
+        run(NoisyOracle(), dm, small_cfg(ddim_steps=[50]), tmp_path, "cpu")
