@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pytest
@@ -15,7 +16,13 @@ from meddiff.data.hdf5_patches import HDF5PatchDataModule, save_as_hdf5, stitch
 from meddiff.data.nifti_io import write_synthetic_volumes
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError
-from meddiff.evaluation.denoise import DenoiseEvalOptions, nlm_denoise, run, select_slices, trained_noise_levels
+from meddiff.evaluation.denoise import (
+    DenoiseEvalOptions,
+    nlm_denoise,
+    run,
+    select_slices,
+    trained_noise_levels,
+)
 from meddiff.metrics.image_quality import image_scores
 from meddiff.models.conditional import ConditionalDiffusion
 from meddiff.nets import build_net
@@ -127,7 +134,7 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     dm = make_dm(h5)
     model = ConditionalDiffusion(net=build_net(NET), schedule=NoiseSchedule(10, beta_start=0.01, beta_end=0.5),
                                  sample_steps=2)
-    rep = run(model, dm, small_cfg(noise_levels=[0.1, 0.2]), tmp_path, "cpu")
+    run(model, dm, small_cfg(noise_levels=[0.1, 0.2]), tmp_path, "cpu")
     for name in ("report.json", "metrics.csv", "speed.csv", "psnr_vs_noise.png", "ssim_vs_noise.png",
                  "mae_vs_noise.png", "denoise_examples.png"):
         assert (tmp_path / name).is_file(), name
@@ -158,7 +165,7 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     v, s = (int(p[-3:]) for p in tifs[0].stem.split("_"))
     info = dm.info
     rows_vs = np.nonzero((info.coords[:, 0] == v) & (info.coords[:, 1] == s))[0]
-    with __import__("h5py").File(h5, "r") as f:
+    with h5py.File(h5, "r") as f:
         patches = f["patches"][np.sort(rows_vs)]
     original = stitch(patches, info.coords[np.sort(rows_vs)], info.slice_shapes)[(v, s)]
     np.testing.assert_array_equal(stack[0], original)

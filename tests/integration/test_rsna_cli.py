@@ -96,6 +96,7 @@ def test_pretrained_experiment_without_a_folder_fails_clearly(tmp_path):
 
     # a folder that is not there: the net's own error says how to get the weights
     from hydra import compose, initialize_config_dir
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from meddiff.errors import ConfigError
@@ -103,5 +104,8 @@ def test_pretrained_experiment_without_a_folder_fails_clearly(tmp_path):
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train.yaml", overrides=["experiment=rsna_pddpm_pretrained", f"net.pretrained_dir={tmp_path}/no"])
-    with pytest.raises(ConfigError, match="huggingface-cli download google/ddpm-ema-celebahq-256"):
+    with pytest.raises(InstantiationException) as info:
         instantiate(cfg.net)
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert "is missing or has no config.json" in str(info.value.__cause__)
+    assert "huggingface-cli download google/ddpm-ema-celebahq-256" in str(info.value.__cause__)

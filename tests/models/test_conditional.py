@@ -8,7 +8,7 @@ from torch import nn
 
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
-from meddiff.models.conditional import CondSkip, ConditionalDiffusion
+from meddiff.models.conditional import ConditionalDiffusion, CondSkip
 from meddiff.nets import build_net
 
 

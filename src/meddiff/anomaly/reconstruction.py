@@ -40,6 +40,7 @@ class ReconstructionConfig:
     eta: float = 0.0
     max_batch: int = 256
     seed: int = 0
+    n_noise: int = 1  # independent noise draws averaged (lowers the reconstruction's own noise on healthy tissue)
 
     def validate(self, num_train_timesteps: int, image_hw: tuple[int, int] | None = None) -> None:
         if self.method not in METHODS:
@@ -49,6 +50,8 @@ class ReconstructionConfig:
                 f"recon.t_start={self.t_start} is outside [0, {num_train_timesteps}); pick a noise level inside the "
                 f"schedule, e.g. {num_train_timesteps // 4}."
             )
+        if self.n_noise < 1:
+            raise ConfigError(f"recon.n_noise={self.n_noise} must be >= 1 (the number of noise draws averaged).")
         if self.max_batch < 1:
             raise ConfigError(f"recon.max_batch={self.max_batch} must be >= 1.")
         if image_hw is not None and self.patch_size is not None and self.patch_size > min(image_hw):
@@ -77,6 +80,22 @@ def reconstruct(
     if generator is None:
         generator = torch.Generator(device=x0.device).manual_seed(cfg.seed)
     masks = patch_masks(h, w, cfg.patch_size, cfg.stride, device=x0.device)
+    recon = torch.zeros_like(x0)
+    for _ in range(cfg.n_noise):
+        recon += _reconstruct_once(model_fn, schedule, x0, masks, cfg, generator)
+    return recon / cfg.n_noise
+
+
+def _reconstruct_once(
+    model_fn: ModelFn,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    masks: torch.Tensor,
+    cfg: ReconstructionConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One noise draw: every (image, patch) item in chunks of ``max_batch``, stitched by averaging."""
+    b, _, h, w = x0.shape
     n_patches = masks.shape[0]
     noise = make_noise(cfg.noise, x0, generator=generator)
     t_start = int(cfg.t_start)
