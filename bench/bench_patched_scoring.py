@@ -18,7 +18,7 @@ from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
 from meddiff.diffusion import NoiseSchedule
 from meddiff.nets import build_net
 
-NET = dict(channels=(32, 64, 64), attention_levels=(False, False, True), num_res_blocks=1, norm_num_groups=16)
+NET = dict(channels=(16, 32, 64), attention_levels=(False, False, True), num_res_blocks=1, norm_num_groups=16)  # the demo UNet
 
 
 def main() -> None:

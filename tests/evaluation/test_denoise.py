@@ -61,7 +61,7 @@ class NoisyOracle(torch.nn.Module):
         self.schedule = NoiseSchedule(10)
         self.calls = []
 
-    def denoise(self, cond, sampler=None, steps=None, eta=None, num_samples=None, generator=None):
+    def denoise(self, cond, sampler=None, steps=None, eta=None, num_samples=None, generator=None, progress=False):
         self.calls.append((sampler, steps))
         return cond.clamp(-1, 1)
 
@@ -72,12 +72,15 @@ def test_select_slices_takes_whole_slices_evenly_spread():
     pos = select_slices(coords, 8)
     picked = coords[pos]
     keys = {(int(v), int(s)) for v, s in picked[:, :2]}
-    assert keys == {(0, 0), (2, 4)}  # first and last slice of the split, each complete
+    assert keys == {(0, 3), (2, 1)}  # middle slices of two equal bins of the 15, each complete
     assert len(pos) == 8
     pos = select_slices(coords, 13)  # 3 whole slices fit; never a partial one
-    assert len(pos) == 12 and len({(int(v), int(s)) for v, s in coords[pos][:, :2]}) == 3
+    assert len(pos) == 12 and {(int(v), int(s)) for v, s in coords[pos][:, :2]} == {(0, 2), (1, 2), (2, 2)}
     one = np.array([(0, 0, y, 0) for y in range(10)])
     assert select_slices(one, 4).tolist() == [0, 1, 2, 3]
+    uneven = np.array([(0, s, y, 0) for s in range(6) for y in range(1 if s in (0, 5) else 5)])
+    pos = select_slices(uneven, 12)  # the most evenly spread whole slices that fit: 4 of the 6 (12 patches)
+    assert len(pos) == 12 and {int(s) for s in uneven[pos][:, 1]} == {0, 2, 3, 5}
 
 
 def test_nlm_removes_noise_and_trained_levels():
@@ -123,6 +126,8 @@ def test_methods_are_scored_on_the_same_patches_with_the_given_dynamic_range(h5,
     noisy = torch.stack([it["cond"] for it in items]).clamp(-1, 1)
     assert res["noisy"]["psnr"] == pytest.approx(image_scores(clean, noisy)["psnr"].mean().item(), abs=1e-4)
     assert rep["n_patches"] == len(ds)
+    assert rep["sampler_spread"]["0.1"]["reference"] == "ddim_2"
+    assert rep["sampler_spread"]["0.1"]["ddpm"] == 0.0  # identical outputs
     half = run(oracle, dm, {**cfg, "dynamic_range": 1.0}, tmp_path / "b", "cpu")["results"]["0.1"]
     assert half["noisy"]["psnr"] == pytest.approx(res["noisy"]["psnr"] - 20 * math.log10(2), abs=1e-3)
     masked = run(oracle, dm, {**cfg, "mask": "foreground"}, tmp_path / "c", "cpu")["results"]["0.1"]
@@ -150,6 +155,7 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     speed = [(r["sampler"], r["steps"]) for r in saved["speed"] if r["noise_std"] == 0.1]
     assert speed == [("ddim", 2), ("ddim", 3), ("ddpm", 10)]
     assert all(r["sec_per_patch"] > 0 for r in saved["speed"])
+    assert saved["sampler_spread"]["0.1"]["ddpm"] > 0  # an untrained model: samples depend on the sampler
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 6 and rows[0].startswith("noise_std,method,psnr")
     # higher noise: the noisy input gets worse

@@ -333,12 +333,12 @@ def save_subtype_auroc(
         ax.bar(x + (k - (len(methods) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3,
                label=METHOD_LABELS.get(m, m))
     for j, n in enumerate(names):
-        e = per_subtype[n]
-        if "skipped" in e:
+        if "skipped" in per_subtype[n]:
             ax.text(j, 0.52, "n/a", ha="center", fontsize=8, color="0.4")
-        ax.text(j, 0.02, f"n+={e.get('n_pos', 0)}", ha="center", fontsize=7, color="0.3")
     ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
-    ax.set_xticks(x, names, rotation=20, fontsize=8)
+    ticks = [f"{n}\n{per_subtype[n].get('n_pos', 0)} vs {per_subtype[n].get('n_healthy', 0)}" for n in names]
+    ax.set_xticks(x, ticks, fontsize=8)
+    ax.set_xlabel("subtype (slices with it vs healthy slices)", fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="AUROC (healthy vs subtype) [95% CI]",
            title=title or "Per-subtype image AUROC on the test split")
     ax.legend(fontsize=8, loc="lower right")

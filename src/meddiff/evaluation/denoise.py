@@ -151,28 +151,24 @@ def trained_noise_levels(noise_std: float | Sequence[float]) -> list[float]:
 def select_slices(coords: np.ndarray, max_patches: int | None) -> np.ndarray:
     """Positions (into ``coords``, ``[N, 4]`` rows ``(volume, slice, y, x)``) of whole slices, at most ``max_patches``.
 
-    Slices are taken evenly spread over the (volume, slice) order, so a capped run still sees the whole split;
-    if one slice alone has more than ``max_patches`` patches, its first ``max_patches`` are used. ``None`` keeps all.
+    The (volume, slice) list is cut into ``k`` equal bins and the middle slice of each bin is taken, with the
+    largest ``k`` whose slices hold at most ``max_patches`` patches: a capped run still sees the whole split, and
+    no edge slice is favoured. If even one slice has more than ``max_patches`` patches, the first ``max_patches``
+    patches of the middle slice are used. ``None`` keeps everything.
     """
     n = len(coords)
     if max_patches is None or n <= max_patches:
         return np.arange(n, dtype=np.int64)
-    keys = [(int(v), int(s)) for v, s in coords[:, :2]]
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, k in enumerate(keys):
-        groups[k].append(i)
+    for i, (v, s) in enumerate(coords[:, :2]):
+        groups[(int(v), int(s))].append(i)
     order = sorted(groups)
-    per = float(np.mean([len(groups[k]) for k in order]))
-    n_slices = max(1, int(max_patches // per))
-    picked: list[int] = []
-    for j in np.unique(np.linspace(0, len(order) - 1, min(n_slices, len(order))).round().astype(int)):
-        g = groups[order[int(j)]]
-        if len(picked) + len(g) > max_patches:
-            if not picked:
-                picked.extend(g[:max_patches])
-            break
-        picked.extend(g)
-    return np.asarray(sorted(picked), dtype=np.int64)
+    sizes = np.asarray([len(groups[k]) for k in order])
+    for k in range(min(len(order), max_patches // max(1, int(sizes.min()))), 0, -1):
+        idx = ((np.arange(k) + 0.5) * len(order) / k).astype(int)
+        if sizes[idx].sum() <= max_patches:
+            return np.asarray(sorted(i for j in idx for i in groups[order[j]]), dtype=np.int64)
+    return np.asarray(groups[order[len(order) // 2]][:max_patches], dtype=np.int64)
 
 
 def nlm_denoise(noisy: np.ndarray, sigma: float, h_factor: float, patch_size: int = 5,
@@ -280,8 +276,9 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
     """Evaluate a conditional denoising model against the noisy input, NLM and a supervised U-Net.
 
     Args:
-        model: a module with ``denoise(cond, sampler, steps, eta, num_samples, generator) -> [B, C, H, W]`` in
-            ``[-1, 1]`` (``ConditionalDiffusion``), ``schedule`` and ``image_channels``/``cond_channels``.
+        model: a module with ``denoise(cond, sampler, steps, eta, num_samples, generator, progress)`` returning
+            ``[B, C, H, W]`` in ``[-1, 1]`` (``ConditionalDiffusion``), ``schedule``, ``image_channels`` and
+            ``cond_channels``.
         datamodule: an ``HDF5PatchDataModule`` (``make_dataset(split, noise_std=...)``, ``info``,
             ``train_dataloader()``, ``noise_std``).
         eval_cfg: ``DenoiseEvalOptions`` fields as a dict (``configs/eval/denoise.yaml``).
@@ -355,6 +352,7 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
     results: dict[str, dict[str, dict[str, float]]] = {}
     nlm_choice: dict[str, Any] = {}
     speed: list[dict[str, Any]] = []
+    spreads: dict[str, dict[str, Any]] = {}
     kept_images: dict[str, dict[tuple[int, int], dict[str, np.ndarray]]] = {}
     for li, level in enumerate(levels):
         lkey = f"{level:g}"
@@ -367,10 +365,12 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
         ds = Subset(datamodule.make_dataset("test", noise_std=level), positions.tolist())
         loader = DataLoader(ds, batch_size=opts.batch_size, shuffle=False, num_workers=0)
         per_patch: dict[str, dict[str, list[np.ndarray]]] = {m: defaultdict(list) for m in methods}
+        spread: dict[str, list[float]] = defaultdict(list)  # mean |method - first diffusion method| per batch
         seconds: dict[str, float] = defaultdict(float)
         stitcher = _SliceStitcher(sel_coords, info.slice_shapes, keep)
-        bar = tqdm(loader, desc=f"denoise sigma={level:g}", leave=False, disable=not opts.progress)
-        for bi, batch in enumerate(bar):
+        bar = tqdm(total=len(loader) * len(methods), desc=f"denoise sigma={level:g}", unit="method x batch",
+                   leave=False, disable=not opts.progress)
+        for bi, batch in enumerate(loader):
             clean = batch["image"].to(device)
             cond = batch["cond"].to(device)
             mask = _mask_for(clean, opts)
@@ -392,12 +392,17 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
                     gen = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + li * 10_007 + bi)
                     sampler, steps = ("ddpm", None) if m == "ddpm" else ("ddim", int(m.split("_")[1]))
                     pred = model.denoise(cond, sampler=sampler, steps=steps, eta=opts.eta,
-                                         num_samples=opts.num_samples, generator=gen)
+                                         num_samples=opts.num_samples, generator=gen,
+                                         progress=opts.progress and m == "ddpm")
                 _sync(device)
                 seconds[m] += time.perf_counter() - t0
+                bar.update(1)
                 preds[m] = pred
                 for k, v in _scores(clean, pred, mask, opts.dynamic_range).items():
                     per_patch[m][k].append(v)
+            diffusion = [m for m in methods if m.startswith("ddim_") or m == "ddpm"]
+            for m in diffusion[1:]:
+                spread[m].append(float((preds[m] - preds[diffusion[0]]).abs().mean()) * clean.shape[0])
             images = {"clean": clean.cpu().numpy()[:, 0], **{m: p.cpu().numpy()[:, 0] for m, p in preds.items()}}
             stitcher.add(batch["coords"].numpy(), images, opts)
         bar.close()
@@ -413,6 +418,9 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
             row["sec_per_patch"] = seconds[m] / max(n, 1)
             res[m] = row
         results[lkey] = res
+        ref_m = next(m for m in methods if m.startswith("ddim_") or m == "ddpm")
+        spreads[lkey] = {"reference": ref_m, **{m: sum(v) / max(n, 1) for m, v in spread.items()},
+                         "mae_of_reference": res[ref_m]["mae"]}
         kept_images[lkey] = stitcher.kept
         for m in methods:
             if m.startswith("ddim_") or m == "ddpm":
@@ -442,6 +450,9 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
         "nlm": nlm_choice,
         "supervised": supervised_info,
         "speed": speed,
+        # mean |x - x_ref| between the diffusion methods' outputs (same seeds): ~0 means the samples hardly depend
+        # on the sampler / starting noise (the model acts as a posterior-mean regressor); compare with the MAE
+        "sampler_spread": spreads,
         "quality_bar": quality,
         "summary": _summary(results, quality),
     }
