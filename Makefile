@@ -48,8 +48,10 @@ lint: install
 	$(PY) -m ruff check src tests bench scripts
 
 bench: install
-	$(PY) bench/bench_training_step.py
-	$(PY) bench/bench_patched_scoring.py
+	$(PY) -m bench.bench_training_step --ema
+	$(PY) -m bench.bench_patched_scoring --images 16 --size 28 --patch 14 --stride 7
+	$(PY) -m bench.bench_patched_scoring --images 8 --size 64 --patch 32 --stride 16
+	$(PY) bench/bench_rsna_cache.py
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache
