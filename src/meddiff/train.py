@@ -82,6 +82,8 @@ def _finish_wandb(loggers: list) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
 def _hydra_main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     metrics = train(cfg)
     value = metrics.get(cfg.get("optimized_metric", ""))
     return None if value is None else float(value)
