@@ -366,8 +366,8 @@ def _per_subtype_csv(per_subtype: Mapping[str, Mapping[str, Any]]) -> str:
 def _scores_csv(items: Mapping[str, Any], names: Sequence[str]) -> str:
     n = len(items["label"])
     sub = _np(items["subtypes"]) if items.get("subtypes") is not None else np.zeros((n, 0))
-    ids = items.get("id") or [""] * n
-    subjects = items.get("subject") or [""] * n
+    ids = items.get("id") if len(items.get("id") or []) == n else [""] * n
+    subjects = items.get("subject") if len(items.get("subject") or []) == n else [""] * n
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["id", "subject", "label", *names, "model_score", "baseline_score"])
