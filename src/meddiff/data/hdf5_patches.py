@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from meddiff.data.loaders import dict_loader
+from meddiff.data.loaders import SplitLoaders, dict_loader
 from meddiff.data.nifti_io import (
     foreground_percentiles,
     is_nifti,
@@ -864,7 +864,7 @@ def split_by_volume(
     return out
 
 
-class HDF5PatchDataModule(L.LightningDataModule):
+class HDF5PatchDataModule(SplitLoaders, L.LightningDataModule):
     """Denoising pairs from an HDF5 patch file, split by volume into train / val / test.
 
     Batches (contract dicts): ``image`` clean ``[B, 1, P, P]`` in [-1, 1], ``cond`` noisy ``[B, 1, P, P]``,
@@ -996,15 +996,3 @@ class HDF5PatchDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

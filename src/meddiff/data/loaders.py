@@ -28,3 +28,23 @@ def dict_loader(
         generator=generator,
         drop_last=False,
     )
+
+
+class SplitLoaders:
+    """Mixin for DataModules that build loaders by split name: supplies the four Lightning hooks from
+    ``self._loader(split: str, shuffle: bool)``; ``predict`` is the test split."""
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:  # pragma: no cover - provided by the DataModule
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

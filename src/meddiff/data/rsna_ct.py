@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from meddiff.data.cache import Processed, SliceCache, build_cache, cache_path
 from meddiff.data.ct_transforms import WindowSpec, preprocess_hu, resolve_windows
 from meddiff.data.dicom_io import read_dicom
-from meddiff.data.loaders import dict_loader
+from meddiff.data.loaders import SplitLoaders, dict_loader
 from meddiff.data.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels
 from meddiff.errors import ConfigError, DataError
 
@@ -259,7 +259,7 @@ def split_subjects(
     return per[["subject", "split", "n_slices", "n_positive"]]
 
 
-class RSNACTDataModule(L.LightningDataModule):
+class RSNACTDataModule(SplitLoaders, L.LightningDataModule):
     """Lightning DataModule for RSNA brain-CT hemorrhage (real Kaggle data or the synthetic stand-in).
 
     Args:
@@ -480,15 +480,3 @@ class RSNACTDataModule(L.LightningDataModule):
             raise DataError(f"call setup() before asking for the {name} loader.")
         return dict_loader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
                            num_workers=self.num_workers, pin_memory=self.pin_memory)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
