@@ -7,7 +7,7 @@ writes ``<root>/stage_2_train/ID_<hex>.dcm`` (real DICOMs with varied headers: 1
 unsigned, the 12-bit intercept quirk, multi-valued window tags, one non-square image, one truncated file),
 ``<root>/stage_2_train.csv`` (Kaggle ``ID,Label`` with a few duplicate rows), ``<root>/masks/ID_<hex>.png``
 (uint8 hemorrhage label maps, 0 = none, 1..5 = epidural, intraparenchymal, intraventricular, subarachnoid,
-subdural) and ``<root>/synthetic_info.json``. See ``meddiff.data.synthetic_ct``.
+subdural) and ``<root>/synthetic_info.json``. See ``meddiff.data.synthetic.ct``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 try:
-    from meddiff.data.synthetic_ct import write_synthetic_rsna
+    from meddiff.data.synthetic.ct import write_synthetic_rsna
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from meddiff.data.synthetic_ct import write_synthetic_rsna
+    from meddiff.data.synthetic.ct import write_synthetic_rsna
 
 from meddiff.errors import ConfigError
 

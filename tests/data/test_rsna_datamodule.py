@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from meddiff.data.formats.rsna_labels import SUBTYPES
 from meddiff.data.rsna_ct import RSNACTDataModule, split_subjects
-from meddiff.data.rsna_labels import SUBTYPES
 from meddiff.errors import ConfigError, DataError
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "data" / "rsna_ct.yaml"
@@ -110,6 +110,15 @@ def test_split_by_patient_no_overlap_and_reproducible(dm, tmp_path):
     s0 = split_subjects(per_slice, 0.2, 0.2, seed=0)
     assert s0.equals(split_subjects(per_slice.sample(frac=1.0, random_state=1), 0.2, 0.2, seed=0))
     assert any(not split_subjects(per_slice, 0.2, 0.2, seed=k)["split"].equals(s0["split"]) for k in (1, 2, 3))
+
+
+def test_split_subjects_is_pinned():
+    """The values of the pre-restructure code: a refactor must not move a patient to another split."""
+    per_slice = pd.DataFrame({"subject": [f"P{i // 3:02d}" for i in range(45)], "any": [int(i % 7 == 0) for i in range(45)]})
+    got = split_subjects(per_slice, 0.2, 0.2, seed=3)
+    assert got["split"].tolist() == ["train", "train", "val", "val", "test", "val", "train", "train", "train", "train",
+                                     "train", "train", "test", "test", "train"]
+    assert got["subject"].tolist() == [f"P{i:02d}" for i in range(15)]
 
 
 def test_split_file_is_reused_and_checked(dm, tmp_path):

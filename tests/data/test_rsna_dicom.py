@@ -8,7 +8,8 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from meddiff.data.ct_transforms import (
+from meddiff.data.formats.dicom import needs_intercept_fix, read_dicom, read_dicom_header, rescale_to_hu
+from meddiff.data.preprocess.ct_windows import (
     WINDOW_PRESETS,
     brain_fraction,
     brain_mask_from_hu,
@@ -19,7 +20,6 @@ from meddiff.data.ct_transforms import (
     window,
     window_stack,
 )
-from meddiff.data.dicom_io import needs_intercept_fix, read_dicom, read_dicom_header, rescale_to_hu
 from meddiff.errors import ConfigError, DataError
 
 CT_SMALL = get_testdata_file("CT_small.dcm")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from meddiff.data.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels, write_rsna_labels
+from meddiff.data.formats.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels, write_rsna_labels
 from meddiff.errors import DataError
 
 

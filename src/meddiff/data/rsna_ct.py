@@ -1,13 +1,9 @@
-"""RSNA Intracranial Hemorrhage (brain CT) data layer: cached dataset and a Lightning DataModule.
+"""RSNA Intracranial Hemorrhage (brain CT): the Datasets and the DataModule.
 
-Expected layout (the Kaggle download, or the synthetic generator's output)::
-
-    <root>/stage_2_train.csv            ID,Label   (ID = ID_<hex>_<subtype>, six rows per image)
-    <root>/stage_2_train/ID_<hex>.dcm   one CT slice per file
-    <root>/masks/ID_<hex>.png           optional (synthetic data): uint8 label map, > 0 = hemorrhage
-
-``prepare_data`` (rank 0) decodes every DICOM once into a preprocessing cache (:mod:`meddiff.data.cache`,
-``<cache_dir>/rsna_ct-<hash12>/``): HU with the 12-bit intercept fix, windows as channels in ``[-1, 1]``, brain
+The folder layout is :mod:`meddiff.data.formats.rsna_layout` (the Kaggle download, or
+:func:`meddiff.data.synthetic.ct.write_synthetic_rsna`'s output). ``prepare_data`` (rank 0) decodes every DICOM
+once (:class:`meddiff.data.preprocess.rsna_slices.RSNAPreprocess`) into the preprocessing cache
+(:mod:`meddiff.data.preprocess.cache`, ``<cache_dir>/rsna_ct-<hash12>/``): HU with the 12-bit intercept fix, windows as channels in ``[-1, 1]``, brain
 mask from HU, crop to the brain, resize to ``image_size``. Undecodable files are skipped and listed in the
 cache's ``skipped.csv``. ``setup`` splits by patient (``PatientID``, falling back to ``StudyInstanceUID``),
 deterministically per seed, stratified by "has any hemorrhage", and writes/reuses ``split_file``.
@@ -26,132 +22,36 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from meddiff.data.cache import Processed, SliceCache, build_cache, cache_path
-from meddiff.data.ct_transforms import WindowSpec, preprocess_hu, resolve_windows
-from meddiff.data.dicom_io import read_dicom
-from meddiff.data.loaders import SplitLoaders, dict_loader
-from meddiff.data.rsna_labels import LABEL_COLUMNS, SUBTYPES, parse_rsna_labels
+from meddiff.data.base import SplitDataModule
+from meddiff.data.formats.rsna_labels import LABEL_COLUMNS, SUBTYPES
+from meddiff.data.formats.rsna_layout import check_rsna_layout, rsna_records
+from meddiff.data.preprocess.cache import SliceCache, build_cache, cache_path
+from meddiff.data.preprocess.ct_windows import WindowSpec, resolve_windows
+from meddiff.data.preprocess.rsna_slices import RSNAPreprocess
+from meddiff.data.splits import SPLITS, split_patients_by_positive
 from meddiff.errors import ConfigError, DataError
+from meddiff.utils.io import atomic_write_csv
 
 __all__ = [
-    "SUBTYPES",
-    "RSNA_LAYOUT",
-    "RSNAPreprocess",
+    "CACHE_NAME",
     "RSNADataset",
     "RSNADicomDataset",
     "RSNACTDataModule",
-    "check_rsna_layout",
-    "rsna_records",
     "split_subjects",
 ]
 
 log = logging.getLogger(__name__)
 
-RSNA_LAYOUT = (
-    "expected <root>/stage_2_train.csv (Kaggle 'ID,Label', ID = ID_<hex>_<subtype>) and "
-    "<root>/stage_2_train/ID_<hex>.dcm; generate a synthetic one with "
-    "`python scripts/make_synthetic_rsna.py --root <root>` or set data.synthetic=true"
-)
 CACHE_NAME = "rsna_ct"
 _STR_COLUMNS = ("subject", "patient_id", "study_uid", "series_uid", "file", "mask_file")
-
-
-def check_rsna_layout(root: str | os.PathLike) -> tuple[Path, Path]:
-    """``(csv_path, dicom_dir)`` of an RSNA root; :class:`DataError` naming the missing path otherwise."""
-    root = Path(root)
-    csv, dcm = root / "stage_2_train.csv", root / "stage_2_train"
-    for p in (root, csv, dcm):
-        if not p.exists():
-            raise DataError(f"RSNA data path {str(p)!r} does not exist; {RSNA_LAYOUT}.")
-    return csv, dcm
-
-
-def rsna_records(
-    root: str | os.PathLike, max_slices: int | None = None, seed: int = 0, with_masks: bool | None = None
-) -> list[dict[str, Any]]:
-    """Cache records (sorted by id): ``id``, ``file`` (relative path), the six labels, optional ``mask_file``.
-
-    ``max_slices`` keeps a seeded random subset (for quick runs). ``with_masks`` defaults to whether
-    ``<root>/masks`` exists.
-    """
-    csv, _ = check_rsna_layout(root)
-    labels = parse_rsna_labels(csv)
-    if max_slices is not None:
-        if int(max_slices) < 1:
-            raise ConfigError(f"max_slices={max_slices} must be >= 1 (or null for all slices).")
-        if max_slices < len(labels):
-            keep = np.sort(np.random.default_rng(seed).choice(len(labels), int(max_slices), replace=False))
-            labels = labels.iloc[keep]
-    if with_masks is None:
-        with_masks = (Path(root) / "masks").is_dir()
-    records = []
-    for image_id, row in zip(labels.index.tolist(), labels.to_numpy(dtype=np.int64).tolist()):
-        rec: dict[str, Any] = {"id": image_id, "file": f"stage_2_train/{image_id}.dcm"}
-        rec.update(zip(LABEL_COLUMNS, row))
-        if with_masks:
-            rec["mask_file"] = f"masks/{image_id}.png"
-        records.append(rec)
-    return records
-
-
-@dataclass(frozen=True)
-class RSNAPreprocess:
-    """Picklable ``record -> Processed`` for the cache: DICOM -> HU -> windows/brain mask/crop/resize.
-
-    Arrays: ``image`` float16 ``[C, S, S]`` in ``[-1, 1]``, ``brain_mask`` bool ``[1, S, S]`` and, when
-    ``with_masks``, ``mask`` bool ``[1, S, S]``. Meta: subject, patient/study/series ids, z, rows, cols,
-    intercept_fixed, brain_fraction (of the original slice; near-empty filtering happens at setup).
-    """
-
-    root: str
-    windows: tuple[tuple[str, float, float], ...]
-    image_size: int
-    crop_to_brain: bool = True
-    with_masks: bool = False
-
-    def load(self, record: Mapping[str, Any]) -> tuple[Any, np.ndarray | None]:
-        """Decode the record's DICOM (and its lesion label map when ``with_masks``)."""
-        sl = read_dicom(Path(self.root) / record["file"])
-        lesion = None
-        if self.with_masks:
-            mpath = Path(self.root) / record["mask_file"]
-            try:
-                lesion = np.asarray(Image.open(mpath))
-            except OSError as e:
-                raise DataError(f"cannot read lesion mask {str(mpath)!r}: {e}") from e
-        return sl, lesion
-
-    def __call__(self, record: Mapping[str, Any]) -> Processed:
-        sl, lesion = self.load(record)
-        out = preprocess_hu(
-            sl.hu, [(c, w) for _, c, w in self.windows], self.image_size, self.crop_to_brain, lesion_mask=lesion
-        )
-        arrays = {"image": out["image"].astype(np.float16), "brain_mask": out["brain_mask"]}
-        if lesion is not None:
-            arrays["mask"] = out["mask"]
-        meta = {
-            "subject": sl.subject or str(record["id"]),
-            "patient_id": sl.patient_id,
-            "study_uid": sl.study_uid,
-            "series_uid": sl.series_uid,
-            "z": sl.z,
-            "rows": sl.shape[0],
-            "cols": sl.shape[1],
-            "intercept_fixed": sl.intercept_fixed,
-            "brain_fraction": round(out["brain_fraction"], 6),
-        }
-        return Processed(arrays, meta)
 
 
 def _item(
@@ -223,17 +123,11 @@ class RSNADicomDataset(Dataset):
                      str(out.meta["subject"]))
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ConfigError(
-            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) with a sum < 1."
-        )
-
-
 def split_subjects(
     subjects: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
 ) -> pd.DataFrame:
-    """Assign subjects to train/val/test, stratified by whether they have any hemorrhage slice.
+    """Assign subjects to train/val/test, stratified by whether they have any hemorrhage slice
+    (:func:`meddiff.data.splits.split_patients_by_positive`).
 
     Args:
         subjects: one row per slice with columns ``subject`` and ``any``.
@@ -241,29 +135,14 @@ def split_subjects(
         one row per subject: ``subject``, ``split`` ('train'/'val'/'test'), ``n_slices``, ``n_positive``;
         deterministic for a given set of subjects and seed.
     """
-    _check_fractions(val_fraction, test_fraction)
-    per = subjects.groupby("subject")["any"].agg(n_slices="size", n_positive="sum").reset_index()
-    per = per.sort_values("subject").reset_index(drop=True)
-    per["split"] = "train"
-    for stratum, has_pos in enumerate((False, True)):
-        idx = per.index[(per["n_positive"] > 0) == has_pos].to_numpy()
-        idx = idx[np.random.default_rng([seed, stratum]).permutation(idx.size)]
-        n_test = int(round(test_fraction * idx.size))
-        n_val = int(round(val_fraction * idx.size))
-        if idx.size >= 3:  # keep every split populated when the stratum allows it
-            n_test = max(n_test, 1 if test_fraction > 0 else 0)
-            n_val = max(n_val, 1 if val_fraction > 0 else 0)
-        n_test, n_val = min(n_test, idx.size), min(n_val, max(idx.size - n_test, 0))
-        per.loc[idx[:n_test], "split"] = "test"
-        per.loc[idx[n_test : n_test + n_val], "split"] = "val"
-    return per[["subject", "split", "n_slices", "n_positive"]]
+    return split_patients_by_positive(subjects, val_fraction, test_fraction, seed)
 
 
-class RSNACTDataModule(SplitLoaders, L.LightningDataModule):
+class RSNACTDataModule(SplitDataModule):
     """Lightning DataModule for RSNA brain-CT hemorrhage (real Kaggle data or the synthetic stand-in).
 
     Args:
-        root: data folder (see :data:`RSNA_LAYOUT`).
+        root: data folder (layout: :mod:`meddiff.data.formats.rsna_layout`).
         cache_dir: where caches live (default ``<root>/cache``).
         image_size: output side ``S`` (crop to the brain, then resize).
         windows: window presets / ``[center, width]`` pairs; one channel each (e.g. ``[brain]`` or
@@ -276,7 +155,7 @@ class RSNACTDataModule(SplitLoaders, L.LightningDataModule):
         max_slices: cap on the number of slices (seeded random subset) for quick runs; null = all.
         synthetic: when ``root`` has no ``stage_2_train.csv``, write a synthetic dataset there first.
         synthetic_patients, synthetic_slices_per_patient, synthetic_image_size, synthetic_hemorrhage_fraction,
-            synthetic_seed: generator settings (:func:`meddiff.data.synthetic_ct.write_synthetic_rsna`).
+            synthetic_seed: generator settings (:func:`meddiff.data.synthetic.ct.write_synthetic_rsna`).
         split_file: CSV of the patient split; written when absent, reused when present (so a later eval sees the
             same split). Default ``<cache folder>/split_seed<seed>_val<v>_test<t>.csv``.
         cache_workers: processes for the one-time cache build (default: CPU count, at most 16).
@@ -312,24 +191,19 @@ class RSNACTDataModule(SplitLoaders, L.LightningDataModule):
         train_healthy_only: bool = True,
         progress: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
+                         val_fraction=val_fraction, test_fraction=test_fraction)
         self.save_hyperparameters(logger=False)
         if int(image_size) < 8:
             raise ConfigError(f"image_size={image_size} is too small; use >= 8 (e.g. 96, 128 or 256).")
         if not 0.0 <= float(min_brain_fraction) < 1.0:
             raise ConfigError(f"min_brain_fraction={min_brain_fraction} must be in [0, 1).")
-        if int(batch_size) < 1:
-            raise ConfigError(f"batch_size={batch_size} must be >= 1.")
         self.root = Path(root)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "cache"
         self.image_size = int(image_size)
         self.windows = tuple(resolve_windows(windows))
         self.min_brain_fraction = float(min_brain_fraction)
         self.crop_to_brain = bool(crop_to_brain)
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
-        _check_fractions(self.val_fraction, self.test_fraction)
-        self.seed = int(seed)
-        self.batch_size, self.num_workers, self.pin_memory = int(batch_size), int(num_workers), bool(pin_memory)
         self.max_slices = None if max_slices is None else int(max_slices)
         self.synthetic = bool(synthetic)
         self.synthetic_args = dict(
@@ -395,7 +269,7 @@ class RSNACTDataModule(SplitLoaders, L.LightningDataModule):
     def prepare_data(self) -> None:
         """Generate synthetic data if asked and absent, then build (or resume) the cache. Runs on rank 0."""
         if self.synthetic and not (self.root / "stage_2_train.csv").is_file():
-            from meddiff.data.synthetic_ct import write_synthetic_rsna
+            from meddiff.data.synthetic.ct import write_synthetic_rsna
 
             log.info("writing synthetic RSNA data to %s (%s)", self.root, self.synthetic_args)
             write_synthetic_rsna(self.root, **self.synthetic_args)
@@ -456,7 +330,7 @@ class RSNACTDataModule(SplitLoaders, L.LightningDataModule):
             saved = pd.read_csv(path, dtype={"subject": str, "split": str})
             if not {"subject", "split"} <= set(saved.columns):
                 raise DataError(f"split file {str(path)!r} lacks the columns 'subject' and 'split'; delete it.")
-            bad = set(saved["split"]) - {"train", "val", "test"}
+            bad = set(saved["split"]) - set(SPLITS)
             if bad:
                 raise DataError(f"split file {str(path)!r} has unknown split names {sorted(bad)}.")
             missing = sorted(set(index["subject"]) - set(saved["subject"]))
@@ -468,15 +342,10 @@ class RSNACTDataModule(SplitLoaders, L.LightningDataModule):
             log.info("RSNA: reusing patient split %s", path)
             return saved
         splits = split_subjects(index[["subject", "any"]], self.val_fraction, self.test_fraction, self.seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        splits.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        atomic_write_csv(path, splits)
         log.info("RSNA: wrote patient split %s (%s)", path, splits["split"].value_counts().to_dict())
         return splits
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        if name not in self.datasets:
-            raise DataError(f"call setup() before asking for the {name} loader.")
-        return dict_loader(self.datasets[name], batch_size=self.batch_size, shuffle=shuffle,
-                           num_workers=self.num_workers, pin_memory=self.pin_memory)
+    def build_dataset(self, split: str) -> RSNADataset:
+        """Datasets come from :meth:`setup` (cache, split and filters at once); asking before it is an error."""
+        raise DataError(f"call setup() before asking for the {split} split (or its loader).")

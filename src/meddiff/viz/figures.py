@@ -1,14 +1,14 @@
 """Headless figures (matplotlib object API on the Agg canvas; pyplot and its global backend are never touched).
 
-Every ``save_*`` writes atomically: the figure goes to a temporary file in the target folder, then
-``os.replace`` moves it into place, so a reader never sees a half-written image. The format follows the
-extension of ``path`` (``.png`` recommended; ``.pdf``/``.svg`` work too). Parent folders are created.
+Every ``save_*`` writes through :func:`save_figure`, i.e. atomically with :func:`meddiff.utils.io.atomic_write`
+(temporary file in the target folder, then ``os.replace``; mode 0644), so a reader never sees a half-written
+image. The format follows the extension of ``path`` (``.png`` recommended; ``.pdf``/``.svg`` work too). Parent
+folders are created.
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from meddiff.errors import DataError
+from meddiff.utils.io import atomic_write
 
-__all__ = ["save_anomaly_grid", "save_roc_pr", "save_metric_curves", "roc_curve", "pr_curve"]
+__all__ = [
+    "save_anomaly_grid",
+    "save_roc_pr",
+    "save_metric_curves",
+    "roc_curve",
+    "pr_curve",
+    "save_figure",
+    "to_numpy",
+]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _np(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """torch tensor / array-like -> numpy (detached, on CPU, float32 unless bool)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu()
@@ -34,23 +43,13 @@ def _np(x: Any) -> np.ndarray:
     return a if a.dtype == bool else a.astype(np.float32)
 
 
-def _save(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Write ``fig`` to ``path`` atomically and return the path."""
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically (format from the extension, default png; tight bounding box); returns
+    the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    FigureCanvasAgg(fig)
-    # A unique sibling name opened with "xb" (not mkstemp, whose 0600 mode would stick to the final file).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    FigureCanvasAgg(fig)  # attach the Agg canvas: no pyplot, no global backend
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
 
 
 def _to_display(img: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -95,7 +94,7 @@ def save_anomaly_grid(
         n_rows: maximum number of rows.
     Returns the written path.
     """
-    imgs, recs, mps = _np(images), _np(recons), _np(maps)
+    imgs, recs, mps = to_numpy(images), to_numpy(recons), to_numpy(maps)
     if mps.ndim == 3:
         mps = mps[:, None]
     if imgs.ndim != 4 or recs.shape != imgs.shape or mps.ndim != 4 or mps.shape[0] != imgs.shape[0]:
@@ -106,13 +105,13 @@ def save_anomaly_grid(
     b = imgs.shape[0]
     msk = None
     if masks is not None:
-        msk = _np(masks)
+        msk = to_numpy(masks)
         msk = msk[:, None] if msk.ndim == 3 else msk
         if msk.shape[0] != b:
             raise DataError(f"save_anomaly_grid: masks has {msk.shape[0]} items for {b} images.")
     lab = None
     if labels is not None:
-        lab = _np(labels).reshape(-1)
+        lab = to_numpy(labels).reshape(-1)
         if lab.shape[0] != b:
             raise DataError(f"save_anomaly_grid: labels has {lab.shape[0]} entries for {b} images.")
     if n_rows < 1 or b == 0:
@@ -149,13 +148,13 @@ def save_anomaly_grid(
         fig.colorbar(heat, ax=axes[:, -1].tolist(), shrink=min(1.0, 3.0 / len(rows)), label="error")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ ROC / PR
 def _check_scores(name: str, scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    s = _np(scores).astype(np.float64).reshape(-1)
-    y = _np(labels).reshape(-1)
+    s = to_numpy(scores).astype(np.float64).reshape(-1)
+    y = to_numpy(labels).reshape(-1)
     if s.shape != y.shape:
         raise DataError(f"curve {name!r}: {s.size} scores but {y.size} labels; pass one label per score.")
     if not np.isfinite(s).all():
@@ -241,7 +240,7 @@ def save_roc_pr(
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
     return summary
 
 
@@ -259,13 +258,13 @@ def save_metric_curves(
 
     ``x``: ``[N]``; ``series``: ``{name: [N]}`` (NaN leaves a gap). Returns the written path.
     """
-    xs = _np(x).astype(np.float64).reshape(-1)
+    xs = to_numpy(x).astype(np.float64).reshape(-1)
     if not series:
         raise DataError("save_metric_curves: no series given; pass {'name': values, ...}.")
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for name, values in series.items():
-        v = _np(values).astype(np.float64).reshape(-1)
+        v = to_numpy(values).astype(np.float64).reshape(-1)
         if v.shape != xs.shape:
             raise DataError(f"save_metric_curves: series {name!r} has {v.size} values for {xs.size} x values.")
         ax.plot(xs, v, marker="o" if xs.size <= 30 else None, ms=3, label=str(name))
@@ -276,4 +275,4 @@ def save_metric_curves(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

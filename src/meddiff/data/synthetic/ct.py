@@ -41,7 +41,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 from scipy import ndimage as ndi
 
-from meddiff.data.rsna_labels import LABEL_COLUMNS, SUBTYPES, write_rsna_labels
+from meddiff.data.formats.rsna_labels import LABEL_COLUMNS, SUBTYPES, write_rsna_labels
 from meddiff.errors import ConfigError
 
 __all__ = [
@@ -522,7 +522,7 @@ def write_synthetic_rsna(
     dups = tuple(table["id"].iloc[[0, len(table) // 3]].tolist()[:n_duplicate_images]) if n_duplicate_images else ()
     write_rsna_labels(labels, root / "stage_2_train.csv", duplicate_ids=dups)
     info = {
-        "generator": "meddiff.data.synthetic_ct.write_synthetic_rsna",
+        "generator": "meddiff.data.synthetic.ct.write_synthetic_rsna",
         "args": dict(n_patients=n_patients, slices_per_patient=slices_per_patient, image_size=image_size,
                      hemorrhage_fraction=hemorrhage_fraction, seed=seed),
         "mask_values": {str(k): st for k, st in enumerate(SUBTYPES, start=1)},

@@ -15,8 +15,8 @@ chunking; another hash is another folder, never reused by mistake)::
     skipped.csv                the skipped records and why
     complete                   written last: JSON with the key and counts; a cache without it is unfinished
 
-Every file is written to a temporary name and moved into place with ``os.replace`` (atomic on POSIX), so an
-interrupted build leaves only finished chunks behind; rerunning builds only the chunks the manifest lacks.
+Every file is written through :mod:`meddiff.utils.io` (a temporary name, then ``os.replace``: atomic on POSIX), so
+an interrupted build leaves only finished chunks behind; rerunning builds only the chunks the manifest lacks.
 
 A record is a mapping with a unique string ``id`` plus any scalar fields (copied into the index). A
 ``preprocess_fn`` returns either a mapping ``key -> np.ndarray`` or :class:`Processed` (arrays + scalar meta
@@ -46,6 +46,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from meddiff.errors import ConfigError, DataError
+from meddiff.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -142,36 +143,12 @@ def cache_path(
     return Path(cache_root) / f"{name}-{settings_hash(cache_key(settings, records, chunk_size))}"
 
 
-# --------------------------------------------------------------------------------------------- atomic io
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+# --------------------------------------------------------------------------------------------- writing
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    """One array file of a chunk, written atomically and fsync'd (numeric data only: no pickles)."""
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def _atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
-    _atomic_write_text(path, df.to_csv(index=False))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 @contextmanager
@@ -258,9 +235,9 @@ def _process_chunk(task: tuple[int, list[dict[str, Any]]]) -> dict[str, Any]:
             arr = (
                 np.stack(stacks[k]) if stacks.get(k) else np.zeros((0, *shape), dtype=np.dtype(dtype))
             )
-            _atomic_save_npy(_chunk_file(chunk_dir, chunk_id, f"{k}.npy"), arr)
+            _write_npy(_chunk_file(chunk_dir, chunk_id, f"{k}.npy"), arr)
             written[k] = [list(shape), np.dtype(dtype).str]
-    _atomic_write_csv(_chunk_file(chunk_dir, chunk_id, "index.csv"), pd.DataFrame(rows))
+    atomic_write_csv(_chunk_file(chunk_dir, chunk_id, "index.csv"), pd.DataFrame(rows))
     n_ok = sum(bool(r["ok"]) for r in rows)
     return {"chunk": chunk_id, "n_records": len(rows), "n_ok": n_ok, "arrays": written}
 
@@ -375,7 +352,7 @@ def build_cache(
         stored = _read_json(folder / "settings.json")
         if stored is not None and stored != json.loads(_canonical_json(key)):
             raise DataError(f"{folder} holds a cache with other settings (hash collision?); delete the folder.")
-        _atomic_write_text(folder / "settings.json", json.dumps(_jsonable(key), indent=2, sort_keys=True))
+        atomic_write_text(folder / "settings.json", json.dumps(_jsonable(key), indent=2, sort_keys=True))
 
         n_chunks = (len(recs) + chunk_size - 1) // chunk_size
         manifest = _read_json(folder / "manifest.json") or {}
@@ -402,7 +379,7 @@ def build_cache(
                   unit="rec", smoothing=0.1) as bar:
             for summary in _iter_results(tasks, init_args, num_workers, mp_context):
                 done[str(summary["chunk"])] = summary
-                _atomic_write_text(folder / "manifest.json", json.dumps({"n_chunks": n_chunks, "done": done}))
+                atomic_write_text(folder / "manifest.json", json.dumps({"n_chunks": n_chunks, "done": done}))
                 bar.update(summary["n_records"])
         elapsed = time.perf_counter() - t0
 
@@ -437,8 +414,8 @@ def _finalize(
     for c in ("kind", "reason"):
         index[c] = index[c].fillna("").astype(str)
     skipped = index[~index["ok"]]
-    _atomic_write_csv(folder / "index.csv", index)
-    _atomic_write_csv(folder / "skipped.csv", skipped)
+    atomic_write_csv(folder / "index.csv", index)
+    atomic_write_csv(folder / "skipped.csv", skipped)
     n_skip = len(skipped)
     kinds = ", ".join(f"{k}: {n}" for k, n in Counter(skipped["kind"]).most_common())
     rate = f", {n_new / elapsed:.1f} rec/s" if n_new and elapsed > 0 else ""
@@ -453,7 +430,7 @@ def _finalize(
             f"{skipped['reason'].head(3).tolist()}. Fix the data or preprocess_fn, then rerun."
         )
     marker = {"key": _jsonable(key), "n_records": len(index), "n_ok": offset, "n_skipped": n_skip, "arrays": arrays}
-    _atomic_write_text(folder / "complete", json.dumps(marker, indent=2, sort_keys=True))
+    atomic_write_text(folder / "complete", json.dumps(marker, indent=2, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -157,7 +157,7 @@ def read_dicom(path: str | os.PathLike) -> CTSlice:
     """Read one single-frame CT DICOM into HU (float32 ``[H, W]``) plus header info.
 
     Window tags in the file (``WindowCenter``/``WindowWidth``, sometimes multi-valued in RSNA) are ignored on
-    purpose: windowing uses fixed presets (:mod:`meddiff.data.ct_transforms`).
+    purpose: windowing uses fixed presets (:mod:`meddiff.data.preprocess.ct_windows`).
 
     Raises:
         DataError: missing file, not a DICOM, no or truncated pixel data, decoding failure, not a 2D slice.
