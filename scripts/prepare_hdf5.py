@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the exit code (0 ok, 1 data/config error, 2 usage error)."""
     args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else list(argv)))
 
-    from meddiff.data.hdf5_patches import inspect_hdf5, save_as_hdf5
-    from meddiff.data.nifti_io import write_synthetic_volumes
+    from meddiff.data.formats.hdf5_patches import inspect_hdf5, save_as_hdf5
+    from meddiff.data.synthetic.mri import write_synthetic_volumes
     from meddiff.errors import ConfigError, DataError
 
     inputs: list[str] = [s for item in (args.input or []) for s in item.split(",") if s]

@@ -16,18 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.data.hdf5_patches import (
-    HDF5PatchDataModule,
-    PatchDataset,
-    inspect_hdf5,
-    save_as_hdf5,
-    split_by_volume,
-    stitch,
-)
-from meddiff.data.nifti_io import write_synthetic_volumes
+from meddiff.data.formats.hdf5_patches import inspect_hdf5, save_as_hdf5
+from meddiff.data.hdf5_patches import HDF5PatchDataModule, PatchDataset, split_by_volume
+from meddiff.data.synthetic.mri import write_synthetic_volumes
 from meddiff.errors import ConfigError, DataError
+from meddiff.patches import stitch
 
-pytestmark = pytest.mark.filterwarnings("ignore::meddiff.data.nifti_io.FrameWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::meddiff.data.formats.nifti.FrameWarning")
 
 ROOT = Path(__file__).resolve().parents[2]
 NIB_DATA = Path(os.path.dirname(nib.__file__)) / "tests" / "data"
@@ -270,14 +265,14 @@ def test_denoised_predictions_stitch_back_per_split(multi_h5):
     assert all(img.min() >= -1 and img.max() <= 1 for img in sl.values())
 
 
-def test_make_dataset_at_another_noise_level(multi_h5):
+def test_noisy_dataset_at_another_noise_level(multi_h5):
     dm = HDF5PatchDataModule(multi_h5, noise_std=0.1, val_fraction=0.2, test_fraction=0.2)
     dm.setup()
-    ds = dm.make_dataset("test", noise_std=0.3)
+    ds = dm.noisy_dataset("test", noise_std=0.3)
     assert len(ds) == len(dm.datasets["test"]) and ds.deterministic_noise
     assert ds[0]["noise_std"].item() == pytest.approx(0.3)
     with pytest.raises(ConfigError):
-        dm.make_dataset("holdout")
+        dm.noisy_dataset("holdout")
 
 
 def test_prepare_data_builds_synthetic_file(tmp_path):
@@ -407,3 +402,34 @@ def test_cli_flags_errors_and_unknown_keys(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["name=x", "colour=blue"])
     assert cli.main(["name=x", f"targetdir={tmp_path}"]) == 2  # no input
+
+
+def test_split_is_the_shared_subject_split_with_todays_numbers():
+    from meddiff.data.splits import split_groups
+
+    names = [f"sub-{i // 2}_v{i % 2}" for i in range(14)]
+    # pinned before the split moved to meddiff.data.splits: same seed, same volumes per split
+    assert split_by_volume(names, 0.2, 0.2, seed=0, subject_regex=r"^(sub-\d+)") == {
+        "train": [0, 1, 2, 3, 6, 7, 10, 11, 12, 13], "val": [8, 9], "test": [4, 5]}
+    assert split_by_volume(names, 0.1, 0.3, seed=0) == {
+        "train": [1, 6, 7, 8, 9, 10, 11, 12, 13], "val": [4], "test": [0, 2, 3, 5]}
+    assert split_by_volume(names, 0.2, 0.2, seed=5) == split_groups(names, 0.2, 0.2, seed=5)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        HDF5PatchDataModule("unused.h5", val_fraction=0.6, test_fraction=0.5)  # checked once, at construction
+
+
+def test_datamodule_is_a_split_datamodule_and_noisy_dataset_matches_its_splits(multi_h5):
+    from meddiff.data.base import SplitDataModule
+
+    dm = HDF5PatchDataModule(multi_h5, noise_std=0.1, val_fraction=0.2, test_fraction=0.2, seed=3, batch_size=64)
+    assert isinstance(dm, SplitDataModule)
+    for split in ("train", "val", "test"):
+        ds, same = dm.dataset(split), dm.noisy_dataset(split)
+        assert ds.volumes == same.volumes == dm.splits[split]
+        np.testing.assert_array_equal(same.coords, dm.info.coords[same.rows])
+        assert set(same.coords[:, 0].tolist()) == set(dm.splits[split])
+        if split != "train":  # val/test noise: the same per patch, whichever way the dataset was made
+            assert torch.equal(ds[3]["cond"], same[3]["cond"])
+            louder = dm.noisy_dataset(split, noise_std=0.3)  # another level: the same noise draw, scaled
+            torch.testing.assert_close(louder[3]["cond"] - louder[3]["image"], 3 * (same[3]["cond"] - same[3]["image"]))
+    assert dm.split_names()["test"] == [dm.info.names[v] for v in dm.splits["test"]]

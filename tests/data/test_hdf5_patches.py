@@ -12,20 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import meddiff.data.hdf5_patches as hp
-from meddiff.data.hdf5_patches import (
-    SkippedVolumeWarning,
-    inspect_hdf5,
-    patch_grid,
-    patch_starts,
-    save_as_hdf5,
-    stitch,
-    stitch_volumes,
-)
-from meddiff.data.nifti_io import FrameWarning, load_volume, robust_normalise
+import meddiff.data.formats.hdf5_patches as hp
+from meddiff.data.formats.hdf5_patches import SkippedVolumeWarning, inspect_hdf5, save_as_hdf5
+from meddiff.data.formats.nifti import FrameWarning, load_volume, robust_normalise
 from meddiff.errors import ConfigError, DataError
+from meddiff.patches import patch_grid, patch_starts, stitch, stitch_volumes
 
-pytestmark = pytest.mark.filterwarnings("ignore::meddiff.data.nifti_io.FrameWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::meddiff.data.formats.nifti.FrameWarning")
 
 NIB_DATA = Path(os.path.dirname(nib.__file__)) / "tests" / "data"
 EXAMPLE4D = NIB_DATA / "example4d.nii.gz"

@@ -12,20 +12,23 @@ import pytest
 import tifffile
 import torch
 
-from meddiff.data.hdf5_patches import HDF5PatchDataModule, save_as_hdf5, stitch
-from meddiff.data.nifti_io import write_synthetic_volumes
+from meddiff.data.formats.hdf5_patches import save_as_hdf5
+from meddiff.data.hdf5_patches import HDF5PatchDataModule
+from meddiff.data.synthetic.mri import write_synthetic_volumes
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError
-from meddiff.evaluation.denoise import (
+from meddiff.metrics.image_quality import image_scores
+from meddiff.models.conditional import ConditionalDiffusion
+from meddiff.nets import build_net
+from meddiff.patches import stitch
+from meddiff.protocols.denoise import (
     DenoiseEvalOptions,
     nlm_denoise,
     run,
     select_slices,
     trained_noise_levels,
 )
-from meddiff.metrics.image_quality import image_scores
-from meddiff.models.conditional import ConditionalDiffusion
-from meddiff.nets import build_net
+from meddiff.utils.options import options_from
 
 NET = dict(in_channels=2, out_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
            norm_num_groups=8, num_head_channels=8)
@@ -95,17 +98,21 @@ def test_nlm_removes_noise_and_trained_levels():
     assert trained_noise_levels([0.05, 0.15]) == [0.05, 0.1, 0.15]
 
 
+def _opts(cfg):
+    return options_from(DenoiseEvalOptions, cfg, "eval")
+
+
 def test_options_reject_bad_values():
     with pytest.raises(ConfigError, match="ddim_stepz"):
-        DenoiseEvalOptions.from_dict({"ddim_stepz": [5]})
+        _opts({"ddim_stepz": [5]})
     with pytest.raises(ConfigError, match="eval.supervised option.*step"):
-        DenoiseEvalOptions.from_dict({"supervised": {"step": 5}})
+        _opts({"supervised": {"step": 5}})
     with pytest.raises(ConfigError, match="no diffusion method"):
-        DenoiseEvalOptions.from_dict({"ddpm": False, "ddim_steps": []})
+        _opts({"ddpm": False, "ddim_steps": []})
     with pytest.raises(ConfigError, match="eval.mask"):
-        DenoiseEvalOptions.from_dict({"mask": "brain"})
+        _opts({"mask": "brain"})
     with pytest.raises(ConfigError, match="noise_levels"):
-        DenoiseEvalOptions.from_dict({"noise_levels": [-0.1]})
+        _opts({"noise_levels": [-0.1]})
 
 
 def test_methods_are_scored_on_the_same_patches_with_the_given_dynamic_range(h5, tmp_path):
@@ -120,7 +127,7 @@ def test_methods_are_scored_on_the_same_patches_with_the_given_dynamic_range(h5,
         for k in ("psnr", "ssim", "mae", "slice_psnr"):
             assert res[m][k] == pytest.approx(res["noisy"][k], abs=1e-6)
     # the noisy PSNR is the mean over the test patches, recomputed here independently
-    ds = dm.make_dataset("test")
+    ds = dm.noisy_dataset("test")
     items = [ds[i] for i in range(len(ds))]
     clean = torch.stack([it["image"] for it in items])
     noisy = torch.stack([it["cond"] for it in items]).clamp(-1, 1)
@@ -192,3 +199,48 @@ def test_bad_model_or_steps_raise_config_errors(h5, tmp_path):
         run(torch.nn.Linear(1, 1), dm, small_cfg(), tmp_path, "cpu")
     with pytest.raises(ConfigError, match=r"ddim_steps \[50\] exceed the model's T=10"):
         run(NoisyOracle(), dm, small_cfg(ddim_steps=[50]), tmp_path, "cpu")
+
+
+def test_protocol_reads_data_through_the_public_api_only(h5, tmp_path):
+    class NoPublicApi:  # what the protocol used to probe: private state of one DataModule
+        noise_std = 0.1
+        make_dataset = HDF5PatchDataModule.noisy_dataset
+
+    with pytest.raises(ConfigError, match=r"noisy_dataset.*NoPublicApi lacks \['noisy_dataset', 'split_names'"):
+        run(NoisyOracle(), NoPublicApi(), small_cfg(), tmp_path, "cpu")
+
+    class PublicApiOnly:  # a DataModule giving only what DenoiseData names is enough
+        def __init__(self, dm):
+            self.noise_std = dm.noise_std
+            self.noisy_dataset, self.split_names, self.train_dataloader = (
+                dm.noisy_dataset, dm.split_names, dm.train_dataloader)
+
+    cfg = small_cfg(ddpm=False, ddim_steps=[2], supervised={"enabled": False}, write_nifti=False, write_tiff=False,
+                    figures=False)
+    via_api = run(NoisyOracle(), PublicApiOnly(make_dm(h5)), cfg, tmp_path / "api", "cpu")["results"]["0.1"]
+    via_dm = run(NoisyOracle(), make_dm(h5), cfg, tmp_path / "dm", "cpu")["results"]["0.1"]
+    assert via_api["noisy"]["psnr"] == via_dm["noisy"]["psnr"] and via_api["nlm"]["ssim"] == via_dm["nlm"]["ssim"]
+
+
+def test_protocol_leaves_the_model_as_it_found_it(h5, tmp_path):
+    torch.manual_seed(0)
+    model = ConditionalDiffusion(net=build_net(NET), schedule=NoiseSchedule(10, beta_start=0.01, beta_end=0.5),
+                                 sample_steps=2)
+    model.train()
+    list(model.net.modules())[2].eval()  # a mixed state must survive too
+    flags = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    denoise = model.denoise
+
+    def spy(*args, **kwargs):
+        seen.append(model.training)
+        return denoise(*args, **kwargs)
+
+    model.denoise = spy
+    cfg = small_cfg(ddpm=False, ddim_steps=[2], nlm=False, supervised={"enabled": False}, write_nifti=False,
+                    write_tiff=False, figures=False)
+    run(model, make_dm(h5), cfg, tmp_path, "cpu")
+    assert seen and not any(seen)  # evaluated in eval mode...
+    assert [m.training for m in model.modules()] == flags  # ...and handed back in the mode it came in
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -58,7 +58,7 @@ def test_demo_denoise_trains_and_evaluates_via_both_entry_points(run, tmp_path):
     assert ckpt["meddiff_config"]["model"]["_target_"].endswith("ConditionalDiffusion")
     assert ckpt["meddiff_config"]["eval"]["supervised"]["net"]["in_channels"] == 2  # ${net}, resolved and stored
 
-    # the checkpoint alone is enough: meddiff.eval dispatches to meddiff.evaluation.denoise
+    # the checkpoint alone is enough: meddiff.eval dispatches to the denoise protocol (meddiff.protocols.denoise)
     eval_dir = tmp_path / "eval"
     run("meddiff.eval", f"ckpt_path={report['checkpoint']}", f"hydra.run.dir={eval_dir}",
         "+eval.supervised.cache_dir=" + str(run_dir / "baselines"))
