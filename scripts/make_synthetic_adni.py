@@ -4,7 +4,7 @@
     python scripts/make_synthetic_adni.py --root data/adni --n-per-class 4 --shape 64 64 64 --seed 0
 
 writes ``<root>/<task>/{cn,emci,mci,lmci,ad}/<class><i>.nii.gz`` and ``<root>/<task>/dataset.json``
-(``[{"image": "cn/cn0.nii.gz", "slice_label": 1}, ...]``). See ``meddiff.data.synthetic_mri``.
+(``[{"image": "cn/cn0.nii.gz", "slice_label": 1}, ...]``). See ``meddiff.data.synthetic.mri``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 try:
-    from meddiff.data.synthetic_mri import write_synthetic_adni
+    from meddiff.data.synthetic.mri import write_synthetic_adni
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from meddiff.data.synthetic_mri import write_synthetic_adni
+    from meddiff.data.synthetic.mri import write_synthetic_adni
 
 from meddiff.errors import ConfigError
 

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import meddiff.data.nifti_io as nifti_io
-from meddiff.data.adni_slices import (
-    ADNIEntry,
-    ADNISliceDataModule,
-    ADNISliceDataset,
-    read_dataset_json,
-    slice_range,
-    split_subjects,
-)
-from meddiff.data.synthetic_mri import write_synthetic_adni
+import meddiff.data.formats.nifti as nifti_io
+from meddiff.data.adni_slices import ADNISliceDataModule, ADNISliceDataset, split_subjects
+from meddiff.data.formats.adni_json import ADNIEntry, read_dataset_json
+from meddiff.data.preprocess.mri_slices import slice_range
+from meddiff.data.synthetic.mri import write_synthetic_adni
 from meddiff.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +52,7 @@ class CountingLoader:
 
 # ----------------------------------------------------------------------------------------- splits
 def test_splits_by_subject_stratified_and_seeded(entries: list[ADNIEntry]) -> None:
-    s = split_subjects(entries, val_frac=0.1, test_frac=0.2, seed=0)
+    s = split_subjects(entries, val_fraction=0.1, test_fraction=0.2, seed=0)
     ids = {k: {e.volume_id for e in v} for k, v in s.items()}
     assert not (ids["train"] & ids["val"] or ids["train"] & ids["test"] or ids["val"] & ids["test"])
     assert ids["train"] | ids["val"] | ids["test"] == {e.volume_id for e in entries}
@@ -66,7 +63,7 @@ def test_splits_by_subject_stratified_and_seeded(entries: list[ADNIEntry]) -> No
     assert {e.volume_id for e in again["test"]} == ids["test"]  # independent of json order
     others = [{e.volume_id for e in split_subjects(entries, 0.1, 0.2, seed=k)["test"]} for k in range(1, 6)]
     assert any(o != ids["test"] for o in others)
-    with pytest.raises(ConfigError, match="val_frac"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         split_subjects(entries, 0.5, 0.5)
 
 
@@ -219,7 +216,7 @@ def test_datamodule_skips_and_lists_a_broken_volume(tmp_path: Path) -> None:
     write_synthetic_adni(tmp_path, n_per_class=2, shape=(20, 20, 20), seed=1)
     (tmp_path / "2d_cfg_anom_det" / "mci" / "mci1.nii.gz").write_bytes(b"not a nifti file")
     shutil.rmtree(tmp_path / "2d_cfg_anom_det" / "lmci")
-    dm = ADNISliceDataModule(root=str(tmp_path), image_size=16, val_frac=0.0, test_frac=0.0)
+    dm = ADNISliceDataModule(root=str(tmp_path), image_size=16, val_fraction=0.0, test_fraction=0.0)
     with pytest.warns(UserWarning, match="skipped 3 of 10"):
         dm.setup("fit")
     assert sorted(img for img, _ in dm.skipped) == [
@@ -247,3 +244,78 @@ def test_hydra_config_instantiates(root: Path, tmp_path: Path) -> None:
     assert dm.settings.axes == (0, 1, 2) and (dm.settings.lo, dm.settings.hi) == (0.35, 0.75)
     dm.setup("fit")
     assert len(dm.train_set) > 0
+
+
+# ---------------------------------------------------------------------------- split pinned, option names
+def test_split_is_pinned_to_the_split_before_the_restructure(entries: list[ADNIEntry]) -> None:
+    """The subject split is written into stored runs: these are the splits the pre-restructure code produced."""
+    expected = {
+        (0.1, 0.2, 0): (["cn/cn0", "lmci/lmci2"], ["cn/cn2", "emci/emci3", "lmci/lmci0", "ad/ad0"]),
+        (0.2, 0.3, 1): (
+            ["emci/emci2", "mci/mci0", "lmci/lmci3", "ad/ad0"],
+            ["cn/cn0", "emci/emci0", "emci/emci3", "mci/mci3", "lmci/lmci2", "ad/ad1"],
+        ),
+        (0.3, 0.3, 5): (
+            ["cn/cn2", "emci/emci3", "mci/mci1", "lmci/lmci0", "lmci/lmci1", "ad/ad1"],
+            ["cn/cn1", "cn/cn3", "emci/emci2", "mci/mci3", "lmci/lmci3", "ad/ad0"],
+        ),
+    }
+    for (vf, tf, seed), (val, test) in expected.items():
+        s = split_subjects(entries, vf, tf, seed)
+        assert [e.volume_id for e in s["val"]] == val and [e.volume_id for e in s["test"]] == test
+
+
+def entries_of(root: Path) -> list[ADNIEntry]:
+    return read_dataset_json(root / "2d_cfg_anom_det" / "dataset.json")
+
+
+def test_deprecated_split_option_names_warn_and_mean_the_same(root: Path) -> None:
+    new = ADNISliceDataModule(root=str(root), image_size=16, val_fraction=0.2, test_fraction=0.3, seed=4)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        old = ADNISliceDataModule(root=str(root), image_size=16, val_frac=0.2, test_frac=0.3, split_seed=4)
+    assert [str(w.message) for w in rec if w.category is FutureWarning] == [
+        "ADNISliceDataModule: deprecated option(s) 'val_frac' (use 'val_fraction'), 'test_frac' (use "
+        "'test_fraction'), 'split_seed' (use 'seed'); rename them in your config"
+    ]  # one warning, one line
+    assert (old.val_fraction, old.test_fraction, old.seed) == (0.2, 0.3, 4)
+    assert {k: old.hparams[k] for k in ("val_fraction", "test_fraction", "seed")} == {
+        "val_fraction": 0.2, "test_fraction": 0.3, "seed": 4
+    } and not set(old.hparams) & {"val_frac", "test_frac", "split_seed"}  # rebuilt from hparams: new names only
+    assert old.split_entries() == new.split_entries()
+    with pytest.raises(ConfigError, match="disagree"), pytest.warns(FutureWarning):
+        ADNISliceDataModule(root=str(root), val_fraction=0.3, val_frac=0.2)
+    with pytest.warns(FutureWarning, match="'val_frac'"):
+        assert split_subjects(entries_of(root), val_frac=0.2, test_frac=0.3, seed=4) == new.split_entries()
+
+
+# ---------------------------------------------------------------------------------- per-volume access
+def test_volumes_of_a_split_load_the_datasets_slices(root: Path) -> None:
+    dm = ADNISliceDataModule(root=str(root), image_size=16)
+    vols = dm.volumes("test")
+    ds = dm.test_set
+    assert vols.batch and vols.skipped == [] and [v.volume_id for v in vols.sources] == [e.volume_id for e in ds.volumes]
+    src = vols.sources[1]
+    data = src.load()
+    idx = ds.volume_indices(src.volume_id)
+    assert torch.equal(data.images, torch.stack([ds[i]["image"] for i in idx]))
+    assert data.masks.dtype == torch.bool and data.masks.shape == data.images.shape
+    assert list(zip(data.axes.tolist(), data.indices.tolist())) == [ds.locate(i)[1:] for i in idx]
+    assert src.slice_label == ds.volumes[1].slice_label and src.class_name in ("CN", "EMCI", "MCI", "LMCI", "AD")
+
+
+def test_input_volumes_slice_external_files_like_the_datamodule(root: Path, tmp_path: Path) -> None:
+    dm = ADNISliceDataModule(root=str(root), image_size=16)
+    ref = dm.volumes("train").sources[0]
+    path = dm.task_dir / f"{ref.volume_id}.nii.gz"
+    bare = dm.input_volumes(str(path))
+    assert not bare.batch and bare.sources[0].slice_label is None and bare.sources[0].class_name == "?"
+    assert torch.equal(bare.sources[0].load().images, ref.load().images)  # same settings -> same slices
+    labelled = dm.input_volumes(str(path), "AD").sources[0]
+    assert labelled.slice_label == 5 and labelled.volume_id == path.name[: -len(".nii.gz")]
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps([{"image": str(path), "slice_label": 1}, {"image": "x.nii.gz", "slice_label": 0}]))
+    listed = dm.input_volumes(str(js), what="eval.input")
+    assert listed.batch and len(listed.sources) == 1 and "outside 1-5" in listed.skipped[0]["reason"]
+    with pytest.raises(DataError, match="eval.input=.*neither"):
+        dm.input_volumes(str(tmp_path / "a.txt"), what="eval.input")

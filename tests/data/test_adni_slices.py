@@ -11,16 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddiff.data.adni_slices import (
-    ADNISliceDataset,
-    SliceSettings,
-    entry_from_dict,
-    extract_slices,
-    read_dataset_json,
-    slice_range,
-    volume_slices,
-)
-from meddiff.data.nifti_io import FrameWarning
+from meddiff.data.adni_slices import ADNISliceDataset
+from meddiff.data.formats.adni_json import entry_from_dict, read_dataset_json
+from meddiff.data.formats.nifti import FrameWarning
+from meddiff.data.preprocess.mri_slices import SliceSettings, extract_slices, slice_range, volume_slices
 from meddiff.errors import ConfigError, DataError
 
 NIB_DATA = Path(os.path.dirname(nib.__file__)) / "tests" / "data"

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddiff.data.synthetic_mri import CLASS_DIRS, generate_volume, write_synthetic_adni
+from meddiff.data.synthetic.mri import CLASS_DIRS, generate_volume, write_synthetic_adni
 from meddiff.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,12 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddiff.data.nifti_io import (
-    FrameWarning,
-    load_volume,
-    robust_normalise,
-    write_synthetic_volumes,
-)
+from meddiff.data.formats.nifti import FrameWarning, load_volume, robust_normalise
+from meddiff.data.synthetic.mri import write_synthetic_volumes
 from meddiff.errors import DataError
 
 NIB_DATA = Path(os.path.dirname(nib.__file__)) / "tests" / "data"

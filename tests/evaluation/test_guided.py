@@ -4,6 +4,7 @@ inputs (volume / dataset.json / record), skipping broken volumes, option errors.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -15,12 +16,12 @@ import torch
 from torch import nn
 
 from meddiff.data.adni_slices import ADNISliceDataModule
-from meddiff.data.synthetic_mri import write_synthetic_adni
+from meddiff.data.synthetic.mri import write_synthetic_adni
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
-from meddiff.evaluation import guided as ev
 from meddiff.metrics.image_quality import image_scores, ms_ssim, ms_ssim_scales
 from meddiff.models.guided import GuidedDiffusion
+from meddiff.protocols import guided as ev
 
 FAST = {"n_boot": 50, "volume_plots": True, "batch_size": 64}
 
@@ -68,7 +69,7 @@ def make_model(net: nn.Module) -> GuidedDiffusion:
 def dm(tmp_path_factory: pytest.TempPathFactory) -> ADNISliceDataModule:
     root = tmp_path_factory.mktemp("adni")
     write_synthetic_adni(root, n_per_class=2, shape=(24, 24, 24), seed=0)
-    d = ADNISliceDataModule(root=str(root), image_size=16, val_frac=0.2, test_frac=0.4, cache_dir=None)
+    d = ADNISliceDataModule(root=str(root), image_size=16, val_fraction=0.2, test_fraction=0.4, cache_dir=None)
     d.prepare_data()
     d.setup("fit")
     d.setup("test")
@@ -232,6 +233,53 @@ def test_single_volume_inputs_and_clear_errors(dm, tmp_path) -> None:
 def test_bad_eval_options(dm, tmp_path, cfg, match) -> None:
     with pytest.raises(ConfigError, match=match):
         ev.run(make_model(ZeroEps()), dm, cfg, tmp_path, "cpu")
+
+
+# ------------------------------------------------------------------------------------------ protocol rules
+class SpyData:
+    """A DataModule seen through its public per-volume API, recording which volumes were asked for, in order."""
+
+    def __init__(self, dm: ADNISliceDataModule) -> None:
+        self.dm, self.calls = dm, []
+
+    def volumes(self, split: str):  # noqa: ANN201
+        self.calls.append(split)
+        return self.dm.volumes(split)
+
+    def input_volumes(self, spec, input_label=None, what="input"):  # noqa: ANN001, ANN201
+        self.calls.append("input")
+        return self.dm.input_volumes(spec, input_label, what)
+
+
+SMALL = {**FAST, "volume_plots": False, "max_volumes": 2, "val_max_volumes": 2}
+
+
+def test_choices_are_made_on_validation_before_the_test_volumes_are_read_once(dm, tmp_path) -> None:
+    spy = SpyData(dm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ev.MetricSkippedWarning)
+        report = ev.run(make_model(Darken()), spy, SMALL, tmp_path, "cpu")
+    assert spy.calls == ["val", "test"]
+    assert report["selection"]["chosen_on"] == "validation" and report["selection"]["n_val_volumes"] == min(2, len(dm.val_set.volumes)) >= 1
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "report.json").is_file()
+
+
+def test_the_model_is_not_changed_by_eval_overrides(dm, tmp_path) -> None:
+    model = make_model(Darken()).train()
+    before = dataclasses.replace(model.translate_cfg)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ev.MetricSkippedWarning)
+        report = ev.run(model, dm, {**SMALL, "t_start": 30, "guidance_scale": 1.5, "num_steps": 1}, tmp_path, "cpu")
+    assert (report["translate"]["t_start"], report["translate"]["guidance_scale"]) == (30, 1.5)
+    assert model.translate_cfg == before and model.translate_cfg.t_start == 40
+    assert all(m.training for m in model.modules())  # train/eval flags restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_a_datamodule_without_the_volume_api_is_a_config_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="volumes\\(split\\).*data=adni_slices"):
+        ev.run(make_model(ZeroEps()), object(), FAST, tmp_path, "cpu")
 
 
 # ------------------------------------------------------------------------------------------ classification
