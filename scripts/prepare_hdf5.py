@@ -7,12 +7,14 @@ Arguments are ``key=value`` (Hydra style) or ``--key value`` / ``--key=value``::
     python scripts/prepare_hdf5.py --input a.nii.gz --input b.nii.gz --name mr --targetdir data
     python scripts/prepare_hdf5.py synthetic=8 name=demo          # brain phantoms first (no data needed)
 
-Prints the output path and a summary (volumes, patches, skipped volumes with reasons).
+Prints the output path and a summary (volumes, patches, skipped volumes with reasons). Skipped volumes and
+removed temporary files of killed earlier runs are logged as they happen (stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -110,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--filename", default=None, help="override the output file name")
     a("--progress", type=_bool, default=True, help="show a progress bar")
     a(
+        "--skip_bad",
+        "--skip-bad",
+        dest="skip_bad",
+        type=_bool,
+        default=True,
+        help="skip (and list) volumes that fail to load, e.g. truncated files (default true); false: stop there",
+    )
+    a(
         "--synthetic",
         type=int,
         default=0,
@@ -141,6 +151,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the exit code (0 ok, 1 data/config error, 2 usage error)."""
     args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else list(argv)))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # no-op if configured
 
     from meddiff.data.formats.hdf5_patches import inspect_hdf5, save_as_hdf5
     from meddiff.data.synthetic.mri import write_synthetic_volumes
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             compression=args.compression,
             filename=args.filename,
             progress=args.progress,
+            skip_bad=args.skip_bad,
         )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

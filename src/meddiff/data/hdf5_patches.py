@@ -25,6 +25,7 @@ from meddiff.data.formats.hdf5_patches import (
     FORMAT_VERSION,
     PatchFileInfo,
     SkippedVolumeWarning,
+    check_patch_values,
     collect_inputs,
     inspect_hdf5,
     recreate_hint,
@@ -198,6 +199,8 @@ class PatchDataset(Dataset):
             raise DataError(
                 f"cannot read patch {row} of {str(self.path)!r} ({exc}); " + recreate_hint(self.path)
             ) from exc
+        # a patch overwritten after writing (e.g. 7500.0) must never reach the model
+        check_patch_values(arr, self.info.value_range, self.path, row)
         image = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         std, noise = self._noise(row, tuple(image.shape))
         cond = image + noise

@@ -9,7 +9,13 @@ File layout written by :func:`save_as_hdf5` (``<targetdir>/<datasetname>_p<P>_s<
     slice_shape     int32 [V, 2]                   (H, W) of the slices of each volume
     affines         float64 [V, 4, 4]              voxel->world of the (canonical) volume
     intensity_range float64 [V, 2]                 source intensities mapped to -1 / +1
-    attrs: format, format_version, settings (json), skipped (json list of {file, reason}), n_volumes, n_patches
+    attrs: format, format_version, settings (json), skipped (json list of {file, reason}), n_volumes, n_patches,
+           value_range float64 [2] (min, max of the stored patches; format_version >= 2)
+
+Every read checks the patch against ``value_range`` (:func:`check_patch_values`), so a patch whose values were
+overwritten after writing (a bad copy, a stray script) is a :class:`DataError` naming the file and the patch row,
+never a batch. Files of format_version 1 (no ``value_range``) still load and are checked against ``[-1, 1]``, the
+range the format has always promised.
 
 Slice ``s`` of volume ``v`` is ``np.take(volume, s, axis)`` of the canonical (RAS) volume after intensity
 normalisation, so :func:`meddiff.patches.stitch` of all patches reproduces those slices exactly (float32
@@ -27,6 +33,7 @@ import os
 import re
 import time
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +44,7 @@ import numpy as np
 from meddiff.data.formats.nifti import foreground_percentiles, is_nifti, load_volume, robust_normalise
 from meddiff.errors import ConfigError, DataError
 from meddiff.patches import patch_grid
-from meddiff.utils.io import atomic_write
+from meddiff.utils.io import atomic_write, remove_stale_tmp
 
 __all__ = [
     "FORMAT",
@@ -46,6 +53,7 @@ __all__ = [
     "REQUIRED_SETTINGS",
     "PatchFileInfo",
     "SkippedVolumeWarning",
+    "check_patch_values",
     "collect_inputs",
     "inspect_hdf5",
     "recreate_hint",
@@ -55,7 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "meddiff-hdf5-patches"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attribute value_range (checked on every read)
+DEFAULT_VALUE_RANGE: tuple[float, float] = (-1.0, 1.0)  # the format's promise; the check for version-1 files
 REQUIRED_DATASETS: tuple[str, ...] = ("patches", "coords", "volumes", "slice_shape")
 REQUIRED_SETTINGS: tuple[str, ...] = ("image_size", "stride", "axis", "min_foreground", "intensity", "dtype")
 _SLICE_BLOCK = 16  # slices extracted and written at once (bounds memory for big volumes)
@@ -172,6 +181,45 @@ def _extract(
     return p, np.concatenate([sl[:, None], yx], axis=1)
 
 
+# what nibabel raises on a truncated or corrupt file, depending on where the short read happens: EOFError
+# (truncated gzip stream), zlib.error / OSError (corrupt gzip, I/O), ValueError ("not enough data in file" of a short
+# uncompressed .nii; DataError is a ValueError too)
+_READ_ERRORS: tuple[type[BaseException], ...] = (ValueError, EOFError, OSError, zlib.error)
+
+
+def _read_volume(
+    path: Path, canonical: bool, frame: int, nan_policy: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_volume`, with every read failure (any dimensionality) a :class:`DataError` naming the file."""
+    try:
+        return load_volume(path, canonical=canonical, frame=frame, nan_policy=nan_policy)  # type: ignore[arg-type]
+    except ConfigError:
+        raise
+    except DataError as exc:
+        if str(path) in str(exc) or path.name in str(exc):
+            raise
+        raise DataError(f"{str(path)!r}: {exc}") from exc
+    except _READ_ERRORS as exc:
+        raise DataError(
+            f"cannot read NIfTI file {str(path)!r} ({type(exc).__name__}: {exc}); the file is truncated or "
+            "corrupt; copy it again or remove it"
+        ) from exc
+
+
+def _constant_reason(vol: np.ndarray, norm: np.ndarray, intensity: str | tuple[float, float],
+                     rng: tuple[float, float]) -> str | None:
+    """Why a volume carries no image (every voxel equal before or after normalisation), or None if it does."""
+    lo, hi = float(vol.min()), float(vol.max())
+    if lo == hi:
+        return f"constant volume (every voxel is {lo:g}); it would become patches of one value; check the file"
+    if float(norm.min()) == float(norm.max()):
+        return (
+            f"intensity={intensity!r} maps every voxel to {float(norm.min()):+g} (volume values {lo:g}..{hi:g}, "
+            f"window {rng[0]:g}..{rng[1]:g}); choose another intensity setting or check the file"
+        )
+    return None
+
+
 def save_as_hdf5(
     inputpath: str | Path | Sequence[str | Path],
     datasetname: str,
@@ -191,13 +239,15 @@ def save_as_hdf5(
     compression: str | None = None,
     filename: str | None = None,
     progress: bool = True,
+    skip_bad: bool = True,
 ) -> Path:
     """Cut NIfTI volumes into 2D patches and write them to one HDF5 file (the seed's API, extended).
 
     Each volume is loaded (canonical RAS orientation, 4D -> ``frame``), normalised to ``[-1, 1]`` and sliced
     along ``axis``; every slice is covered by a ``image_size``-px patch grid with step ``stride`` whose last
     patch is aligned to the border (:func:`meddiff.patches.patch_grid`). The file is written atomically
-    (:func:`meddiff.utils.io.atomic_write`: a temporary name, renamed at the end).
+    (:func:`meddiff.utils.io.atomic_write`: a temporary name, renamed at the end); temporary files that killed
+    conversions left in ``targetdir`` are removed first (:func:`meddiff.utils.io.remove_stale_tmp`, logged).
 
     Args:
         inputpath: a ``.nii``/``.nii.gz`` file, a folder (searched recursively) or a list of files/folders.
@@ -216,14 +266,18 @@ def save_as_hdf5(
         compression: h5py compression for ``patches`` (None, "gzip", "lzf").
         filename: override the output file name.
         progress: show a tqdm bar over volumes.
+        skip_bad: skip a volume that fails to load (truncated / corrupt file of any dimensionality, 2D image,
+            NaN voxels) and list it; False raises the :class:`DataError` naming the file instead.
 
     Returns:
         Path of the written file.
 
     Raises:
-        ConfigError: invalid settings. DataError: no input, or no volume could be converted (the reasons are
-        listed). Single bad volumes (unreadable, 2D, NaN, smaller than the patch, no foreground patch) are
-        skipped and reported with a :class:`SkippedVolumeWarning` and in the file's ``skipped`` attribute.
+        ConfigError: invalid settings. DataError: no input; no volume could be converted (the reasons are
+        listed); with ``skip_bad=False``, the first volume that fails to load. Volumes that load but carry no
+        usable patches (constant, smaller than the patch, no foreground patch) are always skipped; every skip is
+        logged as it happens, reported with a :class:`SkippedVolumeWarning` and kept in the file's ``skipped``
+        attribute.
     """
     from tqdm.auto import tqdm
 
@@ -240,6 +294,8 @@ def save_as_hdf5(
         raise ConfigError(f"min_foreground={min_foreground} must be a fraction in [0, 1]")
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"dtype={dtype!r} must be 'float32' or 'float16'")
+    if nan_policy not in ("raise", "zero"):
+        raise ConfigError(f"nan_policy={nan_policy!r} is not one of 'raise', 'zero'")
     if not re.fullmatch(r"[\w.\-]+", str(datasetname)):
         raise ConfigError(f"datasetname={datasetname!r} must be a plain name (letters, digits, _ . -)")
     intensity_p = _parse_intensity(intensity)
@@ -251,6 +307,11 @@ def save_as_hdf5(
     targetdir = Path(targetdir)
     targetdir.mkdir(parents=True, exist_ok=True)
     out = targetdir / (filename or f"{datasetname}_p{image_size}_s{stride}.h5")
+    # a conversion killed with -9 leaves its hidden temporary (often hundreds of MB); clean up after dead ones
+    stale = remove_stale_tmp(targetdir)
+    if stale:
+        log.warning("%s: removed %d temporary file(s) left by killed writers: %s", targetdir, len(stale),
+                    ", ".join(t.name for t in stale))
     settings: dict[str, Any] = {
         "datasetname": str(datasetname),
         "image_size": image_size,
@@ -270,6 +331,12 @@ def save_as_hdf5(
     meta: list[dict[str, Any]] = []
     P = image_size
     n_total = 0
+    vrange = [np.inf, -np.inf]  # min / max of the stored patches -> attribute value_range
+
+    def _skip(name: str, reason: str) -> None:
+        reason = " ".join(reason.split())  # one line per skip (nibabel messages contain newlines)
+        log.warning("skipping %s: %s", name, reason)
+        skipped.append({"file": name, "reason": reason})
 
     def _write(tmp: Path) -> None:  # filled in a temporary file, renamed over `out` by atomic_write
         nonlocal n_total
@@ -288,22 +355,26 @@ def save_as_hdf5(
             bar = tqdm(files, desc=f"{datasetname}: volumes", unit="vol", disable=not progress)
             for path, name in bar:
                 try:
-                    vol, affine = load_volume(path, canonical=canonical, frame=frame, nan_policy=nan_policy)
+                    vol, affine = _read_volume(path, canonical, frame, nan_policy)
                 except DataError as exc:
-                    skipped.append({"file": name, "reason": str(exc)})
+                    if not skip_bad:
+                        raise
+                    _skip(name, str(exc))
                     continue
                 vol_s = np.moveaxis(vol, axis, 0)  # [S, H, W]
                 hw = vol_s.shape[1:]
                 if hw[0] < P or hw[1] < P:
-                    skipped.append(
-                        {
-                            "file": name,
-                            "reason": f"slice shape {tuple(hw)} (volume {vol.shape}, axis={axis}) is smaller than "
-                            f"image_size={P}; use a smaller image_size or another axis",
-                        }
+                    _skip(
+                        name,
+                        f"slice shape {tuple(hw)} (volume {vol.shape}, axis={axis}) is smaller than "
+                        f"image_size={P}; use a smaller image_size or another axis",
                     )
                     continue
                 norm, rng = _normalise(vol_s, intensity_p, percentiles)
+                const = _constant_reason(vol_s, norm, intensity_p, rng)
+                if const is not None:
+                    _skip(name, const)
+                    continue
                 grid = patch_grid(hw, P, stride)
                 v_idx = len(meta)
                 n_vol = 0
@@ -320,7 +391,10 @@ def save_as_hdf5(
                     k = len(p)
                     dpatch.resize(n_total + k, axis=0)
                     dcoord.resize(n_total + k, axis=0)
-                    dpatch[n_total : n_total + k] = p[:, None].astype(dtype)
+                    stored = p[:, None].astype(dtype)
+                    dpatch[n_total : n_total + k] = stored
+                    vrange[0] = min(vrange[0], float(stored.min()))
+                    vrange[1] = max(vrange[1], float(stored.max()))
                     c[:, 0] += s0
                     dcoord[n_total : n_total + k] = np.concatenate(
                         [np.full((k, 1), v_idx, dtype=np.int64), c], axis=1
@@ -328,12 +402,10 @@ def save_as_hdf5(
                     n_total += k
                     n_vol += k
                 if n_vol == 0:
-                    skipped.append(
-                        {
-                            "file": name,
-                            "reason": f"no patch has >= {min_foreground:.0%} foreground "
-                            f"(> {foreground_threshold}); lower min_foreground",
-                        }
+                    _skip(
+                        name,
+                        f"no patch has >= {min_foreground:.0%} foreground (> {foreground_threshold}); "
+                        "lower min_foreground",
                     )
                     continue
                 meta.append(
@@ -379,6 +451,7 @@ def save_as_hdf5(
             f.attrs["skipped"] = json.dumps(skipped)
             f.attrs["n_volumes"] = len(meta)
             f.attrs["n_patches"] = n_total
+            f.attrs["value_range"] = np.asarray(vrange, dtype=np.float64)
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     atomic_write(out, _write)
@@ -408,6 +481,8 @@ class PatchFileInfo:
     slice_shapes: np.ndarray  # int64 [V, 2]
     coords: np.ndarray  # int64 [N, 4]
     skipped: list[dict[str, str]]
+    value_range: tuple[float, float] = DEFAULT_VALUE_RANGE  # (min, max) every stored patch lies in
+    format_version: int = FORMAT_VERSION
 
     @property
     def image_size(self) -> int:
@@ -498,9 +573,10 @@ def inspect_hdf5(path: str | Path, expected: dict[str, Any] | None = None) -> Pa
             table = f["volumes"][()]
             slice_shapes = np.asarray(f["slice_shape"][()], dtype=np.int64).reshape(-1, 2)
             skipped = json.loads(f.attrs.get("skipped", "[]"))
+            value_range = _value_range(f, version, path)
             # touch the last patch: a truncated data block fails here rather than mid-epoch
             if n:
-                patches[n - 1]
+                check_patch_values(patches[n - 1], value_range, path, n - 1)
     except DataError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
@@ -547,4 +623,41 @@ def inspect_hdf5(path: str | Path, expected: dict[str, Any] | None = None) -> Pa
         slice_shapes=slice_shapes,
         coords=coords,
         skipped=skipped,
+        value_range=value_range,
+        format_version=version,
     )
+
+
+def _value_range(f: h5py.File, version: int, path: Path) -> tuple[float, float]:
+    """The file's stored ``value_range`` (version >= 2) or the format's ``[-1, 1]`` (version 1)."""
+    if version < 2 and "value_range" not in f.attrs:
+        return DEFAULT_VALUE_RANGE
+    if "value_range" not in f.attrs:
+        raise DataError(
+            f"{str(path)!r} (format_version {version}) lacks the attribute 'value_range'; " + recreate_hint(path)
+        )
+    vr = np.asarray(f.attrs["value_range"], dtype=np.float64).ravel()
+    lo_ok, hi_ok = DEFAULT_VALUE_RANGE
+    # the writer stores the min / max of its patches, which lie in [-1, 1]
+    if not (vr.shape == (2,) and lo_ok <= vr[0] <= vr[1] <= hi_ok):
+        raise DataError(
+            f"{str(path)!r}: attribute value_range={vr.tolist()} is not a range inside [-1, 1]; the file was "
+            "modified after writing; " + recreate_hint(path)
+        )
+    return float(vr[0]), float(vr[1])
+
+
+def check_patch_values(patch: np.ndarray, value_range: tuple[float, float], path: Path, row: int) -> None:
+    """Raise :class:`DataError` naming ``path`` and ``row`` if ``patch`` has values outside ``value_range``.
+
+    ``patch`` is one stored patch (``[1, P, P]``); NaN counts as outside. One vectorised pass, cheap per item.
+    """
+    lo, hi = value_range
+    inside = (patch >= lo) & (patch <= hi)
+    if not inside.all():
+        bad = patch[~inside]
+        raise DataError(
+            f"patch {row} of {str(path)!r} has {bad.size} values outside the range [{lo:g}, {hi:g}] stored with "
+            f"the file (e.g. {float(bad.flat[0])!r}); the file was modified after it was written; "
+            + recreate_hint(path)
+        )
