@@ -1,8 +1,9 @@
 """Hydra entry point: ``python -m meddiff.train experiment=...`` (console script ``meddiff-train``).
 
 Trains, keeps ``last.ckpt`` + the best checkpoint by ``optimized_metric`` (a validation metric), then evaluates the
-best checkpoint with the honest protocol (``meddiff.anomaly.evaluate``): post-processing and thresholds are chosen
-on validation data and the test split is touched once. Returns ``optimized_metric`` for Optuna sweeps.
+best checkpoint with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
+and thresholds are chosen on validation data and the test split is touched once. Returns ``optimized_metric`` for
+Optuna sweeps.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from meddiff.anomaly.patches import patch_masks
 from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
 from meddiff.errors import ConfigError
 from meddiff.models import UnconditionalDiffusion
 from meddiff.nets import build_net
+from meddiff.patches import patch_masks
 
 
 def make_model(tiny_net_cfg, schedule, **kw):

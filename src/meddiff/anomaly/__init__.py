@@ -1,7 +1,8 @@
 """Anomaly maps, post-processing and image scores (pure torch/scipy, no Lightning).
 
-``reconstruction`` (healthy estimates from a diffusion model) and ``patches`` live here too; import them from
-their modules (``meddiff.anomaly.reconstruction``) so this package stays importable without the diffusion core.
+``reconstruction`` (healthy estimates from a diffusion model) lives here too; import it from its module
+(``meddiff.anomaly.reconstruction``) so this package stays importable without the diffusion core. The evaluation
+protocol that uses all of this is ``meddiff.protocols.anomaly``.
 """
 
 from meddiff.anomaly.maps import MAP_KINDS, anomaly_map, local_ssim

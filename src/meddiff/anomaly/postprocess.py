@@ -27,7 +27,8 @@ from meddiff.errors import ConfigError, DataError
 _MAX_UNFOLD_ELEMENTS = 1 << 24  # transient memory bound of the 2D median filter (elements per chunk)
 
 
-def _check_4d(t: torch.Tensor, name: str) -> None:
+def check_4d(t: torch.Tensor, name: str) -> None:
+    """``DataError`` unless ``t`` is a 4D tensor ``[B, C, H, W]``."""
     if not isinstance(t, torch.Tensor):
         raise DataError(
             f"{name} must be a torch tensor, got {type(t).__name__}; convert with torch.as_tensor."
@@ -36,8 +37,9 @@ def _check_4d(t: torch.Tensor, name: str) -> None:
         raise DataError(f"{name} must be [B, C, H, W]; got shape {tuple(t.shape)}.")
 
 
-def _check_mask_for(maps: torch.Tensor, mask: torch.Tensor, mask_name: str = "mask") -> None:
-    _check_4d(mask, mask_name)
+def check_mask_for(maps: torch.Tensor, mask: torch.Tensor, mask_name: str = "mask") -> None:
+    """``DataError`` unless ``mask`` is ``[B, 1, H, W]`` or ``[B, C, H, W]`` with the B, H, W of ``maps``."""
+    check_4d(mask, mask_name)
     ok = (
         mask.shape[0] == maps.shape[0]
         and mask.shape[2:] == maps.shape[2:]
@@ -48,6 +50,16 @@ def _check_mask_for(maps: torch.Tensor, mask: torch.Tensor, mask_name: str = "ma
             f"{mask_name} shape {tuple(mask.shape)} does not fit maps shape {tuple(maps.shape)}; "
             "it must be [B, 1, H, W] or [B, C, H, W] with the maps' B, H, W."
         )
+
+
+def as_bool(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` as a bool tensor (non-bool is read as ``!= 0``)."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _is_count(value: object) -> bool:
+    """An integer >= 0 (``True``/``False`` are not counts)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_connectivity(connectivity: int) -> None:
@@ -76,7 +88,7 @@ def median_filter(maps: torch.Tensor, size: int = 5, volume: bool = False) -> to
         Filtered maps, same shape, dtype and device. Memory: the 2D path works in chunks of at most
         ``2**24`` unfolded elements.
     """
-    _check_4d(maps, "maps")
+    check_4d(maps, "maps")
     _check_odd_size(size)
     if size == 1:
         return maps.clone()
@@ -117,13 +129,13 @@ def erode_mask(
     Returns:
         bool tensor, same shape and device.
     """
-    _check_4d(mask, "mask")
+    check_4d(mask, "mask")
     _check_connectivity(connectivity)
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+    if not _is_count(iterations):
         raise ConfigError(
             f"erosion iterations={iterations!r} must be an integer >= 0 (pDDPM uses about W/25)."
         )
-    m = mask if mask.dtype == torch.bool else mask != 0
+    m = as_bool(mask)
     if iterations == 0:
         return m.clone()
     if volume:
@@ -159,11 +171,11 @@ def apply_mask(maps: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     Returns:
         ``[B, C, H, W]``: ``maps`` where ``mask``, else exactly 0 (also where ``maps`` is NaN).
     """
-    _check_4d(maps, "maps")
+    check_4d(maps, "maps")
     if mask is None:
         return maps
-    _check_mask_for(maps, mask)
-    m = mask if mask.dtype == torch.bool else mask != 0
+    check_mask_for(maps, mask)
+    m = as_bool(mask)
     return torch.where(m.to(maps.device), maps, torch.zeros((), dtype=maps.dtype, device=maps.device))
 
 
@@ -183,13 +195,13 @@ def remove_small_components(
     Returns:
         bool tensor, same shape and device.
     """
-    _check_4d(binary, "binary")
+    check_4d(binary, "binary")
     _check_connectivity(connectivity)
-    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
+    if not _is_count(min_size):
         raise ConfigError(
             f"min_size={min_size!r} must be an integer >= 0 (components smaller than it are removed)."
         )
-    b = binary if binary.dtype == torch.bool else binary != 0
+    b = as_bool(binary)
     if min_size <= 1:
         return b.clone()
     arr = b.detach().cpu().numpy()
@@ -239,7 +251,7 @@ class PostProcess:
         _check_connectivity(self.connectivity)
         for name in ("erode_iterations", "min_component_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not _is_count(v):
                 raise ConfigError(f"PostProcess.{name}={v!r} must be an integer >= 0.")
 
     def region(self, brain_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -250,9 +262,9 @@ class PostProcess:
 
     def __call__(self, maps: torch.Tensor, brain_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Post-process ``maps [B, C, H, W]`` (optionally inside ``brain_mask``); returns the same shape."""
-        _check_4d(maps, "maps")
+        check_4d(maps, "maps")
         if brain_mask is not None:
-            _check_mask_for(maps, brain_mask, "brain_mask")
+            check_mask_for(maps, brain_mask, "brain_mask")
         region = self.region(brain_mask)
         out = apply_mask(maps, region)
         out = median_filter(out, self.median_size, volume=self.volume)
@@ -260,7 +272,7 @@ class PostProcess:
 
     def binarize(self, maps: torch.Tensor, threshold: float) -> torch.Tensor:
         """Segmentation ``maps >= threshold`` with small components removed; bool, same shape."""
-        _check_4d(maps, "maps")
+        check_4d(maps, "maps")
         return remove_small_components(
             maps >= threshold, self.min_component_size, self.connectivity, volume=self.volume
         )

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from meddiff.anomaly.patches import patch_masks
 from meddiff.diffusion import NoiseSchedule, make_noise
 from meddiff.diffusion.samplers import make_partial_timesteps, sample
 from meddiff.errors import ConfigError
+from meddiff.patches import patch_masks
 
 ModelFn = Callable[..., torch.Tensor]  # (x_t [n,C,H,W], t [n], idx [n] | None) -> output
 METHODS = ("one_step", "ddim", "ddpm")
@@ -42,10 +42,12 @@ class ReconstructionConfig:
     seed: int = 0
     n_noise: int = 1  # independent noise draws averaged (lowers the reconstruction's own noise on healthy tissue)
 
-    def validate(self, num_train_timesteps: int, image_hw: tuple[int, int] | None = None) -> None:
+    def validate(self, num_train_timesteps: int | None = None, image_hw: tuple[int, int] | None = None) -> None:
+        """Raise ``ConfigError`` naming the bad option. The depth is checked against the schedule's length and the
+        patch against the image size when those are given (``options_from`` calls this with neither)."""
         if self.method not in METHODS:
             raise ConfigError(f"recon.method={self.method!r} is unknown; choose one of {list(METHODS)}.")
-        if not 0 <= int(self.t_start) < num_train_timesteps:
+        if num_train_timesteps is not None and not 0 <= int(self.t_start) < num_train_timesteps:
             raise ConfigError(
                 f"recon.t_start={self.t_start} is outside [0, {num_train_timesteps}); pick a noise level inside the "
                 f"schedule, e.g. {num_train_timesteps // 4}."

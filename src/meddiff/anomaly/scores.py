@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from meddiff.errors import ConfigError, DataError
+from meddiff.anomaly.postprocess import as_bool, check_4d, check_mask_for
+from meddiff.errors import ConfigError
 
 REDUCTIONS = ("mean", "max", "percentile")
 
@@ -42,27 +43,14 @@ def image_scores(
         raise ConfigError(f"unknown score reduction {reduction!r}; choose one of {list(REDUCTIONS)}.")
     if not 0.0 <= float(q) <= 100.0:
         raise ConfigError(f"percentile q={q} must be in [0, 100] (e.g. 99).")
-    if not isinstance(maps, torch.Tensor) or maps.ndim != 4:
-        shape = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
-        raise DataError(f"maps must be a [B, C, H, W] tensor; got {shape}.")
+    check_4d(maps, "maps")
     x = maps if maps.is_floating_point() else maps.float()
     B = x.shape[0]
     if mask is None:
         m = torch.ones_like(x, dtype=torch.bool)
     else:
-        if (
-            not isinstance(mask, torch.Tensor)
-            or mask.ndim != 4
-            or mask.shape[0] != B
-            or mask.shape[2:] != x.shape[2:]
-            or mask.shape[1] not in (1, x.shape[1])
-        ):
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise DataError(
-                f"mask shape {shape} does not fit maps shape {tuple(x.shape)}; it must be [B, 1, H, W] or "
-                "[B, C, H, W] with the maps' B, H, W."
-            )
-        m = (mask if mask.dtype == torch.bool else mask != 0).to(x.device).expand_as(x)
+        check_mask_for(x, mask)
+        m = as_bool(mask).to(x.device).expand_as(x)
     x = x.reshape(B, -1)
     m = m.reshape(B, -1)
     count = m.sum(dim=1)

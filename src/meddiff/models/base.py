@@ -1,59 +1,35 @@
 """``DiffusionModule``: the one LightningModule all diffusion models derive from.
 
 It owns what every variant shares: the denoising loss on eps / x0 / v (l1, l2, huber), the optimizer and LR
-schedule, the EMA of the weights (used for validation, evaluation and reconstruction), NaN checks, logging,
-and validation-time anomaly AUROC. Subclasses override only what differs:
+schedule, the EMA of the weights (used for validation, evaluation and sampling), NaN fail-fast, logging and the
+healthy validation loss. Subclasses override only what differs:
 
 - ``net_input(x_t, batch)``: what the network sees (conditional models concatenate ``cond``);
+- ``conditioning_keys``: the batch entries ``model_fn`` gathers per item (e.g. ``("cond",)``);
 - ``class_labels(batch, train)``: class ids for guided models;
 - ``loss_region(x0)``: where the loss counts (patched DDPM: one patch);
-- ``reconstruct(batch)``: the healthy estimate ``[B, C, H, W] in [-1, 1]`` that ``meddiff.anomaly`` scores.
+- ``reconstruct(batch)``: the healthy / denoised estimate ``[B, C, H, W] in [-1, 1]``.
 
-All diffusion math comes from ``meddiff.diffusion``.
+Anomaly scoring (reconstruction and scoring configs, validation AUROC) lives with the models that score anomalies:
+``meddiff.models.anomaly``. All diffusion math comes from ``meddiff.diffusion``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import fields
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import BinaryAUROC
 
-from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
-from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.diffusion import NoiseSchedule, make_noise
 from meddiff.errors import ConfigError
 from meddiff.models.ema import EMA
 
 LOSSES = ("l1", "l2", "huber")
-
-
-def _as_dict(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    if cfg is None:
-        return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
-
-
-def _dataclass_from(cls, cfg: Mapping[str, Any] | None, what: str):
-    values = _as_dict(cfg)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"Unknown {what} option(s) {unknown}; valid options are {sorted(known)}.")
-    return cls(**values)
 
 
 class DiffusionModule(L.LightningModule):
@@ -69,13 +45,14 @@ class DiffusionModule(L.LightningModule):
             to the noise levels that reconstruction uses focuses capacity where scoring needs it.
         noise: ``gaussian`` or ``simplex``.
         ema_decay: EMA decay of the weights (0 disables EMA).
-        recon: ``ReconstructionConfig`` fields for the healthy estimate.
-        scoring: ``ScoringConfig`` fields for validation AUROC.
+        compile: ``torch.compile`` the net for training.
     """
 
-    #: which evaluation protocol ``meddiff.eval`` runs: ``anomaly`` (``meddiff.anomaly.evaluate``) or the name of a
-    #: module in ``meddiff.evaluation``
-    eval_protocol: str = "anomaly"
+    #: the evaluation protocol ``meddiff.eval`` runs: a name in ``meddiff.protocols`` (``anomaly``, ``denoise``,
+    #: ``guided``, or one added with ``meddiff.protocols.register_protocol``); each model class names its own
+    eval_protocol: str | None = None
+    #: batch entries holding per-image conditioning, gathered per item by ``model_fn`` (e.g. ``("cond",)``)
+    conditioning_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -88,8 +65,6 @@ class DiffusionModule(L.LightningModule):
         t_range: tuple[int, int | None] | list | None = None,
         noise: str = "gaussian",
         ema_decay: float = 0.999,
-        recon: Mapping[str, Any] | None = None,
-        scoring: Mapping[str, Any] | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -112,11 +87,6 @@ class DiffusionModule(L.LightningModule):
         if not 0 <= t_min < t_max <= T:
             raise ConfigError(f"model.t_range=[{t_min}, {t_max}] must satisfy 0 <= t_min < t_max <= T={T}.")
         self.t_min, self.t_max = t_min, t_max
-        self.recon_cfg: ReconstructionConfig = _dataclass_from(ReconstructionConfig, recon, "model.recon")
-        self.recon_cfg.validate(T)
-        self.scoring_cfg: ScoringConfig = _dataclass_from(ScoringConfig, scoring, "model.scoring")
-        self.val_auroc = BinaryAUROC()
-        self._val_has_anomalies = False
 
     # ------------------------------------------------------------------ hooks subclasses override
     def net_input(self, x_t: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -132,8 +102,8 @@ class DiffusionModule(L.LightningModule):
         return None
 
     def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Healthy estimate of ``batch['image']``: ``[B, C, H, W] in [-1, 1]``."""
-        return reconstruct(self.model_fn(batch), self.schedule, batch["image"], self.recon_cfg)
+        """The model's estimate for ``batch`` (healthy or denoised): ``[B, C, H, W] in [-1, 1]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not define reconstruct(batch).")
 
     # ------------------------------------------------------------------ shared machinery
     @property
@@ -152,7 +122,7 @@ class DiffusionModule(L.LightningModule):
         labels = class_labels if class_labels is not None else self.class_labels(batch, train=False)
 
         def fn(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-            sub = batch if idx is None else _index_batch(batch, idx)
+            sub = batch if idx is None else _index_batch(batch, idx, self.conditioning_keys)
             lab = labels if (labels is None or idx is None) else labels[idx]
             return self.denoiser(self.net_input(x_t, sub), t, lab)
 
@@ -205,6 +175,7 @@ class DiffusionModule(L.LightningModule):
             self.ema.update(self.net)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """``val/loss`` on the healthy rows (``label == 0``, or all rows without labels), seeded per batch."""
         x0 = batch["image"]
         gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
         healthy = _healthy_rows(batch)
@@ -212,27 +183,11 @@ class DiffusionModule(L.LightningModule):
             sub = _select(batch, healthy)
             loss = self.diffusion_loss(sub, generator=gen)
             self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=int(healthy.sum()))
-        if "label" in batch and self.score_in_validation:
-            labels = batch["label"]
-            recon = self.reconstruct(batch)
-            scores = score_batch(x0, recon, batch.get("brain_mask"), self.scoring_cfg)["score"]
-            self.val_auroc.update(scores, labels.long())
-            self._val_has_anomalies = True
 
     @property
     def score_in_validation(self) -> bool:
-        """Whether validation reconstructs and scores anomalies (models for anomaly detection)."""
-        return True
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_has_anomalies:
-            try:
-                auroc = self.val_auroc.compute()
-            except Exception:  # one class only in this (sanity-check) pass
-                auroc = torch.tensor(float("nan"))
-            self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
-            self.val_auroc.reset()
-            self._val_has_anomalies = False
+        """Whether validation reconstructs and scores anomalies (True in ``meddiff.models.anomaly.AnomalyScoring``)."""
+        return False
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         return self.reconstruct(batch)
@@ -284,6 +239,6 @@ def _select(batch: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-def _index_batch(batch: Mapping[str, Any], idx: torch.Tensor) -> dict[str, Any]:
-    """The conditioning tensors of a batch gathered at rows ``idx`` (``[n]``, repeats allowed)."""
-    return {k: (v[idx] if k in ("cond", "coarse") else v) for k, v in batch.items()}
+def _index_batch(batch: Mapping[str, Any], idx: torch.Tensor, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The conditioning tensors ``keys`` of a batch gathered at rows ``idx`` (``[n]``, repeats allowed)."""
+    return {k: (v[idx] if k in keys and torch.is_tensor(v) else v) for k, v in batch.items()}

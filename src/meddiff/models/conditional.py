@@ -22,6 +22,7 @@ from torch import nn
 from meddiff.diffusion import SAMPLERS, SPACINGS, make_noise, make_timesteps, sample
 from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.image_quality import image_scores
+from meddiff.models.anomaly import drop_legacy_recon
 from meddiff.models.base import DiffusionModule
 
 
@@ -75,6 +76,7 @@ class ConditionalDiffusion(DiffusionModule):
     """
 
     eval_protocol = "denoise"
+    conditioning_keys = ("cond",)
 
     def __init__(
         self,
@@ -93,10 +95,8 @@ class ConditionalDiffusion(DiffusionModule):
         val_sample_steps: int = 10,
         **kwargs: Any,
     ) -> None:
-        schedule = kwargs.get("schedule", args[1] if len(args) > 1 else None)
-        if kwargs.get("recon") is None and schedule is not None:
-            # the anomaly-reconstruction settings of the base are unused here; keep their check in range
-            kwargs["recon"] = {"t_start": schedule.num_train_timesteps // 4}
+        drop_legacy_recon(kwargs, "ConditionalDiffusion", "denoising samples from pure noise: see model.sampler, "
+                          "model.sample_steps")
         super().__init__(*args, **kwargs)
         T = self.schedule.num_train_timesteps
         if int(image_channels) < 1 or int(cond_channels) < 1:
@@ -240,12 +240,8 @@ class ConditionalDiffusion(DiffusionModule):
         return self.denoise(self._cond(batch))
 
     # ------------------------------------------------------------------ validation
-    @property
-    def score_in_validation(self) -> bool:
-        """Never anomaly-score: validation logs ``val/loss`` (and ``val/psnr`` from a fast DDIM pass)."""
-        return False
-
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """``val/loss`` (base) and, on the first ``val_psnr_batches`` batches, ``val/psnr`` of a fast DDIM pass."""
         super().validation_step(batch, batch_idx)
         if batch_idx >= self.val_psnr_batches or "image" not in batch:
             return

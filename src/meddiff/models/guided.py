@@ -30,7 +30,8 @@ from torch import nn
 from meddiff.diffusion import cfg_combine, ddim_invert, make_partial_timesteps, sample
 from meddiff.diffusion.noise import gaussian_like
 from meddiff.errors import ConfigError, DataError
-from meddiff.models.base import DiffusionModule, _as_dict, _dataclass_from
+from meddiff.models.anomaly import AnomalyScoring, drop_legacy_recon
+from meddiff.utils.options import options_from
 
 __all__ = ["GuidedDiffusion", "TranslateConfig", "net_num_class_embeds"]
 
@@ -56,25 +57,30 @@ class TranslateConfig:
     target_class: int = 0
     seed: int = 0
 
-    def validate(self, num_train_timesteps: int, num_classes: int) -> TranslateConfig:
-        """Raise ``ConfigError`` naming the bad option; returns ``self``."""
+    def validate(self, num_train_timesteps: int | None = None, num_classes: int | None = None) -> TranslateConfig:
+        """Raise ``ConfigError`` naming the bad option; returns ``self``.
+
+        ``t_start`` is checked against the schedule's length and ``target_class`` against the classes when those are
+        given (``options_from`` calls this with neither; the model calls it with both).
+        """
         w = self.guidance_scale
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ConfigError(
                 f"guidance_scale={w!r} must be a finite number >= 0 (0 = unconditional, 1 = conditional, "
                 "~3 = the seed's healthy translation)."
             )
-        T = int(num_train_timesteps)
-        if (
-            isinstance(self.t_start, bool)
-            or int(self.t_start) != self.t_start
-            or not 0 <= int(self.t_start) < T
-        ):
-            raise ConfigError(
-                f"t_start={self.t_start!r} is outside [0, {T}); pick an integer inversion depth, e.g. {T // 2}."
-            )
-        make_partial_timesteps(int(self.t_start), self.num_steps)  # validates num_steps
-        if not 0 <= int(self.target_class) < num_classes:
+        if num_train_timesteps is not None:
+            T = int(num_train_timesteps)
+            if (
+                isinstance(self.t_start, bool)
+                or int(self.t_start) != self.t_start
+                or not 0 <= int(self.t_start) < T
+            ):
+                raise ConfigError(
+                    f"t_start={self.t_start!r} is outside [0, {T}); pick an integer inversion depth, e.g. {T // 2}."
+                )
+            make_partial_timesteps(int(self.t_start), self.num_steps)  # validates num_steps
+        if num_classes is not None and not 0 <= int(self.target_class) < num_classes:
             raise ConfigError(
                 f"target_class={self.target_class!r} is outside [0, {num_classes}); 0 is CN (healthy)."
             )
@@ -105,11 +111,12 @@ def net_num_class_embeds(net: nn.Module) -> int | None:
     return None
 
 
-class GuidedDiffusion(DiffusionModule):
+class GuidedDiffusion(AnomalyScoring):
     """Class-conditional DDPM with a null class, translated toward healthy with classifier-free guidance.
 
     Args:
-        *args, **kwargs: :class:`~meddiff.models.base.DiffusionModule` arguments (net, schedule, optimizer, ...).
+        *args, **kwargs: :class:`~meddiff.models.anomaly.AnomalyScoring` arguments (net, schedule, optimizer,
+            scoring, ...).
             The net must be built with ``num_class_embeds = num_classes + 1`` (the last index is the null class).
         num_classes: number of real classes (5 for ADNI: CN, EMCI, MCI, LMCI, AD).
         cond_drop_prob: probability in ``[0, 1]`` that a training label is replaced by the null class.
@@ -132,13 +139,7 @@ class GuidedDiffusion(DiffusionModule):
         val_score_batches: int = 4,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("recon") is None:
-            # the base's partial-diffusion ``recon`` is unused here (``reconstruct`` translates); keep it valid for
-            # any schedule length by mirroring the translation depth
-            schedule = kwargs.get("schedule", args[1] if len(args) > 1 else None)
-            T = int(getattr(schedule, "num_train_timesteps", 1000))
-            depth = _as_dict(translate).get("t_start", TranslateConfig.t_start)
-            kwargs["recon"] = {"method": "ddim", "t_start": min(max(int(depth), 0), T - 1)}
+        drop_legacy_recon(kwargs, "GuidedDiffusion", "the healthy counterfactual is set by model.translate")
         super().__init__(*args, **kwargs)
         if isinstance(num_classes, bool) or int(num_classes) < 1:
             raise ConfigError(f"model.num_classes={num_classes!r} must be an integer >= 1 (5 for ADNI).")
@@ -155,9 +156,7 @@ class GuidedDiffusion(DiffusionModule):
                 f"model.cond_drop_prob={cond_drop_prob!r} must be in [0, 1] (FIELD-NOTES: 0.1-0.35)."
             )
         self.cond_drop_prob = p
-        self.translate_cfg: TranslateConfig = _dataclass_from(
-            TranslateConfig, _as_dict(translate), "model.translate"
-        )
+        self.translate_cfg: TranslateConfig = options_from(TranslateConfig, translate, "model.translate")
         self.translate_cfg.validate(self.schedule.num_train_timesteps, self.num_classes)
         if int(val_score_batches) < 0:
             raise ConfigError(f"model.val_score_batches={val_score_batches!r} must be >= 0.")

@@ -8,14 +8,16 @@ the patch predictions are stitched (``meddiff.anomaly.reconstruction``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from meddiff.anomaly.patches import patch_masks
 from meddiff.errors import ConfigError
-from meddiff.models.base import DiffusionModule
+from meddiff.models.anomaly import PartialDiffusionReconstruction
+from meddiff.patches import patch_masks
 
 
-class UnconditionalDiffusion(DiffusionModule):
+class UnconditionalDiffusion(PartialDiffusionReconstruction):
     """DDPM / pDDPM. ``patch_size=None`` trains whole-image DDPM; an int trains pDDPM on the grid of
     ``patch_size`` x ``patch_size`` patches with ``patch_stride`` (default = patch size).
 
@@ -30,8 +32,8 @@ class UnconditionalDiffusion(DiffusionModule):
         self.patch_size = patch_size
         self.patch_stride = patch_stride or patch_size
         if self.recon_cfg.patch_size is None and patch_size is not None:
-            self.recon_cfg.patch_size = patch_size
-            self.recon_cfg.stride = self.recon_cfg.stride or self.patch_stride
+            self.recon_cfg = replace(self.recon_cfg, patch_size=patch_size,
+                                     stride=self.recon_cfg.stride or self.patch_stride)
         self._masks: torch.Tensor | None = None
 
     def loss_region(self, x0: torch.Tensor) -> torch.Tensor | None:

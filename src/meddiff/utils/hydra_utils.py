@@ -13,6 +13,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from meddiff.utils.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 CKPT_CONFIG_KEY = "meddiff_config"
@@ -52,8 +54,7 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[
                     lg.id = id_file.read_text().strip()
                     lg.resume = "allow"
             logger = hydra.utils.instantiate(lg)
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(str(logger.version))
+            atomic_write_text(id_file, str(logger.version))
             loggers.append(logger)
         else:
             loggers.append(hydra.utils.instantiate(lg))

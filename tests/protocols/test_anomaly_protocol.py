@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import stat
+
 import pytest
 import torch
 
-from meddiff.anomaly.evaluate import EvalOptions, evaluate_anomaly_detection
 from meddiff.anomaly.reconstruction import ReconstructionConfig
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.diffusion import NoiseSchedule
+from meddiff.errors import ConfigError
+from meddiff.protocols.anomaly import EvalOptions, evaluate_anomaly_detection, run
 
 
 class HealthyIsBlack:
@@ -20,8 +26,8 @@ class HealthyIsBlack:
         self.schedule = NoiseSchedule(num_train_timesteps=100)
         self.seen_t: list[int] = []
 
-    def reconstruct(self, batch):
-        self.seen_t.append(self.recon_cfg.t_start)
+    def reconstruct(self, batch, recon=None):
+        self.seen_t.append((recon or self.recon_cfg).t_start)
         return -torch.ones_like(batch["image"])
 
 
@@ -78,7 +84,59 @@ def test_reconstruction_depth_is_chosen_on_validation():
     report = evaluate_anomaly_detection(model, _batches("point"), _batches("point", seed=3),
                                         EvalOptions(median_size=[1], reduction=["max"], n_boot=0, t_start=[5, 20, 40]))
     assert model.seen_t[:12] == [5] * 4 + [20] * 4 + [40] * 4  # one validation pass per depth
-    assert report["selection"]["t_start"] in (5, 20, 40)
+    chosen = report["selection"]["t_start"]
+    assert chosen in (5, 20, 40)
+    assert model.seen_t[12:] == [chosen] * 4  # the test pass reconstructs at the chosen depth
+    assert report["reconstruction"]["t_start"] == chosen  # ... and the report says which
     assert len(report["selection"]["candidates"]) == 3
+    assert model.recon_cfg.t_start == 10  # the protocol passed copies down; the model is unchanged
     with pytest.raises(Exception, match="t_start=500"):
         evaluate_anomaly_detection(model, _batches("point"), _batches("point"), EvalOptions(t_start=[500]))
+
+
+class _Data:
+    """A datamodule stand-in: validation finds point anomalies, test holds area anomalies; counts test access."""
+
+    def __init__(self) -> None:
+        self.test_calls = 0
+
+    def val_dataloader(self):
+        return _batches("point")
+
+    def test_dataloader(self):
+        self.test_calls += 1
+        return _batches("area", seed=1)
+
+
+def test_run_writes_the_report_files_and_touches_test_once(tmp_path):
+    model, data = HealthyIsBlack(), _Data()
+    cfg = {"median_size": [1], "reduction": ["mean", "max"], "n_boot": 20, "t_start": [5, 20]}
+    report = run(model, data, cfg, tmp_path, "cpu")
+    assert data.test_calls == 1
+    assert report["scoring"]["reduction"] == "max"  # chosen on validation (point anomalies), not on test
+    assert model.recon_cfg.t_start == 10 and report["reconstruction"]["t_start"] in (5, 20)
+    assert json.loads((tmp_path / "report.json").read_text())["summary"] == report["summary"]
+    rows = list(csv.reader((tmp_path / "metrics.csv").open()))
+    assert rows[0] == ["metric", "value"] and {r[0] for r in rows[1:]} == set(report["summary"])
+    for name in ("report.json", "metrics.csv", "roc.png", "anomaly_grid.png"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) & 0o044 == 0o044, name  # readable by all
+
+
+def test_run_rejects_unknown_eval_options(tmp_path):
+    with pytest.raises(ConfigError, match="Unknown eval option.*nboot"):
+        run(HealthyIsBlack(), _Data(), {"nboot": 5}, tmp_path, "cpu")
+
+
+def test_depths_need_a_model_with_a_reconstruction_config(tmp_path):
+    model = HealthyIsBlack()
+    del model.recon_cfg
+    with pytest.raises(ConfigError, match="eval.t_start"):
+        evaluate_anomaly_detection(model, _batches("point"), _batches("point"), EvalOptions(t_start=[5]))
+
+
+def test_without_selection_the_configured_setting_is_used_and_recorded():
+    model = HealthyIsBlack()
+    report = evaluate_anomaly_detection(model, None, _batches("point"), EvalOptions(select_on_val=False, n_boot=0))
+    assert report["selection"] == {"chosen_on": "config"}
+    assert report["scoring"] == model.scoring_cfg.as_dict()
+    assert report["reconstruction"]["t_start"] == 10 and model.seen_t == [10] * 4

@@ -1,0 +1,115 @@
+"""Anomaly scoring state for the diffusion models that detect anomalies (not every diffusion model does).
+
+- :class:`AnomalyScoring`: the scoring config (``model.scoring``: map, post-processing, reduction) and the
+  validation AUROC (``val/auroc``: each labelled validation batch is reconstructed and scored). Used by every model
+  that scores anomalies (``UnconditionalDiffusion``, ``GuidedDiffusion``); its ``eval_protocol`` is ``"anomaly"``.
+- :class:`PartialDiffusionReconstruction`: adds the partial-diffusion healthy estimate (``model.recon``: noise to
+  ``t_start``, denoise, optionally patched; ``meddiff.anomaly.reconstruction``) and ``reconstruct(batch, recon)``,
+  which takes an explicit reconstruction config so protocols can try depths without changing the model.
+
+Both are ``DiffusionModule`` subclasses meant to be combined (cooperative ``__init__``: each takes its own keyword
+and passes the rest on), e.g. ``class Refiner(PartialDiffusionReconstruction, SomeConditionalModule)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import torch
+from torchmetrics.classification import BinaryAUROC
+
+from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
+from meddiff.anomaly.scoring import ScoringConfig, score_batch
+from meddiff.errors import ConfigError
+from meddiff.models.base import DiffusionModule
+from meddiff.utils.options import options_from
+
+__all__ = ["AnomalyScoring", "PartialDiffusionReconstruction", "drop_legacy_recon"]
+
+
+class AnomalyScoring(DiffusionModule):
+    """A diffusion model whose ``reconstruct(batch)`` is a healthy estimate that ``meddiff.anomaly`` scores.
+
+    Args (besides :class:`~meddiff.models.base.DiffusionModule`'s):
+        scoring: :class:`~meddiff.anomaly.scoring.ScoringConfig` fields for ``val/auroc`` (and the anomaly
+            protocol's default setting).
+
+    Validation adds ``val/auroc`` over the batches that carry ``label`` (0 healthy / 1 anomalous) while
+    :attr:`score_in_validation` is True; the region is ``batch['brain_mask']`` when present.
+    """
+
+    eval_protocol: str | None = "anomaly"
+
+    def __init__(self, *args: Any, scoring: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scoring_cfg: ScoringConfig = options_from(ScoringConfig, scoring, "model.scoring")
+        self.val_auroc = BinaryAUROC()
+        self._val_has_anomalies = False
+
+    @property
+    def score_in_validation(self) -> bool:
+        """Whether this validation batch is reconstructed and scored for ``val/auroc``."""
+        return True
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if "label" in batch and self.score_in_validation:
+            recon = self.reconstruct(batch)
+            scores = score_batch(batch["image"], recon, batch.get("brain_mask"), self.scoring_cfg)["score"]
+            self.val_auroc.update(scores, batch["label"].long())
+            self._val_has_anomalies = True
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_has_anomalies:
+            try:
+                auroc = self.val_auroc.compute()
+            except Exception:  # one class only in this (sanity-check) pass
+                auroc = torch.tensor(float("nan"))
+            self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
+            self.val_auroc.reset()
+            self._val_has_anomalies = False
+
+
+class PartialDiffusionReconstruction(AnomalyScoring):
+    """Healthy estimate by partial diffusion: noise ``batch['image']`` to ``recon.t_start`` and denoise it.
+
+    Args (besides :class:`AnomalyScoring`'s):
+        recon: :class:`~meddiff.anomaly.reconstruction.ReconstructionConfig` fields (validated against the
+            schedule's length at construction).
+    """
+
+    def __init__(self, *args: Any, recon: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recon_cfg: ReconstructionConfig = options_from(ReconstructionConfig, recon, "model.recon")
+        self.recon_cfg.validate(self.schedule.num_train_timesteps)
+
+    def reconstruct(self, batch: Mapping[str, Any], recon: ReconstructionConfig | None = None) -> torch.Tensor:
+        """Healthy estimate of ``batch['image']``: ``[B, C, H, W] in [-1, 1]``.
+
+        ``recon`` (default: the model's ``recon_cfg``) is used as given and never stored: a protocol trying other
+        depths passes a copy (``dataclasses.replace(model.recon_cfg, t_start=...)``).
+        """
+        cfg = self.recon_cfg if recon is None else recon
+        return reconstruct(self.model_fn(batch), self.schedule, batch["image"], cfg)
+
+
+def drop_legacy_recon(kwargs: MutableMapping[str, Any], owner: str, instead: str) -> None:
+    """Remove ``recon`` from the constructor ``kwargs`` of a model that does not reconstruct by partial diffusion.
+
+    Checkpoints written before the models were split (meddiff 0.1) store ``recon: null`` in their config; it is
+    accepted and ignored with a ``DeprecationWarning`` for one release. A non-null ``recon`` would be silently
+    unused, so it is a ``ConfigError`` pointing at ``instead``.
+    """
+    if "recon" not in kwargs:
+        return
+    value = kwargs.pop("recon")
+    if value is not None:
+        raise ConfigError(f"model.recon is not used by {owner} ({instead}); remove it from the model config.")
+    warnings.warn(
+        f"model.recon: null is no longer an option of {owner} and is ignored; remove it from the config "
+        "(accepted for checkpoints written by meddiff 0.1, for one release).",
+        DeprecationWarning,
+        stacklevel=3,
+    )

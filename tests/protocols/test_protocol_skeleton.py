@@ -1,0 +1,79 @@
+"""The protocol skeleton: options parsed strictly, selection cannot reach the test split, report files written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from meddiff.errors import ConfigError
+from meddiff.protocols.base import Outcome, Protocol, TestSplitTouched, ValidationView, record_checkpoint
+
+
+class _Data:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def val_dataloader(self):
+        self.calls.append("val")
+        return [1, 2, 3]
+
+    def test_dataloader(self):
+        self.calls.append("test")
+        return [10, 20]
+
+
+@dataclass
+class _Opts:
+    offset: int = 0
+
+
+class _MeanProtocol(Protocol):
+    """Chooses an offset on validation, reports the offset test mean."""
+
+    name = "toy"
+    options = _Opts
+    peek_at_test = False
+
+    def select(self, model, data, opts, device):
+        if self.peek_at_test:
+            data.test_dataloader()
+        val = data.val_dataloader()
+        return {"offset": opts.offset, "val_mean": sum(val) / len(val)}
+
+    def test(self, model, datamodule, opts, selection, device):
+        test = datamodule.test_dataloader()
+        value = sum(test) / len(test) + selection["offset"]
+        return Outcome({"selection": {"chosen_on": "validation", **selection}, "summary": {"mean": value}})
+
+
+def test_run_selects_then_tests_once_and_writes_report_and_metrics(tmp_path):
+    data = _Data()
+    report = _MeanProtocol().run(None, data, {"offset": 1}, tmp_path / "out", "cpu")
+    assert data.calls == ["val", "test"]
+    assert report["summary"] == {"mean": 16.0}
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == report
+    assert (tmp_path / "out" / "metrics.csv").read_text().splitlines() == ["metric,value", "mean,16.000000"]
+    record_checkpoint(report, tmp_path / "out", tmp_path / "x.ckpt")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["checkpoint"] == str(tmp_path / "x.ckpt")
+
+
+def test_selection_cannot_reach_the_test_split(tmp_path):
+    proto = _MeanProtocol()
+    proto.peek_at_test = True  # the rule broken on purpose
+    data = _Data()
+    with pytest.raises(TestSplitTouched, match="test_dataloader"):
+        proto.run(None, data, {}, tmp_path, "cpu")
+    assert "test" not in data.calls
+    view = ValidationView(data)
+    with pytest.raises(TestSplitTouched):
+        view.test_set  # noqa: B018
+    with pytest.raises(AttributeError, match="read-only"):
+        view.calls = []
+    assert view.val_dataloader() == [1, 2, 3]
+
+
+def test_unknown_options_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"Unknown eval option\(s\) \['ofset'\]"):
+        _MeanProtocol().run(None, _Data(), {"ofset": 1}, tmp_path, "cpu")
