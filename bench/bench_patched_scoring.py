@@ -13,10 +13,10 @@ import argparse
 import torch
 from bench._common import interleaved
 
-from meddiff.anomaly.patches import patch_masks
 from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
 from meddiff.diffusion import NoiseSchedule
 from meddiff.nets import build_net
+from meddiff.patches import patch_masks
 
 NET = dict(channels=(16, 32, 64), attention_levels=(False, False, True), num_res_blocks=1, norm_num_groups=16)  # the demo UNet
 

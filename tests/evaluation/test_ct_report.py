@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from meddiff.anomaly.evaluate import EvalOptions, evaluate_anomaly_detection
 from meddiff.anomaly.reconstruction import ReconstructionConfig
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.errors import DataError
+from meddiff.protocols.anomaly import EvalOptions, evaluate_anomaly_detection
 from meddiff.protocols.ct_report import (
     overlay_segmentation,
     per_subtype_detection,

@@ -1,1 +1,2 @@
-"""Evaluation protocols other than anomaly detection (which lives in ``meddiff.anomaly.evaluate``)."""
+"""Deprecated: the protocols moved to :mod:`meddiff.protocols` (anomaly, denoise, guided, ct_report); these
+module paths are kept for one release."""

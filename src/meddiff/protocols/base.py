@@ -22,7 +22,8 @@ from __future__ import annotations
 import csv
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -129,3 +130,19 @@ def record_checkpoint(report: dict[str, Any], out_dir: str | Path, checkpoint: s
     report["checkpoint"] = str(checkpoint) if checkpoint else None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(out_dir) / "report.json", report)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode on ``device`` for the block; afterwards its train/eval flags and device are restored,
+    so the protocol leaves the model as it found it."""
+    flags = [(m, m.training) for m in model.modules()]
+    first = next(iter(model.parameters()), None)
+    home = first.device if first is not None else None
+    try:
+        yield model.to(device).eval()
+    finally:
+        for m, training in flags:
+            m.training = training
+        if home is not None and home != device:
+            model.to(home)

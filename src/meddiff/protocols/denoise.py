@@ -38,8 +38,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,6 +50,7 @@ from torch.utils.data import DataLoader, Subset
 from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.image_quality import image_scores
 from meddiff.patches import stitch_canvases
+from meddiff.protocols.base import evaluating
 from meddiff.utils.io import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 from meddiff.utils.options import options_from
 
@@ -283,22 +283,6 @@ def _check_data(datamodule: Any) -> None:
         )
 
 
-@contextmanager
-def _evaluating(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """``model`` in eval mode on ``device`` for the block; afterwards its train/eval flags and device are restored,
-    so the protocol leaves the model as it found it."""
-    flags = [(m, m.training) for m in model.modules()]
-    first = next(iter(model.parameters()), None)
-    home = first.device if first is not None else None
-    try:
-        yield model.to(device).eval()
-    finally:
-        for m, training in flags:
-            m.training = training
-        if home is not None and home != device:
-            model.to(home)
-
-
 # ------------------------------------------------------------------------------------------------ protocol
 def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir: str | Path,
         device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -331,7 +315,7 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
             f"{type(model).__name__} has no denoise(); the denoise protocol needs a ConditionalDiffusion model."
         )
     _check_data(datamodule)
-    with _evaluating(model, device):
+    with evaluating(model, device):
         return _run(model, datamodule, opts, out_dir, device)
 
 
