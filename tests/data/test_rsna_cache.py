@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,7 @@ from meddiff.data.preprocess.cache import (
     build_cache,
     cache_path,
     settings_hash,
+    source_stamp,
 )
 from meddiff.errors import DataError
 
@@ -154,10 +157,17 @@ def test_atomic_writes_leave_no_partial_files(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod.os, "replace", real_replace)
     # a garbage file at a chunk path the manifest does not list is rebuilt, never trusted
     (folder / "chunks" / "c00001.x.npy").write_bytes(b"garbage")
-    (folder / "chunks" / ".c00002.x.npy.tmp999").write_bytes(b"leftover of a killed writer")
+    # a temporary of a killed writer (its pid is dead) is removed; one of a live process is never touched
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = folder / "chunks" / f".c00002.x.npy.{proc.pid}.abc123_x.tmp"
+    dead.write_bytes(b"leftover of a killed writer")
+    live = folder / f".split_seed0.csv.{os.getpid()}.q1w2e3r4.tmp"
+    live.write_bytes(b"being written by a live process")
     cache = build_cache(recs, toy_preprocess, tmp_path, "toy", SETTINGS, chunk_size=4, progress=False)
     _check_contents(cache, 12)
-    assert not list((folder / "chunks").glob(".*tmp*"))
+    assert not list((folder / "chunks").glob(".*tmp*")) and live.is_file()
+    live.unlink()
     # an atomic save that fails midway keeps the previous file intact
     target = tmp_path / "a.npy"
     cache_mod._write_npy(target, np.arange(3))
@@ -216,3 +226,87 @@ def test_shape_mismatch_and_bad_records(tmp_path):
 
     with pytest.raises(DataError, match="every record failed.*bad file r000"):
         build_cache(_records(3), always_bad, tmp_path, "allbad", {}, progress=False)
+
+
+# ------------------------------------------------------------------------------------------- source stamps
+def file_preprocess(rec: dict) -> Processed:
+    """x = the number in the record's file; a file holding 'bad' is skipped."""
+    CALLS.append(rec["id"])
+    text = open(rec["path"]).read()
+    if text == "bad":
+        raise SkipRecord(f"{rec['path']} is bad", kind="bad_file")
+    return Processed({"x": np.full((2,), float(text), dtype=np.float32)})
+
+
+def _file_records(folder, n: int) -> list[dict]:
+    folder.mkdir(exist_ok=True)
+    recs = []
+    for i in range(n):
+        p = folder / f"f{i:02d}.txt"
+        if not p.exists():
+            p.write_text("bad" if i == 6 else str(i))
+        recs.append({"id": f"f{i:02d}", "path": str(p)})
+    return recs
+
+
+def _stamps(recs: list[dict]) -> list[str]:
+    return [source_stamp(r["path"]) for r in recs]
+
+
+def test_changed_source_files_are_decoded_again_chunk_by_chunk(tmp_path, caplog):
+    recs = _file_records(tmp_path / "src", 10)
+    build = lambda: build_cache(recs, file_preprocess, tmp_path, "f", {}, chunk_size=4, progress=False,  # noqa: E731
+                                stamps=_stamps(recs))
+    CALLS.clear()
+    cache = build()
+    assert len(CALLS) == 10 and cache.skipped["id"].tolist() == ["f06"]
+    assert cache.index["source_stamp"].tolist() == _stamps(recs)
+    CALLS.clear()
+    assert build().path == cache.path and CALLS == []  # unchanged files: opened as is
+    # repair f06 (chunk 1): only chunk 1 is decoded again; f06 leaves the skip list; the folder stays the same
+    (tmp_path / "src" / "f06.txt").write_text("60")
+    with caplog.at_level(logging.WARNING, logger="meddiff.data.preprocess.cache"):
+        fixed = build()
+    assert CALLS == ["f04", "f05", "f06", "f07"] and fixed.path == cache.path
+    assert fixed.skipped.empty and not len(pd.read_csv(fixed.path / "skipped.csv"))
+    assert fixed.get("x", 6).tolist() == [60.0, 60.0] and fixed.get("x", 9).tolist() == [9.0, 9.0]
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "1 source file(s) changed" in msg and "f06" in msg and "decoding 1 of 3 chunk(s) again" in msg
+    # a vanished file changes its stamp too: decoded again, then listed as skipped
+    os.remove(tmp_path / "src" / "f09.txt")
+    CALLS.clear()
+    gone = build()
+    assert CALLS == ["f08", "f09"] and gone.skipped["id"].tolist() == ["f09"]
+    assert "FileNotFoundError" in gone.skipped["reason"].iloc[0]
+    with pytest.raises(DataError, match="9 source stamps for 10"):
+        build_cache(recs, file_preprocess, tmp_path, "f", {}, chunk_size=4, progress=False, stamps=_stamps(recs)[:9])
+
+
+def test_a_cache_built_without_stamps_is_rebuilt_once_with_them(tmp_path, caplog):
+    recs = _file_records(tmp_path / "src", 6)
+    old = build_cache(recs, file_preprocess, tmp_path, "f", {}, chunk_size=4, progress=False)
+    (tmp_path / "src" / "f01.txt").write_text("10")  # changed after an old build that recorded no stamps
+    CALLS.clear()
+    with caplog.at_level(logging.WARNING, logger="meddiff.data.preprocess.cache"):
+        new = build_cache(recs, file_preprocess, tmp_path, "f", {}, chunk_size=4, progress=False,
+                          stamps=_stamps(recs))
+    assert new.path == old.path and len(CALLS) == 6 and new.get("x", 1).tolist() == [10.0, 10.0]
+    assert any("built without source-file stamps" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_changed_during_an_interrupted_build_is_decoded_again_on_resume(tmp_path):
+    recs = _file_records(tmp_path / "src", 8)
+
+    def interrupting(rec):
+        if rec["id"] == "f05":
+            raise Interrupt()
+        return file_preprocess(rec)
+
+    with pytest.raises(Interrupt):
+        build_cache(recs, interrupting, tmp_path, "f", {}, chunk_size=2, progress=False, stamps=_stamps(recs))
+    (tmp_path / "src" / "f00.txt").write_text("100")  # in chunk 0, already built before the interruption
+    CALLS.clear()
+    cache = build_cache(recs, file_preprocess, tmp_path, "f", {}, chunk_size=2, progress=False,
+                        stamps=_stamps(recs))
+    assert CALLS == ["f00", "f01", "f04", "f05", "f06", "f07"]  # chunk 1 (f02, f03) was kept
+    assert cache.get("x", 0).tolist() == [100.0, 100.0]

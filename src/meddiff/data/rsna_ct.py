@@ -4,13 +4,20 @@ The folder layout is :mod:`meddiff.data.formats.rsna_layout` (the Kaggle downloa
 :func:`meddiff.data.synthetic.ct.write_synthetic_rsna`'s output). ``prepare_data`` (rank 0) decodes every DICOM
 once (:class:`meddiff.data.preprocess.rsna_slices.RSNAPreprocess`) into the preprocessing cache
 (:mod:`meddiff.data.preprocess.cache`, ``<cache_dir>/rsna_ct-<hash12>/``): HU with the 12-bit intercept fix, windows as channels in ``[-1, 1]``, brain
-mask from HU, crop to the brain, resize to ``image_size``. Undecodable files are skipped and listed in the
-cache's ``skipped.csv``. ``setup`` splits by patient (``PatientID``, falling back to ``StudyInstanceUID``),
+mask from HU, crop to the brain, resize to ``image_size``. Undecodable files, and DICOMs without
+``RescaleIntercept`` (ambiguous HU), are skipped and listed in the cache's ``skipped.csv``. Every open compares each
+source file's size and mtime with those it was decoded from: changed (e.g. repaired) files are decoded again and
+leave the skip list (:mod:`meddiff.data.preprocess.cache`). ``setup`` splits by patient (``PatientID``, falling back to ``StudyInstanceUID``),
 deterministically per seed, stratified by "has any hemorrhage", and writes/reuses ``split_file``.
 
 Splits: train = healthy (``any == 0``) slices of train patients; val = all slices of val patients (healthy and
 hemorrhage, for thresholds and model selection); test = all slices of test patients. Near-empty slices (brain
 fraction < ``min_brain_fraction``) are left out of every split.
+
+Where the data comes from: a given ``root`` is used as is, and a missing one is a :class:`DataError` naming it
+(phantoms are written into it only with ``synthetic=true``, an explicit request). ``root: null`` means the synthetic
+phantoms at ``synthetic_root`` (written there on first use): how the demos say where synthetic data goes, so that
+``data.root=/my/rsna`` on a demo reads real data or fails, never fills that path with phantoms.
 
 Items follow ``docs/contracts.md``: ``image`` float32 ``[C, S, S]`` in ``[-1, 1]``, ``label`` int64 (``any``),
 ``subtypes`` float32 ``[5]`` (:data:`SUBTYPES` order), ``brain_mask`` bool ``[1, S, S]``, ``mask`` bool
@@ -33,7 +40,7 @@ from torch.utils.data import Dataset
 from meddiff.data.base import SplitDataModule
 from meddiff.data.formats.rsna_labels import LABEL_COLUMNS, SUBTYPES
 from meddiff.data.formats.rsna_layout import check_rsna_layout, rsna_records
-from meddiff.data.preprocess.cache import SliceCache, build_cache, cache_path
+from meddiff.data.preprocess.cache import SliceCache, build_cache, cache_path, source_stamp
 from meddiff.data.preprocess.ct_windows import WindowSpec, resolve_windows
 from meddiff.data.preprocess.rsna_slices import RSNAPreprocess
 from meddiff.data.splits import SPLITS, split_patients_by_positive
@@ -123,6 +130,10 @@ class RSNADicomDataset(Dataset):
                      str(out.meta["subject"]))
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
 def split_subjects(
     subjects: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
 ) -> pd.DataFrame:
@@ -142,7 +153,8 @@ class RSNACTDataModule(SplitDataModule):
     """Lightning DataModule for RSNA brain-CT hemorrhage (real Kaggle data or the synthetic stand-in).
 
     Args:
-        root: data folder (layout: :mod:`meddiff.data.formats.rsna_layout`).
+        root: data folder (layout: :mod:`meddiff.data.formats.rsna_layout`); must exist unless ``synthetic``.
+            ``None``: the synthetic phantoms at ``synthetic_root``.
         cache_dir: where caches live (default ``<root>/cache``).
         image_size: output side ``S`` (crop to the brain, then resize).
         windows: window presets / ``[center, width]`` pairs; one channel each (e.g. ``[brain]`` or
@@ -153,7 +165,9 @@ class RSNACTDataModule(SplitDataModule):
         seed: split seed (and ``max_slices`` subset seed).
         batch_size, num_workers, pin_memory: DataLoader settings.
         max_slices: cap on the number of slices (seeded random subset) for quick runs; null = all.
-        synthetic: when ``root`` has no ``stage_2_train.csv``, write a synthetic dataset there first.
+        synthetic: when the given ``root`` has no ``stage_2_train.csv``, write a synthetic dataset there first (an
+            explicit request; without it a missing ``root`` is an error).
+        synthetic_root: where synthetic phantoms go when ``root`` is ``None`` (written there on first use).
         synthetic_patients, synthetic_slices_per_patient, synthetic_image_size, synthetic_hemorrhage_fraction,
             synthetic_seed: generator settings (:func:`meddiff.data.synthetic.ct.write_synthetic_rsna`).
         split_file: CSV of the patient split; written when absent, reused when present (so a later eval sees the
@@ -166,7 +180,7 @@ class RSNACTDataModule(SplitDataModule):
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        root: str | os.PathLike | None,
         cache_dir: str | os.PathLike | None = None,
         image_size: int = 96,
         windows: WindowSpec | Sequence[WindowSpec] = ("brain",),
@@ -180,6 +194,7 @@ class RSNACTDataModule(SplitDataModule):
         pin_memory: bool = False,
         max_slices: int | None = None,
         synthetic: bool = False,
+        synthetic_root: str | os.PathLike | None = None,
         synthetic_patients: int = 24,
         synthetic_slices_per_patient: int = 8,
         synthetic_image_size: int = 128,
@@ -198,7 +213,17 @@ class RSNACTDataModule(SplitDataModule):
             raise ConfigError(f"image_size={image_size} is too small; use >= 8 (e.g. 96, 128 or 256).")
         if not 0.0 <= float(min_brain_fraction) < 1.0:
             raise ConfigError(f"min_brain_fraction={min_brain_fraction} must be in [0, 1).")
-        self.root = Path(root)
+        if root is None and synthetic_root is None:
+            raise ConfigError(
+                "data.root is not set: set it to your RSNA folder (stage_2_train.csv + stage_2_train/*.dcm), or set "
+                "data.synthetic_root to a folder where synthetic phantoms may be written."
+            )
+        self.synthetic_root = Path(synthetic_root) if synthetic_root is not None else None
+        self.root = Path(root) if root is not None else self.synthetic_root
+        # phantoms are written only where the config says synthetic data goes
+        self.may_write_synthetic = bool(synthetic) or root is None or (
+            self.synthetic_root is not None and _same_path(self.root, self.synthetic_root)
+        )
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / "cache"
         self.image_size = int(image_size)
         self.windows = tuple(resolve_windows(windows))
@@ -261,33 +286,51 @@ class RSNACTDataModule(SplitDataModule):
             self._records = rsna_records(self.root, self.max_slices, self.seed, with_masks=self.with_masks)
         return self._records
 
+    def source_stamps(self) -> list[str]:
+        """One stamp per record (size and mtime_ns of its DICOM and lesion mask): changed files are decoded again."""
+        return [
+            source_stamp(self.root / r["file"], self.root / r["mask_file"] if r.get("mask_file") else None)
+            for r in self.records()
+        ]
+
     def cache_folder(self) -> Path:
         """``<cache_dir>/rsna_ct-<hash12>`` for the current settings and records."""
         return cache_path(self.cache_dir, CACHE_NAME, self.cache_settings(), self.records(), self.chunk_size)
 
     # ------------------------------------------------------------------ Lightning hooks
+    def check_root(self) -> None:
+        """:class:`DataError` naming a given-but-missing (or incomplete) ``root`` and the fix."""
+        try:
+            check_rsna_layout(self.root)
+        except DataError as e:
+            hint = ""
+            if self.synthetic_root is not None and not self.may_write_synthetic:
+                hint = (f" To use the synthetic phantoms of this config instead, drop the data.root override (they "
+                        f"go to data.synthetic_root={str(self.synthetic_root)!r}).")
+            raise DataError(f"{e}{hint}") from e
+
     def prepare_data(self) -> None:
-        """Generate synthetic data if asked and absent, then build (or resume) the cache. Runs on rank 0."""
-        if self.synthetic and not (self.root / "stage_2_train.csv").is_file():
+        """Generate synthetic data where allowed and absent, then build (or resume, or refresh) the cache.
+
+        Runs on rank 0 (and from :meth:`setup` when the cache is not open yet). Source files are stat'ed on every
+        call: changed ones are decoded again.
+        """
+        if self.may_write_synthetic and not (self.root / "stage_2_train.csv").is_file():
             from meddiff.data.synthetic.ct import write_synthetic_rsna
 
             log.info("writing synthetic RSNA data to %s (%s)", self.root, self.synthetic_args)
             write_synthetic_rsna(self.root, **self.synthetic_args)
-        check_rsna_layout(self.root)
+        self.check_root()
         self.cache = build_cache(
             self.records(), self.preprocessor(), self.cache_dir, CACHE_NAME, self.cache_settings(),
             chunk_size=self.chunk_size, num_workers=self.cache_workers, progress=self.progress,
-            str_columns=_STR_COLUMNS,
+            str_columns=_STR_COLUMNS, stamps=self.source_stamps(),
         )
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache, split by patient (write or reuse ``split_file``) and build the datasets."""
-        if self.cache is None:
-            folder = self.cache_folder() if (self.root / "stage_2_train.csv").is_file() else None
-            if folder is not None and (folder / "complete").is_file():
-                self.cache = SliceCache(folder, str_columns=_STR_COLUMNS)
-            else:
-                self.prepare_data()
+        if self.cache is None:  # opens a finished cache (after checking the source stamps) or builds it
+            self.prepare_data()
         assert self.cache is not None
         index = self.cache.ok_index
         keep = index["brain_fraction"].astype(float) >= self.min_brain_fraction

@@ -10,6 +10,15 @@ RSNA quirk handled here (see ``FIELD-NOTES.md``): about half of the Kaggle RSNA 
 pixels whose ``RescaleIntercept`` is wrong (0 or 1 instead of about -1000). The community fix, applied by
 :func:`rescale_to_hu`, is: if ``BitsStored == 12 and PixelRepresentation == 0 and RescaleIntercept > -100``
 then ``px = px + 1000; px[px >= 4096] -= 4096; intercept = -1000``; then ``HU = px * slope + intercept``.
+
+Missing ``RescaleIntercept`` (0028,1052) (or an empty value): the file is refused with
+:class:`MissingRescaleError` (a :class:`DataError`), never decoded with an assumed intercept. CT stores HU as
+``px * slope + intercept`` with intercepts of -1024, -1000, 0 or 1 in RSNA alone, so no default is right: 0 turns
+a -1024 file into HU + 1024 (brain reads as bone, the slice then looks near-empty and vanishes silently). The
+12-bit fix above is the only intercept rule applied, and only with the tag present (it corrects a stored value;
+it does not invent one). The cache lists such files in ``skipped.csv`` (kind ``missing_rescale_intercept``); add
+the tag to the file and rerun: the cache notices the changed file and decodes it again. A missing
+``RescaleSlope`` counts as 1 (the identity every RSNA file stores).
 """
 
 from __future__ import annotations
@@ -29,7 +38,18 @@ from meddiff.errors import DataError
 # RSNA files use ``ID_...`` strings as UIDs, which pydicom's validation warns about on every read.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
-__all__ = ["CTSlice", "needs_intercept_fix", "rescale_to_hu", "read_dicom", "read_dicom_header"]
+__all__ = [
+    "CTSlice",
+    "MissingRescaleError",
+    "needs_intercept_fix",
+    "rescale_to_hu",
+    "read_dicom",
+    "read_dicom_header",
+]
+
+
+class MissingRescaleError(DataError):
+    """A CT DICOM without ``RescaleIntercept``: its Hounsfield units are ambiguous, so it is not decoded."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +64,7 @@ class CTSlice:
         sop_uid: ``SOPInstanceUID`` ('' when absent).
         z: ``ImagePositionPatient[2]`` in mm, or ``None`` when the tag is absent or malformed.
         slope: ``RescaleSlope`` as read (1.0 when absent).
-        intercept: the intercept actually used (``-1000`` after the 12-bit fix, else as read; 0.0 when absent).
+        intercept: the intercept actually used (``-1000`` after the 12-bit fix, else as read).
         bits_stored: ``BitsStored`` as read.
         pixel_representation: ``PixelRepresentation`` (0 unsigned, 1 signed).
         intercept_fixed: whether the 12-bit intercept fix was applied.
@@ -106,9 +126,9 @@ def _str_tag(ds: pydicom.Dataset, name: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _float_tag(ds: pydicom.Dataset, name: str, default: float) -> float:
+def _float_tag(ds: pydicom.Dataset, name: str, default: float | None) -> float | None:
     value = ds.get(name, None)
-    if value is None or value == "":
+    if value is None or value == "" or (isinstance(value, MultiValue | list | tuple) and len(value) == 0):
         return default
     if isinstance(value, MultiValue | list | tuple):  # malformed but seen in the wild
         value = value[0]
@@ -160,6 +180,7 @@ def read_dicom(path: str | os.PathLike) -> CTSlice:
     purpose: windowing uses fixed presets (:mod:`meddiff.data.preprocess.ct_windows`).
 
     Raises:
+        MissingRescaleError: no (or an empty) ``RescaleIntercept``: HU would be a guess (see the module docstring).
         DataError: missing file, not a DICOM, no or truncated pixel data, decoding failure, not a 2D slice.
     """
     ds = _open(path, stop_before_pixels=False)
@@ -175,11 +196,16 @@ def read_dicom(path: str | os.PathLike) -> CTSlice:
         )
     try:
         slope = _float_tag(ds, "RescaleSlope", 1.0)
-        intercept = _float_tag(ds, "RescaleIntercept", 0.0)
+        intercept = _float_tag(ds, "RescaleIntercept", None)
         bits_stored = int(ds.get("BitsStored", 16) or 16)
         pixel_rep = int(ds.get("PixelRepresentation", 0) or 0)
     except (TypeError, ValueError) as e:
         raise DataError(f"malformed rescale tags in {str(path)!r}: {e}") from e
+    if intercept is None:
+        raise MissingRescaleError(
+            f"DICOM {str(path)!r} has no RescaleIntercept (0028,1052): its Hounsfield units are ambiguous (RSNA files "
+            f"use -1024, -1000, 0 or 1), so it is skipped; add the tag to the file (e.g. with pydicom) and rerun."
+        )
     hu, intercept_used, fixed = rescale_to_hu(px, slope, intercept, bits_stored, pixel_rep)
     if not np.isfinite(hu).all():
         raise DataError(f"DICOM {str(path)!r} decodes to non-finite HU values; check its rescale tags.")

@@ -11,12 +11,22 @@ chunking; another hash is another folder, never reused by mistake)::
     manifest.json              which chunks are finished (the commit point of a chunk; rewritten atomically)
     chunks/c00000.<key>.npy    stacked arrays of the chunk's good records, ``[n_ok, ...]``, one file per key
     chunks/c00000.index.csv    the chunk's records: id, record fields, meta from preprocess_fn, ok, kind, reason
+                               (and source_stamp when stamps are given)
     index.csv                  all records; ``row`` = position in the concatenated arrays (-1 when skipped)
     skipped.csv                the skipped records and why
     complete                   written last: JSON with the key and counts; a cache without it is unfinished
 
 Every file is written through :mod:`meddiff.utils.io` (a temporary name, then ``os.replace``: atomic on POSIX), so
 an interrupted build leaves only finished chunks behind; rerunning builds only the chunks the manifest lacks.
+Temporary files of builders that died (``kill -9``) are removed when the next build starts
+(:func:`meddiff.utils.io.remove_stale_tmp`; a live process's are kept).
+
+Source files can change after they were decoded (a repaired DICOM, a re-download). Pass ``stamps`` (one string per
+record naming its source files' identity, e.g. :func:`source_stamp`: size and mtime_ns) and every open compares
+them with the stamps the chunks were built from: a chunk with a changed, new or vanished file is decoded again
+(only that chunk; the rest of the cache is kept), ``index.csv``/``skipped.csv`` are rewritten (a repaired file
+leaves the skip list), and a WARNING names the changed files. Stamps are not part of the folder name, so a
+changed file never leaves an orphan cache folder behind. A cache built without stamps is rebuilt once (logged).
 
 A record is a mapping with a unique string ``id`` plus any scalar fields (copied into the index). A
 ``preprocess_fn`` returns either a mapping ``key -> np.ndarray`` or :class:`Processed` (arrays + scalar meta
@@ -46,7 +56,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from meddiff.errors import ConfigError, DataError
-from meddiff.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from meddiff.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, remove_stale_tmp
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -58,12 +68,13 @@ __all__ = [
     "cache_path",
     "records_fingerprint",
     "settings_hash",
+    "source_stamp",
 ]
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
-_RESERVED = ("row", "ok", "kind", "reason", "chunk")
+_RESERVED = ("row", "ok", "kind", "reason", "chunk", "source_stamp")
 
 
 class SkipRecord(DataError):
@@ -143,6 +154,69 @@ def cache_path(
     return Path(cache_root) / f"{name}-{settings_hash(cache_key(settings, records, chunk_size))}"
 
 
+def source_stamp(*paths: str | os.PathLike | None) -> str:
+    """Identity of a record's source files for ``build_cache(stamps=...)``: ``size:mtime_ns`` per file.
+
+    ``None`` entries (an optional file the record lacks) are left out; a file that does not exist stamps as
+    ``missing``, so its appearance later changes the stamp too. ``;`` joins several files. A content hash would also
+    catch a same-size rewrite within one mtime tick, but costs a full read of every file on every open.
+    """
+    parts = []
+    for p in paths:
+        if p is None:
+            continue
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            parts.append("missing")
+            continue
+        except OSError as e:  # unreadable metadata: a stamp that never matches a stored one forces a decode
+            parts.append(f"error:{type(e).__name__}")
+            continue
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return ";".join(parts)
+
+
+def _chunk_stamps(stamps: Sequence[str] | None, n_records: int, chunk_size: int) -> dict[str, str] | None:
+    """``{chunk id: sha256 of its records' stamps}`` (None without stamps)."""
+    if stamps is None:
+        return None
+    if len(stamps) != n_records:
+        raise DataError(f"got {len(stamps)} source stamps for {n_records} cache records; give one per record.")
+    out = {}
+    for cid, start in enumerate(range(0, n_records, chunk_size)):
+        h = hashlib.sha256()
+        for st in stamps[start : start + chunk_size]:
+            h.update(str(st).encode())
+            h.update(b"\n")
+        out[str(cid)] = h.hexdigest()
+    return out
+
+
+def _changed_sources(
+    chunk_dir: Path, chunks: Sequence[int], recs: Sequence[Mapping[str, Any]], stamps: Sequence[str],
+    chunk_size: int, limit: int = 3,
+) -> tuple[int, list[str]]:
+    """How many records of ``chunks`` have a stamp other than the one stored in the chunk index, and examples."""
+    n, examples = 0, []
+    for cid in chunks:
+        path = _chunk_file(chunk_dir, cid, "index.csv")
+        start = cid * chunk_size
+        current = {str(r["id"]): str(st) for r, st in zip(recs[start : start + chunk_size],
+                                                          stamps[start : start + chunk_size])}
+        try:
+            old = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=["id", "source_stamp"])
+            stored = dict(zip(old["id"], old["source_stamp"]))
+        except (OSError, ValueError):  # no index or no stamp column: every record counts as changed
+            stored = {}
+        for rid, st in current.items():
+            if stored.get(rid) != st:
+                n += 1
+                if len(examples) < limit:
+                    examples.append(f"{rid} ({stored.get(rid, 'not stamped')} -> {st})")
+    return n, examples
+
+
 # --------------------------------------------------------------------------------------------- writing
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     """One array file of a chunk, written atomically and fsync'd (numeric data only: no pickles)."""
@@ -193,9 +267,9 @@ def _as_arrays(out: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return {str(k): np.asarray(v) for k, v in arrays.items()}, dict(meta)
 
 
-def _process_chunk(task: tuple[int, list[dict[str, Any]]]) -> dict[str, Any]:
+def _process_chunk(task: tuple[int, list[dict[str, Any]], list[str] | None]) -> dict[str, Any]:
     """Run preprocess_fn over one chunk, write its array files and index CSV atomically, return a summary."""
-    chunk_id, records = task
+    chunk_id, records, stamps = task
     fn: PreprocessFn = _WORKER["fn"]
     chunk_dir: Path = _WORKER["chunk_dir"]
     float_dtype = np.dtype(_WORKER["float_dtype"])
@@ -203,8 +277,10 @@ def _process_chunk(task: tuple[int, list[dict[str, Any]]]) -> dict[str, Any]:
 
     stacks: dict[str, list[np.ndarray]] = {}
     rows: list[dict[str, Any]] = []
-    for rec in records:
+    for j, rec in enumerate(records):
         row = {k: v for k, v in rec.items()}
+        if stamps is not None:
+            row["source_stamp"] = stamps[j]
         try:
             arrays, meta = _as_arrays(fn(rec))
             arrays = {
@@ -250,7 +326,7 @@ def _default_mp_context() -> str:
 
 
 def _iter_results(
-    tasks: list[tuple[int, list[dict[str, Any]]]],
+    tasks: list[tuple[int, list[dict[str, Any]], list[str] | None]],
     init_args: tuple,
     num_workers: int,
     mp_context: str | None,
@@ -312,6 +388,7 @@ def build_cache(
     progress: bool = True,
     mp_context: str | None = None,
     str_columns: Sequence[str] = (),
+    stamps: Sequence[str] | None = None,
 ) -> SliceCache:
     """Build (or resume, or just open) the cache for ``records`` under ``<cache_root>/<name>-<hash12>/``.
 
@@ -327,6 +404,8 @@ def build_cache(
         progress: show a tqdm bar.
         mp_context: 'fork' / 'spawn' / 'forkserver' (default: fork on Linux unless CUDA is initialised).
         str_columns: index columns to read back as strings (ids that look numeric).
+        stamps: one string per record, the identity of its source files (:func:`source_stamp`); chunks whose
+            stamps changed since they were built are decoded again (see the module docstring). None: no check.
 
     Returns:
         the opened :class:`SliceCache`.
@@ -339,16 +418,25 @@ def build_cache(
     key = cache_key(settings, recs, chunk_size)
     folder = Path(cache_root) / f"{name}-{settings_hash(key)}"
     complete = folder / "complete"
-    if complete.is_file():
+    stamps = None if stamps is None else [str(s) for s in stamps]
+    want = _chunk_stamps(stamps, len(recs), chunk_size)
+
+    def finished() -> bool:  # complete, and built from the current source files
+        if not complete.is_file():
+            return False
+        return want is None or (_read_json(complete) or {}).get("stamps") == want
+
+    if finished():
         return SliceCache(folder, str_columns=str_columns, expected_key=key)
 
     chunk_dir = folder / "chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     with _build_lock(folder):
-        if complete.is_file():  # another process finished it while we waited for the lock
+        if finished():  # another process finished it while we waited for the lock
             return SliceCache(folder, str_columns=str_columns, expected_key=key)
-        for stale in list(folder.glob(".*.tmp*")) + list(chunk_dir.glob(".*.tmp*")):
-            stale.unlink(missing_ok=True)  # leftovers of an interrupted atomic write
+        # leftovers of writers killed mid-write; files of live processes (e.g. a split file being written) stay
+        remove_stale_tmp(folder)
+        remove_stale_tmp(chunk_dir)
         stored = _read_json(folder / "settings.json")
         if stored is not None and stored != json.loads(_canonical_json(key)):
             raise DataError(f"{folder} holds a cache with other settings (hash collision?); delete the folder.")
@@ -357,11 +445,32 @@ def build_cache(
         n_chunks = (len(recs) + chunk_size - 1) // chunk_size
         manifest = _read_json(folder / "manifest.json") or {}
         done: dict[str, dict[str, Any]] = {}
+        stale_chunks: list[int] = []
         for cid, summary in (manifest.get("done") or {}).items():
             files = [_chunk_file(chunk_dir, int(cid), "index.csv")]
             files += [_chunk_file(chunk_dir, int(cid), f"{k}.npy") for k in summary.get("arrays", {})]
             if int(cid) < n_chunks and all(f.is_file() for f in files):
-                done[cid] = summary
+                if want is not None and summary.get("stamps") != want[cid]:
+                    stale_chunks.append(int(cid))
+                else:
+                    done[cid] = summary
+        unstamped = [c for c in stale_chunks if not manifest["done"][str(c)].get("stamps")]
+        if stale_chunks and len(unstamped) == len(stale_chunks):
+            log.warning(
+                "cache %s was built without source-file stamps (older meddiff, or stamps=None): decoding %d of %d "
+                "chunk(s) again so that files changed since then are read", folder.name, len(stale_chunks), n_chunks,
+            )
+        elif stale_chunks:
+            assert stamps is not None
+            stale_chunks.sort()
+            n_changed, examples = _changed_sources(chunk_dir, stale_chunks, recs, stamps, chunk_size)
+            log.warning(
+                "cache %s: %d source file(s) changed since they were decoded (e.g. %s; stamp = size:mtime_ns); "
+                "decoding %d of %d chunk(s) again and rewriting the index and skip list", folder.name, n_changed,
+                "; ".join(examples) or "chunks built without stamps", len(stale_chunks), n_chunks,
+            )
+        # the cache is unfinished from here on: new readers wait for this build instead of opening stale arrays
+        complete.unlink(missing_ok=True)
         todo = [i for i in range(n_chunks) if str(i) not in done]
         if done:
             log.info("cache %s: resuming, %d/%d chunks already built", folder.name, len(done), n_chunks)
@@ -371,25 +480,31 @@ def build_cache(
             if array_shapes
             else None
         )
-        tasks = [(i, recs[i * chunk_size : (i + 1) * chunk_size]) for i in todo]
+        tasks = [
+            (i, recs[i * chunk_size : (i + 1) * chunk_size],
+             None if stamps is None else stamps[i * chunk_size : (i + 1) * chunk_size])
+            for i in todo
+        ]
         init_args = (preprocess_fn, str(chunk_dir), float_dtype, shapes)
         t0 = time.perf_counter()
         n_new = sum(len(t[1]) for t in tasks)
         with tqdm(total=len(recs), initial=len(recs) - n_new, desc=f"cache {name}", disable=not progress,
                   unit="rec", smoothing=0.1) as bar:
             for summary in _iter_results(tasks, init_args, num_workers, mp_context):
+                if want is not None:  # the stamps taken before decoding: a file changed meanwhile decodes again
+                    summary["stamps"] = want[str(summary["chunk"])]
                 done[str(summary["chunk"])] = summary
                 atomic_write_text(folder / "manifest.json", json.dumps({"n_chunks": n_chunks, "done": done}))
                 bar.update(summary["n_records"])
         elapsed = time.perf_counter() - t0
 
-        _finalize(folder, chunk_dir, n_chunks, done, key, elapsed, n_new)
+        _finalize(folder, chunk_dir, n_chunks, done, key, elapsed, n_new, want)
     return SliceCache(folder, str_columns=str_columns, expected_key=key)
 
 
 def _finalize(
     folder: Path, chunk_dir: Path, n_chunks: int, done: dict[str, dict[str, Any]], key: dict, elapsed: float,
-    n_new: int,
+    n_new: int, stamps: dict[str, str] | None = None,
 ) -> None:
     specs = {json.dumps(s["arrays"], sort_keys=True) for s in done.values() if s["arrays"]}
     if len(specs) > 1:
@@ -411,8 +526,9 @@ def _finalize(
         df.insert(0, "row", row)
         frames.append(df)
     index = pd.concat(frames, ignore_index=True)
-    for c in ("kind", "reason"):
-        index[c] = index[c].fillna("").astype(str)
+    for c in ("kind", "reason", "source_stamp"):
+        if c in index:
+            index[c] = index[c].fillna("").astype(str)
     skipped = index[~index["ok"]]
     atomic_write_csv(folder / "index.csv", index)
     atomic_write_csv(folder / "skipped.csv", skipped)
@@ -430,6 +546,8 @@ def _finalize(
             f"{skipped['reason'].head(3).tolist()}. Fix the data or preprocess_fn, then rerun."
         )
     marker = {"key": _jsonable(key), "n_records": len(index), "n_ok": offset, "n_skipped": n_skip, "arrays": arrays}
+    if stamps is not None:
+        marker["stamps"] = stamps
     atomic_write_text(folder / "complete", json.dumps(marker, indent=2, sort_keys=True))
 
 
@@ -462,7 +580,7 @@ class SliceCache:
         self.arrays: dict[str, tuple[tuple[int, ...], str]] = {
             k: (tuple(v[0]), v[1]) for k, v in marker.get("arrays", {}).items()
         }
-        dtypes = {c: str for c in ("id", "kind", "reason", *str_columns)}
+        dtypes = {c: str for c in ("id", "kind", "reason", "source_stamp", *str_columns)}
         index = pd.read_csv(self.path / "index.csv", dtype=dtypes, keep_default_na=False, na_values=[""])
         for c in dtypes:
             if c in index:

@@ -1,5 +1,8 @@
 """The per-record preprocessing of RSNA brain-CT slices for the cache: DICOM -> HU -> windows, brain mask, crop,
-resize (:func:`meddiff.data.preprocess.ct_windows.preprocess_hu`), plus the lesion label map of synthetic data."""
+resize (:func:`meddiff.data.preprocess.ct_windows.preprocess_hu`), plus the lesion label map of synthetic data.
+
+A DICOM without ``RescaleIntercept`` is skipped on purpose (kind ``missing_rescale_intercept`` in the cache's
+``skipped.csv``; why: :mod:`meddiff.data.formats.dicom`); every other unreadable file is skipped and listed too."""
 
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from meddiff.data.formats.dicom import read_dicom
-from meddiff.data.preprocess.cache import Processed
+from meddiff.data.formats.dicom import MissingRescaleError, read_dicom
+from meddiff.data.preprocess.cache import Processed, SkipRecord
 from meddiff.data.preprocess.ct_windows import preprocess_hu
 from meddiff.errors import DataError
 
-__all__ = ["RSNAPreprocess"]
+__all__ = ["MISSING_INTERCEPT", "RSNAPreprocess"]
+
+MISSING_INTERCEPT = "missing_rescale_intercept"  # the skip kind of a DICOM without RescaleIntercept
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,16 @@ class RSNAPreprocess:
     with_masks: bool = False
 
     def load(self, record: Mapping[str, Any]) -> tuple[Any, np.ndarray | None]:
-        """Decode the record's DICOM (and its lesion label map when ``with_masks``)."""
-        sl = read_dicom(Path(self.root) / record["file"])
+        """Decode the record's DICOM (and its lesion label map when ``with_masks``).
+
+        Raises:
+            SkipRecord: kind ``missing_rescale_intercept`` (the reason names the file and the tag).
+            DataError: any other unreadable file.
+        """
+        try:
+            sl = read_dicom(Path(self.root) / record["file"])
+        except MissingRescaleError as e:
+            raise SkipRecord(str(e), kind=MISSING_INTERCEPT) from e
         lesion = None
         if self.with_masks:
             mpath = Path(self.root) / record["mask_file"]
