@@ -213,22 +213,25 @@ class MeanHealthy:
         return cls((total / n).float(), n, time.perf_counter() - t0)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``mu`` as ``[B, C, H, W]`` on ``x``'s device."""
+        """``mu`` as ``[B, C, H, W]`` on ``x``'s device (counted as ``B`` queries in ``cost``).
+
+        Pass it as the "reconstruction" to ``meddiff.anomaly.scoring.score_batch`` to score the baseline with the
+        post-processing chosen on validation.
+        """
         _check_images(x)
         if x.shape[1:] != self.mean.shape:
             raise DataError(f"images {tuple(x.shape)} do not match the mean healthy image {tuple(self.mean.shape)}.")
-        return self.mean.to(x.device).expand_as(x)
-
-    def map(self, x: torch.Tensor, brain_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``|x - mu|`` ``[B, C, H, W]`` in ``[0, 2]`` (zero outside ``brain_mask`` ``[B, 1, H, W]``)."""
         t0 = time.perf_counter()
-        out = (x.float() - self.reconstruct(x)).abs()
-        region = _as_region(brain_mask, out)
-        if region is not None:
-            out = out * region
+        out = self.mean.to(x.device).expand_as(x)
         self.cost.query_seconds += time.perf_counter() - t0
         self.cost.n_queries += x.shape[0]
         return out
+
+    def map(self, x: torch.Tensor, brain_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``|x - mu|`` ``[B, C, H, W]`` in ``[0, 2]`` (zero outside ``brain_mask`` ``[B, 1, H, W]``)."""
+        out = (x.float() - self.reconstruct(x)).abs()
+        region = _as_region(brain_mask, out)
+        return out if region is None else out * region
 
 
 class NearestHealthy:
@@ -332,7 +335,8 @@ class NearestHealthy:
         """The nearest healthy training image of each query, ``[B, C, H, W]`` on ``x``'s device.
 
         Pass it as the "reconstruction" to ``meddiff.anomaly.scoring.score_batch`` to score the baseline with the
-        post-processing chosen on validation.
+        post-processing chosen on validation (``brain_mask`` here restricts the neighbour search; give the region to
+        ``score_batch`` as well).
         """
         idx, _ = self.search(x, brain_mask)
         return self.reference[idx].float().reshape(x.shape).to(x.device)
