@@ -27,6 +27,7 @@ With a ``mask`` the pooling sums run over the mask pixels only (the maps are com
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -47,8 +48,9 @@ _WHITE_D50 = (0.9642, 1.0, 0.8251)  # SDSP.m's reference white
 _SCHARR_X = ((3.0, 0.0, -3.0), (10.0, 0.0, -10.0), (3.0, 0.0, -3.0))
 
 
+@functools.lru_cache(maxsize=1)
 def piq_available() -> bool:
-    """True when ``import piq`` works (it imports torchvision)."""
+    """True when ``import piq`` works (it imports torchvision); checked once per process."""
     try:
         import piq  # noqa: F401
     except Exception:  # ImportError, or torchvision failing to load its ops
