@@ -7,8 +7,8 @@ the extra when it does not. Protocols report BM3D as absent rather than fail.
 
 Units: images in ``[-1, 1]`` and ``sigma`` as a standard deviation in the same units (the ``noise_std`` of the
 denoising data). BM3D runs on ``(x + 1) / 2`` with ``sigma / 2`` (the same image in ``[0, 1]``) and the result is
-mapped back and clipped to ``[-1, 1]``. Measured cost: ~0.2-1 s per 64 x 64 slice on one CPU core (see
-``bench/bench_bm3d.py``).
+mapped back and clipped to ``[-1, 1]``. Measured cost: 1.4-2 s per 64 x 64 slice on one core of a busy 2-core
+machine, ~90x non-local means (``bench/bench_bm3d.py``).
 """
 
 from __future__ import annotations
