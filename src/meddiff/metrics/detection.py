@@ -1,4 +1,5 @@
-"""Image-level detection metrics: AUROC and AUPRC with stratified bootstrap confidence intervals.
+"""Image-level detection metrics: AUROC and AUPRC with stratified bootstrap confidence intervals, the cluster
+(subject / patient) bootstrap, and paired bootstrap CIs of a model's margin over a baseline.
 
 Scores: larger = more anomalous. Labels: 0 healthy / 1 anomalous. Point estimates come from scikit-learn
 (``roc_auc_score``, ``average_precision_score``). The bootstrap resamples positives and negatives separately
@@ -7,11 +8,17 @@ is vectorised: a replicate is a vector of multiplicities over the original sampl
 count one half) and average precision (step rule, as scikit-learn) are computed for a whole block of
 replicates at once from weighted cumulative sums over the samples sorted once. Memory per block is bounded
 (``~4e6`` numbers). The CI is the percentile interval of the replicates.
+
+Where items come in clusters (slices of one patient/volume), items are not independent and an item bootstrap
+gives intervals that are too narrow: ``detection_ci(..., subjects=...)`` resamples subjects (each keeps all its
+items; subjects stratified by composition). ``paired_difference`` applies the *same* replicate weights to two
+score vectors of the same items (model and baseline), so the CI of "model - baseline" reflects the correlation
+between them; it resamples subjects when ``subjects`` are given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -108,20 +115,50 @@ def weighted_auroc_ap(
     return auroc, ap
 
 
-def _bootstrap(s: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _strata_weight_blocks(
+    strata: Sequence[np.ndarray], n_units: int, n_boot: int, seed: int, expand: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
+    """Bootstrap replicate weights in blocks: each stratum of units resampled with replacement to its own size.
+
+    Yields ``[r, N]`` float64 multiplicities (``sum(r) = n_boot``); with ``expand`` (unit of each item, ``[N]``)
+    a unit's multiplicity is given to every one of its items (the cluster bootstrap).
+    """
     rng = np.random.default_rng(seed)
-    pos = np.flatnonzero(y)
-    neg = np.flatnonzero(~y)
-    n = s.size
-    block = max(1, _BLOCK_ELEMENTS // n)
-    aurocs, aps = [], []
+    n_items = n_units if expand is None else expand.size
+    block = max(1, _BLOCK_ELEMENTS // max(n_units, n_items))
     for start in range(0, n_boot, block):
         r = min(block, n_boot - start)
-        offsets = (np.arange(r) * n)[:, None]
+        offsets = (np.arange(r) * n_units)[:, None]
         draws = np.concatenate(
-            [idx[rng.integers(0, idx.size, size=(r, idx.size))] for idx in (pos, neg)], axis=1
+            [idx[rng.integers(0, idx.size, size=(r, idx.size))] for idx in strata], axis=1
         )
-        w = np.bincount((draws + offsets).ravel(), minlength=r * n).reshape(r, n).astype(np.float64)
+        w = np.bincount((draws + offsets).ravel(), minlength=r * n_units).reshape(r, n_units).astype(np.float64)
+        yield w if expand is None else w[:, expand]
+
+
+def _item_weight_blocks(y: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Stratified item bootstrap: positives and negatives resampled separately."""
+    return _strata_weight_blocks((np.flatnonzero(y), np.flatnonzero(~y)), y.size, n_boot, seed)
+
+
+def _cluster_weight_blocks(y: np.ndarray, subjects: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Cluster bootstrap: subjects resampled with replacement, each keeping all its items.
+
+    Subjects are stratified by composition (all anomalous / mixed / all healthy), each stratum resampled to its own
+    size, so every replicate holds both classes whenever the data does.
+    """
+    _, inv = np.unique(subjects, return_inverse=True)
+    n_sub = int(inv.max()) + 1
+    n_pos = np.bincount(inv, weights=y.astype(np.float64), minlength=n_sub)
+    n_all = np.bincount(inv, minlength=n_sub)
+    kind = np.where(n_pos == n_all, 2, np.where(n_pos > 0, 1, 0))
+    strata = [idx for idx in (np.flatnonzero(kind == k) for k in (2, 1, 0)) if idx.size]
+    return _strata_weight_blocks(strata, n_sub, n_boot, seed, expand=inv)
+
+
+def _bootstrap(s: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    aurocs, aps = [], []
+    for w in _item_weight_blocks(y, n_boot, seed):
         a, p = weighted_auroc_ap(s, y, w)
         aurocs.append(a)
         aps.append(p)
@@ -213,3 +250,169 @@ def aggregate_by_subject(
     lab = np.zeros(ids.size, dtype=np.int64)
     np.maximum.at(lab, inv, y.astype(np.int64))
     return ids.tolist(), out, lab
+
+
+def _check_boot_args(n_boot: Any, ci: Any) -> None:
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 0:
+        raise ConfigError(f"n_boot={n_boot!r} must be an integer >= 0 (e.g. 1000; 0 disables the CI).")
+    if not 0.0 < float(ci) < 1.0:
+        raise ConfigError(f"ci={ci} must be in (0, 1), e.g. 0.95.")
+
+
+def _check_subjects(subjects: Sequence[Any] | None, n: int) -> np.ndarray | None:
+    if subjects is None:
+        return None
+    subj = np.asarray([str(v) for v in subjects])
+    if subj.shape != (n,):
+        raise DataError(f"subjects must have one id per score; got {subj.size} ids for {n} scores.")
+    return subj
+
+
+def _weight_blocks(y: np.ndarray, subj: np.ndarray | None, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    return _item_weight_blocks(y, n_boot, seed) if subj is None else _cluster_weight_blocks(y, subj, n_boot, seed)
+
+
+def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
+    alpha = (1.0 - float(ci)) / 2.0
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def detection_ci(
+    scores: Any,
+    labels: Any,
+    subjects: Sequence[Any] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Image-level AUROC / AUPRC with a bootstrap CI that resamples subjects when ``subjects`` are given.
+
+    Args:
+        scores: ``[N]`` item scores (larger = more anomalous); labels: ``[N]`` 0/1 (both classes present).
+        subjects: ``N`` subject / patient ids (None = items are independent: the stratified item bootstrap of
+            ``image_level``, with identical numbers).
+        n_boot, seed, ci: as ``image_level``.
+
+    Returns:
+        ``image_level``'s keys (point estimates over items) plus ``"resampled": "items" | "subjects"`` and, with
+        subjects, ``"n_subjects"``.
+    """
+    _check_boot_args(n_boot, ci)
+    s, y = check_scores_labels(scores, labels)
+    subj = _check_subjects(subjects, s.size)
+    if subj is None:
+        return {**image_level(s, y.astype(int), n_boot=n_boot, seed=seed, ci=ci), "resampled": "items"}
+    out: dict[str, Any] = {
+        "auroc": float(roc_auc_score(y, s)),
+        "auprc": float(average_precision_score(y, s)),
+        "n": int(y.size),
+        "n_pos": int(y.sum()),
+        "n_subjects": int(np.unique(subj).size),
+        "resampled": "subjects",
+    }
+    if n_boot > 0:
+        boots = [weighted_auroc_ap(s, y, w) for w in _cluster_weight_blocks(y, subj, n_boot, seed)]
+        out["auroc_ci"] = _interval(np.concatenate([b[0] for b in boots]), ci)
+        out["auprc_ci"] = _interval(np.concatenate([b[1] for b in boots]), ci)
+    else:
+        out["auroc_ci"] = out["auprc_ci"] = (float("nan"), float("nan"))
+    return out
+
+
+def paired_difference(
+    scores_model: Any,
+    scores_baseline: Any,
+    labels: Any,
+    subjects: Sequence[Any] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """Paired bootstrap CI of "model - baseline" image AUROC (and AUPRC) on the same items.
+
+    Every replicate draws one set of resampling weights and evaluates *both* score vectors with it, so the
+    interval reflects how the two scores co-vary on the same items (identical scores give exactly 0).
+
+    Args:
+        scores_model, scores_baseline: ``[N]`` scores of the same items in the same order.
+        labels: ``[N]`` 0/1; subjects: optional ``N`` ids (then subjects are resampled, see ``detection_ci``).
+        n_boot: replicates (>= 1); seed, ci: as ``image_level``.
+
+    Returns:
+        ``{"auroc_model", "auroc_baseline", "auroc_diff", "auroc_diff_ci": (lo, hi), "auprc_model",
+        "auprc_baseline", "auprc_diff", "auprc_diff_ci", "frac_diff_le_0" (share of replicates where the model's
+        AUROC margin is <= 0), "ci_excludes_0" (lo > 0 or hi < 0), "n", "n_pos", "n_boot", "resampled"}``
+        (+ ``"n_subjects"``).
+    """
+    _check_boot_args(n_boot, ci)
+    if n_boot < 1:
+        raise ConfigError(f"n_boot={n_boot} must be >= 1 for a paired CI (e.g. 1000).")
+    sm, y = check_scores_labels(scores_model, labels)
+    sb, _ = check_scores_labels(scores_baseline, labels)  # same length as labels, hence as the model's scores
+    subj = _check_subjects(subjects, sm.size)
+    diffs_auroc, diffs_ap = [], []
+    for w in _weight_blocks(y, subj, n_boot, seed):
+        am, pm = weighted_auroc_ap(sm, y, w)
+        ab, pb = weighted_auroc_ap(sb, y, w)
+        diffs_auroc.append(am - ab)
+        diffs_ap.append(pm - pb)
+    d_auroc = np.concatenate(diffs_auroc)
+    d_ap = np.concatenate(diffs_ap)
+    auroc_m, auroc_b = float(roc_auc_score(y, sm)), float(roc_auc_score(y, sb))
+    auprc_m, auprc_b = float(average_precision_score(y, sm)), float(average_precision_score(y, sb))
+    lo, hi = _interval(d_auroc, ci)
+    out: dict[str, Any] = {
+        "auroc_model": auroc_m,
+        "auroc_baseline": auroc_b,
+        "auroc_diff": auroc_m - auroc_b,
+        "auroc_diff_ci": (lo, hi),
+        "auprc_model": auprc_m,
+        "auprc_baseline": auprc_b,
+        "auprc_diff": auprc_m - auprc_b,
+        "auprc_diff_ci": _interval(d_ap, ci),
+        "frac_diff_le_0": float(np.mean(d_auroc <= 0.0)),
+        "ci_excludes_0": bool(lo > 0.0 or hi < 0.0),
+        "n": int(y.size),
+        "n_pos": int(y.sum()),
+        "n_boot": int(n_boot),
+        "resampled": "items" if subj is None else "subjects",
+    }
+    if subj is not None:
+        out["n_subjects"] = int(np.unique(subj).size)
+    return out
+
+
+def margin_over_best_baseline(
+    scores_model: Any,
+    baselines: Mapping[str, Any],
+    labels: Any,
+    subjects: Sequence[Any] | None = None,
+    val_auroc: Mapping[str, float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> dict[str, Any]:
+    """``paired_difference`` of the model against the best of several baselines.
+
+    The best baseline is the one with the highest *validation* AUROC when ``val_auroc`` (name -> AUROC) is given
+    (``"baseline_chosen_on": "validation"``). Without it, the one with the highest test AUROC is taken
+    (``"baseline_chosen_on": "test"``): a choice on test that can only make the model's margin smaller, never larger.
+
+    Returns:
+        ``paired_difference``'s dict plus ``"baseline"`` (its name) and ``"baseline_chosen_on"``.
+    """
+    if not baselines:
+        raise ConfigError("baselines is empty; pass {name: scores} of at least one baseline.")
+    if val_auroc is not None:
+        missing = sorted(set(baselines) - set(val_auroc))
+        if missing:
+            raise ConfigError(f"val_auroc lacks baselines {missing}; give every baseline's validation AUROC.")
+        best = max(baselines, key=lambda k: (float(val_auroc[k]), k))
+        chosen_on = "validation"
+    else:
+        test_auroc = {k: detection_ci(v, labels, n_boot=0)["auroc"] for k, v in baselines.items()}
+        best = max(baselines, key=lambda k: (test_auroc[k], k))
+        chosen_on = "test"
+    res = paired_difference(scores_model, baselines[best], labels, subjects, n_boot=n_boot, seed=seed, ci=ci)
+    return {"baseline": best, "baseline_chosen_on": chosen_on, **res}

@@ -1,4 +1,4 @@
-"""Image-quality metrics per image (denoising / reconstruction): PSNR, SSIM, MAE, MS-SSIM.
+"""Image-quality metrics per image (denoising / reconstruction): PSNR, SSIM, MAE, VSI, MS-SSIM.
 
 Images are ``[B, C, H, W]`` float; ``dynamic_range`` / ``data_range`` is their max - min (2.0 for the
 ``[-1, 1]`` batch contract) and is always passed explicitly to torchmetrics (its defaults are wrong for us).
@@ -9,6 +9,10 @@ Conventions (tested):
 - With a ``mask``: MAE and PSNR use the mask pixels only; SSIM is the mean of the local SSIM map (computed on
   the whole image, so windows near the mask border see outside context) over the mask pixels. An image with
   an empty mask gets NaN for all three.
+- VSI (``meddiff.metrics.vsi``, Zhang, Shen & Li 2014): ``image_scores`` scores every channel as a gray image
+  (our channels are CT windows or MR, not colours) with the images taken to span ``[-dynamic_range / 2,
+  dynamic_range / 2]`` (the ``[-1, 1]`` contract); with a mask its pooling runs over the mask pixels. 1 for
+  identical images. For RGB images call ``meddiff.metrics.vsi.vsi`` directly.
 - MS-SSIM: torchmetrics needs ``min(H, W) // (n - 1)**2 > kernel_size - 1`` for ``n`` scales, i.e. the
   default 5 scales need >= 176 px. ``ms_ssim`` uses the largest scale count that fits (``ms_ssim_scales``):
   5 at >= 176 px, 4 at 99..175 px (so 4 at 128 px), 3 at 44..98 px (3 at 96 and 64 px), and the first ``n``
@@ -26,6 +30,7 @@ from torchmetrics.functional.image import (
 )
 
 from meddiff.errors import ConfigError, DataError
+from meddiff.metrics.vsi import vsi
 
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -55,7 +60,7 @@ def image_scores(
     dynamic_range: float = 2.0,
     max_psnr: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """PSNR, SSIM and MAE of each image (the CDM4MI ``image_scores(gt, pred, mask, dynamic_range)`` API).
+    """PSNR, SSIM, MAE and VSI of each image (the CDM4MI ``image_scores(gt, pred, mask, dynamic_range)`` API).
 
     Args:
         gt: reference images ``[B, C, H, W]`` (``H, W >= 6`` for the 11-px SSIM window).
@@ -65,7 +70,8 @@ def image_scores(
         max_psnr: optional cap in dB for PSNR (default: identical images give ``+inf``).
 
     Returns:
-        ``{"psnr": [B] dB, "ssim": [B] in [-1, 1], "mae": [B] in [0, dynamic_range]}`` float tensors.
+        ``{"psnr": [B] dB, "ssim": [B] in [-1, 1], "mae": [B] in [0, dynamic_range], "vsi": [B] in [0, 1]}``
+        float tensors (VSI is NaN for an empty mask, like the others).
     """
     _check_images(gt, pred)
     dr = _check_range(dynamic_range)
@@ -102,7 +108,20 @@ def image_scores(
         ssim = torch.where(count > 0, (ssim_map * m).sum(dim=(1, 2, 3)) / safe, nan)
     if max_psnr is not None:
         psnr = psnr.clamp(max=float(max_psnr))
-    return {"psnr": psnr, "ssim": ssim, "mae": mae}
+    return {"psnr": psnr, "ssim": ssim, "mae": mae, "vsi": _vsi_gray(gt_f, pred_f, dr, mask)}
+
+
+def _vsi_gray(gt: torch.Tensor, pred: torch.Tensor, dr: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """VSI per image, every channel as a gray image (NaN where ``mask`` is empty or images are under 3 px)."""
+    if min(gt.shape[-2:]) < 3:
+        return torch.full((gt.shape[0],), float("nan"), device=gt.device)
+    m = None
+    if mask is not None:
+        m = (mask if mask.dtype == torch.bool else mask != 0).any(dim=1, keepdim=True)
+    v = vsi(gt, pred, value_range=(-dr / 2.0, dr / 2.0), mask=m, rgb=False, backend="torch").to(gt.device)
+    if m is not None:
+        v = torch.where(m.flatten(1).any(dim=1), v, torch.full_like(v, float("nan")))
+    return v
 
 
 def ms_ssim_scales(height: int, width: int, kernel_size: int = 11, max_scales: int = 5) -> int:
