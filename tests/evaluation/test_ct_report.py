@@ -205,3 +205,47 @@ def test_deprecated_evaluation_path_reexports_the_protocol():
     for name in old.__all__:
         assert getattr(old, name) is getattr(new, name), name
     assert {"per_subtype_detection", "subtype_summary", "write_ct_outputs"} <= set(old.__all__)
+
+
+def test_per_subtype_cis_resample_patients_not_slices():
+    """Each patient contributes 5 identical slices: resampling slices treats them as 5 independent observations
+    and gives an interval too narrow; resampling patients gives the width of the patients' own evidence."""
+    labels, sub, model, _ = _toy()
+    rng = np.random.default_rng(0)
+    model = model + rng.normal(0, 0.3, size=model.shape)  # overlap, so the AUROC is uncertain
+    rep = 5
+    y, s, m = np.repeat(labels, rep), np.repeat(sub, rep, axis=0), np.repeat(model, rep)
+    patients = np.repeat([f"P{i}" for i in range(labels.size)], rep)
+    by_slice = per_subtype_detection({"model": m}, y, s, NAMES, n_boot=400)
+    by_patient = per_subtype_detection({"model": m}, y, s, NAMES, n_boot=400, subjects=patients)
+    for name in ("epidural", "subdural"):
+        ps, pp = by_slice[name]["model"], by_patient[name]["model"]
+        assert ps["auroc"] == pp["auroc"] and pp["resampled"] == "subjects" and ps["resampled"] == "items"
+        assert by_patient[name]["n_subjects"] == (10 if name == "epidural" else 9)
+        width = lambda e: e["auroc_ci"][1] - e["auroc_ci"][0]  # noqa: E731
+        assert width(pp) > 1.5 * width(ps), name
+    with pytest.raises(DataError, match="subjects"):
+        per_subtype_detection({"model": m}, y, s, NAMES, subjects=patients[:3])
+
+
+def test_protocol_ct_outputs_carry_every_baseline_and_patient_cis(tmp_path):
+    healthy = [{"image": b["image"][i], "label": torch.tensor(0)} for b in _loader(seed=7)
+               for i in range(8) if b["label"][i] == 0]
+    opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=50, n_figure_rows=4)
+    report = evaluate_anomaly_detection(_FakeModel(), _loader(seed=1), _loader(seed=2), opts,
+                                        subtype_names=NAMES, healthy=healthy)
+    methods = {"model", "baseline_mean_intensity", "baseline_nearest_healthy_image", "baseline_mean_healthy_image"}
+    assert set(report["image"]) - {"per_subtype"} == methods
+    for name in methods:
+        assert report["image"][name]["resampled"] == "subjects" and report["image"][name]["n_subjects"] == 6
+    entry = report["image"]["per_subtype"]["intraparenchymal"]
+    assert methods <= set(entry) and entry["n_subjects"] == 6  # 3 healthy + 3 intraparenchymal patients
+    assert all(entry[m]["resampled"] == "subjects" for m in methods)
+    assert report["margin_over_best_baseline"]["resampled"] == "subjects"
+    figures = report.pop("_figures")
+    write_ct_outputs(report, figures, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "test_scores.csv").open()))
+    assert {"model_score", "baseline_score", "baseline_nearest_healthy_image_score",
+            "baseline_mean_healthy_image_score"} <= set(rows[0])
+    per_rows = list(csv.DictReader((tmp_path / "per_subtype.csv").open()))
+    assert {r["method"] for r in per_rows if r["subtype"] == "intraparenchymal"} == methods

@@ -140,3 +140,224 @@ def test_without_selection_the_configured_setting_is_used_and_recorded():
     assert report["selection"] == {"chosen_on": "config"}
     assert report["scoring"] == model.scoring_cfg.as_dict()
     assert report["reconstruction"]["t_start"] == 10 and model.seen_t == [10] * 4
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Baselines beside the model, paired margin, cluster bootstrap, and tests that fail when a rule is broken.
+# ------------------------------------------------------------------------------------------------------------
+NN, MH = "baseline_nearest_healthy_image", "baseline_mean_healthy_image"
+
+
+def _black_training_set(n: int = 12, s: int = 8) -> list[dict]:
+    """Healthy training images: all black (-1), so NN(x) = mean healthy = -1 and both baselines map |x + 1|."""
+    return [{"image": -torch.ones(1, s, s), "label": torch.tensor(0)} for _ in range(n)]
+
+
+def test_healthy_set_baselines_stand_beside_the_model_with_a_paired_margin(capsys):
+    opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=50)
+    report = evaluate_anomaly_detection(HealthyIsBlack(), _batches("point"), _batches("point", seed=2), opts,
+                                        healthy=_black_training_set())
+    img = report["image"]
+    assert set(img) == {"model", "baseline_mean_intensity", NN, MH}
+    for name in (NN, MH):
+        assert img[name]["auroc"] == pytest.approx(img["model"]["auroc"])  # the same map as this stand-in model
+        assert report["selection"]["baselines"][name]["chosen_on"] == "validation"
+        assert {"dice_at_val_threshold", "val_threshold", "oracle_dice"} <= set(report["pixel"][name])
+        cost = report["baselines_cost"][name]
+        assert cost["n_queries"] == 80 and cost["n_healthy_total"] == 12  # 40 validation + 40 test queries
+    margin = report["margin_over_best_baseline"]
+    assert margin["baseline_chosen_on"] == "validation"
+    # the best baseline by validation AUROC (ties: the larger name), identical scores -> a margin of exactly 0
+    assert margin["baseline"] == NN and margin["auroc_diff_ci"] == (0.0, 0.0)
+    assert "does NOT beat" in margin["verdict"]
+    s = report["summary"]
+    assert s["nearest_healthy_image_auroc"] == img[NN]["auroc"] and s["model_beats_best_baseline"] == 0.0
+    assert s["best_baseline_image_auroc"] == img[NN]["auroc"]
+    from meddiff.protocols.anomaly import print_report
+
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "nearest healthy" in out and "mean healthy" in out and "mean intensity" in out
+    assert "The model does NOT beat the best baseline (nearest healthy image" in out
+
+
+def _textured(n: int = 40, seed: int = 0, healthy_only: bool = False):
+    """Healthy images are random texture in [-1, -0.4]; the anomalous half has a 2x2 lesion of constant -0.7 (the
+    texture's mean): invisible to intensity, and nothing a healthy image can be matched to. Batches also carry the
+    lesion-free image (``healthy``) for a stand-in model that reconstructs it exactly."""
+    g = torch.Generator().manual_seed(seed)
+    clean = -1 + 0.6 * torch.rand(n, 1, 8, 8, generator=g)
+    label = torch.zeros(n, dtype=torch.long) if healthy_only else torch.arange(n) % 2
+    mask = torch.zeros(n, 1, 8, 8, dtype=torch.bool)
+    for i in range(n):
+        if label[i]:
+            r, c = (int(v) for v in torch.randint(0, 7, (2,), generator=g))
+            mask[i, :, r:r + 2, c:c + 2] = True
+    x = torch.where(mask, torch.full_like(clean, -0.7), clean)
+    return [{"image": x[j:j + 10], "label": label[j:j + 10], "mask": mask[j:j + 10], "healthy": clean[j:j + 10]}
+            for j in range(0, n, 10)]
+
+
+def test_margin_picks_the_best_baseline_on_validation_and_says_when_the_model_wins():
+    class Perfect(HealthyIsBlack):
+        """Reconstructs exactly the lesion-free image: its map is the lesion alone."""
+
+        def reconstruct(self, batch, recon=None):
+            return batch["healthy"]
+
+    healthy = [{"image": b["image"][i], "label": torch.tensor(0)} for b in _textured(60, seed=9, healthy_only=True)
+               for i in range(len(b["image"]))]
+    opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=200)
+    report = evaluate_anomaly_detection(Perfect(), _textured(seed=1), _textured(80, seed=2), opts, healthy=healthy)
+    m = report["margin_over_best_baseline"]
+    val = m["baseline_val_auroc"]
+    assert m["baseline"] == max(val, key=lambda k: (val[k], k))  # chosen by validation AUROC
+    assert report["image"]["model"]["auroc"] == 1.0 and m["auroc_baseline"] < 0.9
+    assert m["auroc_diff_ci"][0] > 0 and m["verdict"].startswith("The model beats the best baseline")
+    assert report["summary"]["model_beats_best_baseline"] == 1.0
+
+
+def _lesions(lesion: float, n: int = 40, seed: int = 0):
+    """Every image has a healthy blob at -0.2 (HealthyIsBlack map 0.8, intensity map 0.4); the anomalous half also a
+    2x2 lesion at ``lesion``. Validation lesions are bright (1.0), test lesions dim (-0.5: below the blob)."""
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.ones(n, 1, 8, 8)
+    label = torch.arange(n) % 2
+    mask = torch.zeros(n, 1, 8, 8, dtype=torch.bool)
+    for i in range(n):
+        k = int(torch.randint(2, 4, (1,), generator=g))
+        x[i, :, :k, :k] = -0.2
+        if label[i]:
+            x[i, :, 6:, 6:] = lesion
+            mask[i, :, 6:, 6:] = True
+    return [{"image": x[j:j + 10], "label": label[j:j + 10], "mask": mask[j:j + 10]} for j in range(0, n, 10)]
+
+
+def test_dice_is_reported_at_the_validation_threshold_for_the_model_and_every_baseline():
+    """Breaking the rule (Dice at the test-chosen threshold reported as 'at the validation threshold') fails here:
+    at the validation threshold the dim test lesions are missed (Dice 0), while the test's own best Dice is > 0."""
+    opts = EvalOptions(median_size=[1], reduction=["max"], n_boot=0)
+    report = evaluate_anomaly_detection(HealthyIsBlack(), _lesions(1.0), _lesions(-0.5, seed=1), opts,
+                                        healthy=_black_training_set())
+    sel = report["selection"]
+    thresholds = {"model": sel["pixel_threshold"], "baseline_intensity": sel["baseline_mean_intensity"]["pixel_threshold"],
+                  NN: sel["baselines"][NN]["pixel_threshold"], MH: sel["baselines"][MH]["pixel_threshold"]}
+    for name, thr in thresholds.items():
+        pix = report["pixel"][name]
+        assert pix["val_threshold"] == thr, name  # the threshold validation chose ...
+        assert pix["dice_at_val_threshold"] == 0.0, name  # ... misses every dim test lesion
+        assert pix["oracle_dice"] > 0.2 and pix["oracle_threshold"] < thr, name  # test's own best: not reported as such
+    assert sel["pixel_threshold"] > 0.8 and sel["baseline_mean_intensity"]["pixel_threshold"] > 0.4  # above the blob
+    assert report["summary"]["pixel_dice"] == 0.0 and report["summary"]["nearest_healthy_pixel_dice"] == 0.0
+
+
+class DepthMatters(HealthyIsBlack):
+    """Only t_start=20 reconstructs the healthy image; other depths return the input (no anomaly map at all)."""
+
+    def reconstruct(self, batch, recon=None):
+        t = (recon or self.recon_cfg).t_start
+        self.seen_t.append(t)
+        x = batch["image"]
+        return torch.where(batch["mask"], -torch.ones_like(x), x) if t == 20 else x.clone()
+
+
+def test_the_depth_with_the_best_validation_auroc_is_chosen_not_the_last_or_first():
+    model = DepthMatters()
+    report = evaluate_anomaly_detection(model, _batches("area"), _batches("area", seed=5), EvalOptions(
+        median_size=[1], reduction=["mean"], n_boot=0, t_start=[5, 20, 40]))
+    rows = {r["t_start"]: r["val_auroc"] for r in report["selection"]["candidates"]}
+    assert rows[20] == 1.0 and rows[5] == rows[40] == 0.5
+    assert report["selection"]["t_start"] == 20 and report["reconstruction"]["t_start"] == 20
+    assert model.seen_t[12:] == [20] * 4
+    assert report["image"]["model"]["auroc"] == 1.0
+
+
+def test_baselines_choose_their_post_processing_on_validation_not_test():
+    """Validation has point anomalies ('max' separates them), test area anomalies ('mean' would): the model and each
+    baseline keep 'max'."""
+    opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=0)
+    report = evaluate_anomaly_detection(HealthyIsBlack(), _batches("point"), _batches("area", seed=1), opts,
+                                        healthy=_black_training_set())
+    assert report["scoring"]["reduction"] == "max"
+    for name in (NN, MH):
+        assert report["selection"]["baselines"][name]["scoring"]["reduction"] == "max", name
+    on_test = evaluate_anomaly_detection(HealthyIsBlack(), _batches("area", seed=1), _batches("area", seed=1), opts,
+                                         healthy=_black_training_set())
+    for name in (NN, MH):  # ... although 'mean' is better on this test set
+        assert on_test["selection"]["baselines"][name]["scoring"]["reduction"] == "mean"
+        assert on_test["image"][name]["auroc"] > report["image"][name]["auroc"]
+
+
+def test_chosen_on_says_config_when_validation_could_not_compare():
+    one_class = [{**b, "label": torch.zeros_like(b["label"])} for b in _batches("point")]
+    report = evaluate_anomaly_detection(HealthyIsBlack(), one_class, _batches("point"),
+                                        EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=0))
+    assert report["selection"]["chosen_on"] == "config" and "candidates" not in report["selection"]
+    assert report["scoring"] == HealthyIsBlack().scoring_cfg.as_dict()
+
+
+class _DataWithTrain(_Data):
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_calls = 0
+
+    def train_dataloader(self):
+        self.train_calls += 1
+        return torch.utils.data.DataLoader(_black_training_set(), batch_size=4)
+
+
+def test_the_selection_record_lists_the_splits_selection_read(tmp_path):
+    data = _DataWithTrain()
+    report = run(HealthyIsBlack(), data, {"median_size": [1], "reduction": ["mean", "max"], "n_boot": 20}, tmp_path)
+    assert report["selection"]["splits_read"] == ["train", "val"] and report["selection"]["chosen_on"] == "validation"
+    assert data.test_calls == 1 and set(report["image"]) >= {NN, MH}
+    assert report["selection"]["baselines"][NN]["scoring"]["reduction"] == "max"  # point anomalies on validation
+    fixed = run(HealthyIsBlack(), _DataWithTrain(), {"select_on_val": False, "n_boot": 0}, tmp_path / "fixed")
+    assert fixed["selection"]["splits_read"] == ["train"] and fixed["selection"]["chosen_on"] == "config"
+    assert fixed["selection"]["baselines"][NN]["chosen_on"] == "config"
+    none = run(HealthyIsBlack(), _DataWithTrain(), {"baselines": [], "n_boot": 0}, tmp_path / "none")
+    assert none["selection"]["splits_read"] == ["val"] and set(none["image"]) == {"model", "baseline_mean_intensity"}
+    with pytest.raises(ConfigError, match="eval.baselines"):
+        run(HealthyIsBlack(), _DataWithTrain(), {"baselines": ["nearest"]}, tmp_path / "bad")
+
+
+def test_cis_resample_subjects_when_batches_carry_them():
+    def with_subjects(batches):  # 4 slices per subject, labels constant within a subject
+        out = []
+        for k, b in enumerate(batches):
+            n = len(b["label"])
+            lab = torch.tensor([(k * n + i) // 4 % 2 for i in range(n)])
+            out.append({**b, "label": lab, "subject": [f"S{(k * n + i) // 4}" for i in range(n)]})
+        return out
+
+    opts = EvalOptions(median_size=[1], reduction=["max"], n_boot=50)
+    report = evaluate_anomaly_detection(HealthyIsBlack(), with_subjects(_batches("point")),
+                                        with_subjects(_batches("point", seed=2)), opts, healthy=_black_training_set())
+    for name in ("model", "baseline_mean_intensity", NN, MH):
+        assert report["image"][name]["resampled"] == "subjects" and report["image"][name]["n_subjects"] == 10
+    assert report["margin_over_best_baseline"]["resampled"] == "subjects"
+    assert report["n_test_subjects"] == 10 and set(report["subject"]) >= {"model", NN}
+
+
+def test_the_report_records_precision_and_threads():
+    class Conv(torch.nn.Module):
+        """A real network: the protocol observes the dtype it runs in."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scoring_cfg = ScoringConfig()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+
+        def reconstruct(self, batch, recon=None):
+            return self.conv(batch["image"]).float().clamp(-1, 1)
+
+    opts = EvalOptions(median_size=[1], reduction=["max"], n_boot=0)
+    report = evaluate_anomaly_detection(Conv(), None, _batches("point"), opts)
+    rt = report["runtime"]
+    assert rt["precision"] == "32-true" and rt["torch_threads"] == torch.get_num_threads()
+    assert rt["compute"]["param_dtype"] == "float32" and rt["compute"]["autocast"] is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = evaluate_anomaly_detection(Conv(), None, _batches("point"), opts)["runtime"]
+    assert mixed["precision"] == "bf16-mixed" and mixed["compute"]["output_dtype"] == "bfloat16"
+    stand_in = evaluate_anomaly_detection(HealthyIsBlack(), None, _batches("point"), opts)["runtime"]
+    assert stand_in["precision"] == "32-true" and stand_in["compute"]["observed"] == "reconstruction output"

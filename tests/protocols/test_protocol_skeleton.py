@@ -77,3 +77,35 @@ def test_selection_cannot_reach_the_test_split(tmp_path):
 def test_unknown_options_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"Unknown eval option\(s\) \['ofset'\]"):
         _MeanProtocol().run(None, _Data(), {"ofset": 1}, tmp_path, "cpu")
+
+
+class _SplitData(_Data):
+    """A datamodule with the generic accessors of SplitDataModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.datasets = {"train": [0], "val": [1, 2, 3], "test": [10, 20]}
+
+    def dataset(self, split):
+        return self.datasets[split]
+
+    def predict_dataloader(self):
+        return self.datasets["test"]
+
+    def train_dataloader(self):
+        return self.datasets["train"]
+
+
+def test_generic_accessors_cannot_reach_the_test_split_and_reads_are_recorded():
+    view = ValidationView(_SplitData())
+    assert view.splits_read == []
+    assert view.dataset("val") == [1, 2, 3] and view.splits_read == ["val"]
+    for reach in (lambda: view.dataset("test"), lambda: view.dataset(split="test"), lambda: view.datasets["test"],
+                  lambda: view.predict_dataloader(), lambda: view.test_dataloader()):
+        with pytest.raises(TestSplitTouched):
+            reach()
+    assert view.train_dataloader() == [0] and view.datasets["val"] == [1, 2, 3]
+    assert view.splits_read == ["val", "train"]  # in the order of first use; refused reads are not recorded
+    assert set(view.datasets) == {"train", "val", "test"}  # the names may be listed, the test data not read
+    view.splits_read.append("test")  # a copy: the record cannot be edited from outside
+    assert view.splits_read == ["val", "train"]

@@ -4,19 +4,32 @@
    candidate post-processing setting (map kind x median filter x reduction). The (depth, setting) with the best
    validation image AUROC is chosen, and the pixel threshold that maximises pooled validation Dice for it.
 2. Reconstruct every test image once and score it with the chosen setting only: image AUROC/AUPRC with
-   bootstrap 95% CIs, pixel AUROC/AUPRC (binned, bounded memory), Dice at the validation threshold, and the
-   oracle best Dice (chosen on test: labelled ``oracle``, not a result), plus subject-level AUROC where the data
-   has subjects.
-3. The trivial baseline (mean intensity inside the region; the intensity itself as pixel map) is evaluated by
-   the same protocol beside the model.
+   bootstrap 95% CIs (resampling subjects / patients where batches carry ``subject``, items otherwise), pixel
+   AUROC/AUPRC (binned, bounded memory), Dice at the validation threshold, and the oracle best Dice (chosen on test:
+   labelled ``oracle``, not a result), plus subject-level AUROC where the data has subjects.
+3. Trivial baselines, evaluated by the same protocol beside the model:
 
-The test split is touched once; nothing is chosen on it except the clearly labelled oracle numbers. The model is
-never changed: candidate depths are copies of its reconstruction config (``dataclasses.replace``) passed to
-``model.reconstruct(batch, recon)``, and the chosen one is written into the report (``reconstruction``). CT data
-(batches with ``subtypes``) adds per-subtype results and figures (``meddiff.protocols.ct_report``).
+   - mean intensity inside the region (image score) and the intensity itself (pixel map);
+   - the nearest healthy training image (pixel-space L2 neighbour among a fixed seeded subset of <= 10,000
+     healthy training images, inside the brain mask where there is one) and the mean healthy image (of the same
+     images), each used as a "reconstruction": scored by the same scorer under the same candidate settings, each
+     with its own setting and pixel threshold chosen on validation.
+
+   ``report["margin_over_best_baseline"]`` is a paired bootstrap 95% CI of "model - best baseline" image AUROC (the
+   best baseline chosen by validation AUROC); ``report["baselines_cost"]`` is what the healthy-set baselines cost.
+
+The test split is touched once; nothing is chosen on it except the clearly labelled oracle numbers. ``chosen_on``
+fields say what the code did: ``"validation"`` only when candidates were compared on validation items
+(``n_validation_items``), ``"config"`` when the configured setting was kept; through a datamodule,
+``selection["splits_read"]`` lists the splits selection asked for (``meddiff.protocols.base.ValidationView``).
+The model is never changed: candidate depths are copies of its reconstruction config (``dataclasses.replace``)
+passed to ``model.reconstruct(batch, recon)``, and the chosen one is written into the report (``reconstruction``).
+``report["runtime"]`` records the precision the model's network actually ran with during the test pass (parameter
+dtype, autocast) and torch's thread count (``meddiff.utils.cpu.cpu_report``). CT data (batches with ``subtypes``)
+adds per-subtype results and figures (``meddiff.protocols.ct_report``).
 
 Entry points: :func:`run` (the registry's, on a datamodule; writes the report files), and
-:func:`evaluate_anomaly_detection` (on two loaders; returns the report only).
+:func:`evaluate_anomaly_detection` (on two loaders and optionally the healthy training set; returns the report).
 """
 
 from __future__ import annotations
@@ -24,7 +37,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,16 +50,34 @@ from tqdm.auto import tqdm
 from meddiff.anomaly.reconstruction import ReconstructionConfig
 from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.errors import ConfigError
-from meddiff.metrics.baselines import intensity_map, mean_intensity_score
-from meddiff.metrics.detection import aggregate_by_subject, image_level
+from meddiff.metrics.baselines import (
+    MAX_REFERENCE,
+    MeanHealthy,
+    NearestHealthy,
+    intensity_map,
+    mean_intensity_score,
+)
+from meddiff.metrics.detection import aggregate_by_subject, detection_ci, margin_over_best_baseline
 from meddiff.metrics.pixel import PixelAccumulator, choose_threshold
 from meddiff.protocols.base import Outcome, Protocol, ValidationView
+from meddiff.utils.cpu import cpu_report
 
-__all__ = ["AnomalyProtocol", "AnomalySelection", "EvalOptions", "evaluate_anomaly_detection", "print_report",
-           "run", "select_on_validation", "evaluate_on_test"]
+__all__ = ["AnomalyProtocol", "AnomalySelection", "BaselineChoice", "EvalOptions", "evaluate_anomaly_detection",
+           "print_report", "run", "select_on_validation", "evaluate_on_test"]
 
 log = logging.getLogger(__name__)
 MAP_MAX = {"l1": 2.0, "l2": 4.0, "ssim": 2.0}
+
+MODEL = "model"
+#: the mean-intensity baseline: its image-level key (``report["image"]``) and pixel-level key (``report["pixel"]``)
+MEAN_INTENSITY, PIXEL_INTENSITY = "baseline_mean_intensity", "baseline_intensity"
+#: ``eval.baselines`` names -> report keys of the healthy-set baselines (image and pixel level)
+HEALTHY_BASELINES = {"nearest_healthy": "baseline_nearest_healthy_image", "mean_healthy": "baseline_mean_healthy_image"}
+#: report key -> short name in ``summary`` keys and human label in tables and figures
+SHORT = {MEAN_INTENSITY: "mean_intensity", "baseline_nearest_healthy_image": "nearest_healthy",
+         "baseline_mean_healthy_image": "mean_healthy"}
+LABELS = {MODEL: "model", MEAN_INTENSITY: "mean intensity", "baseline_nearest_healthy_image": "nearest healthy image",
+          "baseline_mean_healthy_image": "mean healthy image"}
 
 
 @dataclass
@@ -63,6 +95,8 @@ class EvalOptions:
     n_figure_rows: int = 8
     seed: int = 0
     t_start: Sequence[int] | int | None = None  # reconstruction depths tried on validation (None = the model's)
+    baselines: Sequence[str] = ("nearest_healthy", "mean_healthy")  # healthy-set baselines ([] = mean intensity only)
+    baseline_max_items: int = MAX_REFERENCE  # healthy training images they use at most (a fixed seeded subset)
 
     def candidates(self, default: ScoringConfig) -> list[ScoringConfig]:
         if not self.select_on_val:
@@ -70,25 +104,61 @@ class EvalOptions:
         grid = itertools.product(_listify(self.map), _listify(self.median_size), _listify(self.reduction))
         return [default.with_(map=m, median_size=int(k), reduction=r, q=float(self.q)) for m, k, r in grid]
 
+    def healthy_baselines(self) -> list[str]:
+        """The requested healthy-set baselines (``eval.baselines``), checked."""
+        names = [] if self.baselines is None else [str(b) for b in _listify(self.baselines)]
+        unknown = sorted(set(names) - set(HEALTHY_BASELINES))
+        if unknown:
+            raise ConfigError(f"eval.baselines has unknown baseline(s) {unknown}; choose from "
+                              f"{sorted(HEALTHY_BASELINES)} ([] = mean intensity only).")
+        if isinstance(self.baseline_max_items, bool) or not isinstance(self.baseline_max_items, int) \
+                or self.baseline_max_items < 1:
+            raise ConfigError(f"eval.baseline_max_items={self.baseline_max_items!r} must be a positive integer "
+                              f"(default {MAX_REFERENCE}).")
+        return [n for n in HEALTHY_BASELINES if n in names]
+
 
 def _listify(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") and not isinstance(v, str) else [v]
 
 
+#: a method's healthy estimate of a batch: ``batch -> [B, C, H, W]`` in ``[-1, 1]``
+ReconFn = Callable[[Mapping[str, Any]], torch.Tensor]
+
+
+def _map_key(cfg: ScoringConfig) -> tuple:
+    """What a pixel map depends on (not the reduction to an image score)."""
+    return (cfg.map, cfg.median_size, cfg.erode_iterations)
+
+
 @dataclass
 class _Collected:
-    scores: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    baseline: list[torch.Tensor] = field(default_factory=list)
+    """One pass over a split: per method (``model`` and each reconstruction baseline) and candidate setting, the
+    image scores and pixel histograms; the mean-intensity baseline; labels, subjects and figure data."""
+
+    scores: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    pixel: dict[str, dict[int, PixelAccumulator]] = field(default_factory=lambda: defaultdict(dict))
+    intensity: list[torch.Tensor] = field(default_factory=list)
+    pixel_intensity: PixelAccumulator | None = None
     labels: list[torch.Tensor] = field(default_factory=list)
     subjects: list[str] = field(default_factory=list)
     subtypes: list[torch.Tensor] = field(default_factory=list)  # [B, K] per batch, when batches carry "subtypes"
     ids: list[str] = field(default_factory=list)
-    pixel: dict[int, PixelAccumulator] = field(default_factory=dict)
-    pixel_baseline: PixelAccumulator | None = None
-    examples: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    examples: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    compute: dict[str, Any] | None = None  # what the model's network ran with (first batch; see _observe_compute)
 
-    def cat(self, key: int) -> np.ndarray:
-        return torch.cat(self.scores[key]).double().numpy()
+    def cat(self, method: str, j: int = 0) -> np.ndarray:
+        return torch.cat(self.scores[method][j]).double().numpy()
+
+    def y(self) -> np.ndarray:
+        return torch.cat(self.labels).numpy() if self.labels else np.zeros(0, dtype=np.int64)
+
+    def intensity_scores(self) -> np.ndarray:
+        return torch.cat(self.intensity).double().numpy()
+
+    def subject_ids(self) -> list[str] | None:
+        """One subject id per item when every batch carried ``subject``; None otherwise."""
+        return list(self.subjects) if self.subjects and len(self.subjects) == sum(len(t) for t in self.labels) else None
 
 
 def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -101,19 +171,64 @@ def _reconstruct(model: Any, batch: Mapping[str, Any], recon: ReconstructionConf
     return model.reconstruct(batch) if recon is None else model.reconstruct(batch, recon)
 
 
+def _model_fn(model: Any, recon: ReconstructionConfig | None) -> ReconFn:
+    return lambda batch: _reconstruct(model, batch, recon)
+
+
+_PRECISION_NAMES = {"float32": "32-true", "bfloat16": "bf16-true", "float16": "16-true", "float64": "64-true"}
+_MIXED_NAMES = {"bfloat16": "bf16-mixed", "float16": "16-mixed"}
+
+
+@contextmanager
+def _observe_compute(info: dict[str, Any]) -> Iterator[None]:
+    """Record in ``info`` what the first module with parameters that runs inside the block computed with: its
+    parameter dtype, its output dtype and the autocast state at that moment (a global forward hook, removed after)."""
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if info:
+            return
+        p = next(module.parameters(recurse=False), None)
+        if p is None:
+            return
+        out = output if torch.is_tensor(output) else next(
+            (o for o in (output if isinstance(output, (tuple, list)) else ()) if torch.is_tensor(o)), None)
+        dev = p.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        info.update(
+            observed=f"{type(module).__name__} forward",
+            param_dtype=str(p.dtype).removeprefix("torch."),
+            output_dtype=None if out is None else str(out.dtype).removeprefix("torch."),
+            autocast=str(torch.get_autocast_dtype(dev)).removeprefix("torch.") if autocast else None,
+        )
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _precision_name(info: Mapping[str, Any]) -> str:
+    """Lightning-style name of what was observed: ``bf16-mixed`` under bf16 autocast, ``32-true`` for float32, ..."""
+    if info.get("autocast"):
+        return _MIXED_NAMES.get(info["autocast"], f"{info['autocast']}-mixed")
+    dtype = info.get("param_dtype") or info.get("output_dtype") or "unknown"
+    return _PRECISION_NAMES.get(dtype, dtype)
+
+
 @torch.no_grad()
 def _pass(
-    model,
     loader: Iterable,
-    candidates: list[ScoringConfig],
+    methods: Mapping[str, tuple[ReconFn, list[ScoringConfig]]],
     opts: EvalOptions,
     device: torch.device,
     desc: str,
     keep_examples: int = 0,
-    recon: ReconstructionConfig | None = None,
+    observe: bool = False,
 ) -> _Collected:
-    """One pass: reconstruct each batch once (with ``recon``), score it under every candidate, accumulate pixel
-    histograms."""
+    """One pass: each method (``model`` first) reconstructs each batch once and its reconstruction is scored under
+    every candidate of that method; pixel histograms per distinct map; the mean-intensity baseline alongside.
+    ``observe``: record what the model's network computed with on the first batch (``out.compute``)."""
     out = _Collected()
     n_batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if opts.max_batches is not None and n_batches is not None:
@@ -125,32 +240,47 @@ def _pass(
         x = batch["image"]
         region = batch.get("brain_mask")
         labels = batch.get("label", torch.zeros(x.shape[0], dtype=torch.long, device=device))
-        healthy = _reconstruct(model, batch, recon).float()
         has_mask = "mask" in batch
-        for j, cfg in enumerate(candidates):
-            res = score_batch(x.float(), healthy, region, cfg)
-            out.scores[j].append(res["score"].cpu())
-            if has_mask and (j == 0 or cfg.reduction == candidates[0].reduction or len(candidates) == 1):
-                acc = out.pixel.setdefault(j, PixelAccumulator(opts.pixel_bins, MAP_MAX[cfg.map]))
-                acc.update(res["map"], batch["mask"], res["region"])
-            if j == 0 and keep_examples and sum(len(e) for e in out.examples["image"]) < keep_examples:
-                out.examples["image"].append(x.cpu())
-                out.examples["recon"].append(healthy.cpu())
-                out.examples["map"].append(res["map"].cpu())
-                out.examples["label"].append(labels.cpu())
-                if has_mask:
-                    out.examples["mask"].append(batch["mask"].cpu())
-                if "subtypes" in batch:
-                    out.examples["subtypes"].append(batch["subtypes"].cpu())
-                    out.examples["id"].append([str(v) for v in batch.get("id", [""] * x.shape[0])])
-        out.baseline.append(mean_intensity_score(x.float(), region).cpu())
+        for name, (fn, candidates) in methods.items():
+            if observe and name == MODEL and out.compute is None:
+                info: dict[str, Any] = {}
+                with _observe_compute(info):
+                    healthy = fn(batch)
+                if not info:  # no network ran (a stand-in model): say what its reconstruction was
+                    info = {"observed": "reconstruction output", "param_dtype": None,
+                            "output_dtype": str(healthy.dtype).removeprefix("torch."), "autocast": None}
+                out.compute = info
+            else:
+                healthy = fn(batch)
+            healthy = healthy.float()
+            pixel_for = {}  # the first candidate of each distinct map gets the pixel histogram
+            for j, cfg in enumerate(candidates):
+                pixel_for.setdefault(_map_key(cfg), j)
+            for j, cfg in enumerate(candidates):
+                res = score_batch(x.float(), healthy, region, cfg)
+                out.scores[name][j].append(res["score"].cpu())
+                if has_mask and pixel_for[_map_key(cfg)] == j:
+                    acc = out.pixel[name].setdefault(j, PixelAccumulator(opts.pixel_bins, MAP_MAX.get(cfg.map, 2.0)))
+                    acc.update(res["map"], batch["mask"], res["region"])
+                if name == MODEL and j == 0 and keep_examples \
+                        and sum(len(e) for e in out.examples["image"]) < keep_examples:
+                    out.examples["image"].append(x.cpu())
+                    out.examples["recon"].append(healthy.cpu())
+                    out.examples["map"].append(res["map"].cpu())
+                    out.examples["label"].append(labels.cpu())
+                    if has_mask:
+                        out.examples["mask"].append(batch["mask"].cpu())
+                    if "subtypes" in batch:
+                        out.examples["subtypes"].append(batch["subtypes"].cpu())
+                        out.examples["id"].append([str(v) for v in batch.get("id", [""] * x.shape[0])])
+        out.intensity.append(mean_intensity_score(x.float(), region).cpu())
         if has_mask:
-            if out.pixel_baseline is None:
-                out.pixel_baseline = PixelAccumulator(opts.pixel_bins, 1.0)
+            if out.pixel_intensity is None:
+                out.pixel_intensity = PixelAccumulator(opts.pixel_bins, 1.0)
             base_map = intensity_map(x.float())
             if region is not None:
                 base_map = base_map * region
-            out.pixel_baseline.update(base_map, batch["mask"], region)
+            out.pixel_intensity.update(base_map, batch["mask"], region)
         out.labels.append(labels.cpu())
         subj = batch.get("subject")
         if subj is not None:
@@ -161,16 +291,71 @@ def _pass(
     return out
 
 
+# ------------------------------------------------------------------------------------------------- baselines
+@dataclass
+class BaselineChoice:
+    """A healthy-set baseline and what validation chose for it (its own setting and pixel threshold)."""
+
+    reconstruct: ReconFn
+    cost: Any  # meddiff.metrics.baselines.BaselineCost (updated by every query)
+    scoring: ScoringConfig
+    threshold: float | None = None
+    val_auroc: float | None = None
+    chosen_on: str = "config"
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"chosen_on": self.chosen_on, "scoring": self.scoring.as_dict()}
+        if self.val_auroc is not None:
+            out["val_auroc"] = self.val_auroc
+        if self.threshold is not None:
+            out["pixel_threshold"] = self.threshold
+        return out
+
+
+def _healthy_baselines(healthy: Any, opts: EvalOptions, device: torch.device,
+                       default: ScoringConfig) -> dict[str, BaselineChoice]:
+    """The requested healthy-set baselines built from ``healthy`` (map-style dataset of ``{"image": ...}`` items,
+    e.g. the training set; label-1 items skipped): one load of a fixed seeded subset of <= ``baseline_max_items``."""
+    kinds = opts.healthy_baselines()
+    if not kinds or healthy is None:
+        return {}
+    nn = NearestHealthy.from_dataset(healthy, max_items=opts.baseline_max_items, seed=opts.seed, device=device)
+    out: dict[str, BaselineChoice] = {}
+    if "nearest_healthy" in kinds:
+        out[HEALTHY_BASELINES["nearest_healthy"]] = BaselineChoice(
+            lambda b: nn.reconstruct(b["image"].float(), b.get("brain_mask")), nn.cost, default)
+    if "mean_healthy" in kinds:
+        mh = MeanHealthy.from_images(nn.reference.float().reshape(-1, *nn.shape))
+        mh.cost.n_healthy_total = nn.cost.n_healthy_total
+        if "nearest_healthy" not in kinds:  # loading the images was for this baseline alone
+            mh.cost.fit_seconds += nn.cost.fit_seconds
+        mh.mean = mh.mean.to(device)
+        out[HEALTHY_BASELINES["mean_healthy"]] = BaselineChoice(lambda b: mh.reconstruct(b["image"].float()),
+                                                                mh.cost, default)
+    return out
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float(detection_ci(scores, labels, n_boot=0)["auroc"])
+
+
+def _threshold(acc: PixelAccumulator | None) -> float | None:
+    return None if acc is None else choose_threshold(acc)
+
+
+# ------------------------------------------------------------------------------------------------- selection
 @dataclass
 class AnomalySelection:
     """What validation chose: the scoring setting, the reconstruction (None = the model's own), the pixel
-    thresholds, and the record written into ``report["selection"]``."""
+    thresholds, each healthy-set baseline's own choice, and the record written into ``report["selection"]``."""
 
     scoring: ScoringConfig
     recon: ReconstructionConfig | None
     threshold: float | None
     base_threshold: float | None
     record: dict[str, Any]
+    baselines: dict[str, BaselineChoice] = field(default_factory=dict)
+    base_val_auroc: float | None = None  # the mean-intensity baseline's validation AUROC
 
 
 def _depth_candidates(model: Any, opts: EvalOptions) -> list[ReconstructionConfig | None]:
@@ -197,48 +382,135 @@ def _t_start(model: Any, recon: ReconstructionConfig | None) -> int | None:
 
 
 def select_on_validation(
-    model: Any, val_loader: Iterable | None, opts: EvalOptions, device: torch.device | str = "cpu"
+    model: Any,
+    val_loader: Iterable | None,
+    opts: EvalOptions,
+    device: torch.device | str = "cpu",
+    healthy: Any = None,
 ) -> AnomalySelection:
-    """Choose (depth, post-processing) by validation image AUROC and the pixel threshold by validation Dice.
+    """Choose (depth, post-processing) by validation image AUROC and the pixel threshold by validation Dice, for
+    the model and, separately, for each healthy-set baseline built from ``healthy`` (the healthy training set).
 
-    ``val_loader`` None (``eval.select_on_val=false``) keeps the model's configured settings.
+    ``val_loader`` None (``eval.select_on_val=false``) keeps the model's configured settings for all.
     """
     device = torch.device(device)
     default = model.scoring_cfg
     candidates = opts.candidates(default)
-    chosen_idx, threshold, base_threshold, val_summary = 0, None, None, {}
+    baselines = _healthy_baselines(healthy, opts, device, default)
+    chosen_idx, threshold, base_threshold, base_val_auroc = 0, None, None, None
     chosen_recon: ReconstructionConfig | None = None
+    record: dict[str, Any] = {}
+    compared = False
     if val_loader is not None:
-        # reconstruction depth candidates: one validation pass each (the model's own depth when none given)
         best: tuple[float, ReconstructionConfig | None, int, _Collected] | None = None
+        first: _Collected | None = None
         rows = []
-        for recon in _depth_candidates(model, opts):
+        for k, recon in enumerate(_depth_candidates(model, opts)):
             t_start = _t_start(model, recon)
-            val = _pass(model, val_loader, candidates, opts, device, f"val t_start={t_start}: reconstruct + score",
-                        recon=recon)
-            y_val = torch.cat(val.labels).numpy()
+            methods = {MODEL: (_model_fn(model, recon), candidates)}
+            if k == 0:  # the baselines do not depend on the depth: scored on the first pass only
+                methods.update({name: (b.reconstruct, candidates) for name, b in baselines.items()})
+            val = _pass(val_loader, methods, opts, device, f"val t_start={t_start}: reconstruct + score")
+            if first is None:
+                first = val
+            y_val = val.y()
+            record["n_validation_items"] = int(y_val.size)
             if len(np.unique(y_val)) < 2:
-                log.warning("Validation split has one class only: keeping the configured scoring %s.", default)
+                log.warning("Validation split has %s: keeping the configured scoring %s.",
+                            "no items" if y_val.size == 0 else "one class only", default)
                 best = (float("nan"), recon, 0, val)
                 break
-            aurocs = [image_level(val.cat(j), y_val, n_boot=0)["auroc"] for j in range(len(candidates))]
+            aurocs = [_auroc(val.cat(MODEL, j), y_val) for j in range(len(candidates))]
             rows += [{"t_start": t_start, **c.as_dict(), "val_auroc": a} for c, a in zip(candidates, aurocs)]
             j = int(np.argmax(aurocs))
+            compared = True
             if best is None or aurocs[j] > best[0]:
                 best = (aurocs[j], recon, j, val)
-        assert best is not None
+        assert best is not None and first is not None
         val_auroc, chosen_recon, chosen_idx, val = best
-        if rows:
-            val_summary.update(candidates=rows, image_auroc=val_auroc, t_start=_t_start(model, chosen_recon))
-        pix = _matching_pixel_acc(val, candidates, chosen_idx)
-        if pix is not None:
-            threshold = choose_threshold(pix)
-            val_summary["pixel_threshold"] = threshold
-            val_summary["pixel_dice_at_threshold"] = pix.dice_at(threshold)
-        if val.pixel_baseline is not None:
-            base_threshold = choose_threshold(val.pixel_baseline)
-    record = {"chosen_on": "validation" if val_loader is not None else "config", **val_summary}
-    return AnomalySelection(candidates[chosen_idx], chosen_recon, threshold, base_threshold, record)
+        if compared:
+            record.update(candidates=rows, image_auroc=val_auroc, t_start=_t_start(model, chosen_recon))
+            pix = _matching_pixel_acc(val.pixel[MODEL], candidates, chosen_idx)
+        else:  # nothing compared: the model's own depth; a threshold only from a pass at that depth
+            chosen_recon, chosen_idx = None, 0
+            pix = _matching_pixel_acc(val.pixel[MODEL], candidates, 0) if opts.t_start is None else None
+        threshold = _threshold(pix)
+        if threshold is not None:
+            record["pixel_threshold"] = threshold
+            record["pixel_dice_at_threshold"] = pix.dice_at(threshold)  # type: ignore[union-attr]
+            record["threshold_chosen_on"] = "validation"
+        base_threshold = _threshold(first.pixel_intensity)
+        y_first = first.y()
+        base_record: dict[str, Any] = {}
+        if compared:
+            base_val_auroc = _auroc(first.intensity_scores(), y_first)
+            base_record["val_auroc"] = base_val_auroc
+        if base_threshold is not None:
+            base_record["pixel_threshold"] = base_threshold
+        if base_record:
+            record[MEAN_INTENSITY] = base_record
+        for name, b in baselines.items():
+            if compared:
+                aurocs = [_auroc(first.cat(name, j), y_first) for j in range(len(candidates))]
+                jb = int(np.argmax(aurocs))
+                b.scoring, b.val_auroc, b.chosen_on = candidates[jb], aurocs[jb], "validation"
+            else:
+                jb = 0
+            b.threshold = _threshold(_matching_pixel_acc(first.pixel[name], candidates, jb))
+    # derived from what happened above: candidates were compared on validation items, or the config was kept
+    record = {"chosen_on": "validation" if compared else "config", **record}
+    if baselines:
+        record["baselines"] = {name: b.record() for name, b in baselines.items()}
+    return AnomalySelection(candidates[chosen_idx], chosen_recon, threshold, base_threshold, record, baselines,
+                            base_val_auroc)
+
+
+# ------------------------------------------------------------------------------------------------------ test
+def _pixel_entry(acc: PixelAccumulator, threshold: float | None) -> dict[str, Any]:
+    pix = acc.compute()
+    entry = {"auroc": pix["auroc"], "auprc": pix["auprc"],
+             "oracle_dice": pix["oracle_dice"], "oracle_threshold": pix["oracle_threshold"]}
+    if threshold is not None:
+        entry["dice_at_val_threshold"] = acc.dice_at(threshold)
+        entry["val_threshold"] = threshold
+    return entry
+
+
+def _verdict(m: Mapping[str, Any]) -> str:
+    """One plain sentence: does the model beat the best baseline (paired 95% CI of the AUROC margin)?"""
+    name = LABELS.get(m["baseline"], m["baseline"])
+    where = "chosen on validation" if m.get("baseline_chosen_on") == "validation" else "the best on test"
+    if "auroc_diff_ci" not in m:
+        return (f"Model vs the best baseline ({name}, {where}): AUROC margin {m['auroc_diff']:+.3f}; no CI "
+                "(eval.n_boot=0), so no verdict.")
+    lo, hi = m["auroc_diff_ci"]
+    margin = f"image AUROC margin {m['auroc_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired 95% CI)"
+    if lo > 0:
+        return f"The model beats the best baseline ({name}, {where}): {margin} excludes 0."
+    if hi < 0:
+        return f"The model is WORSE than the best baseline ({name}, {where}): {margin} is below 0."
+    return f"The model does NOT beat the best baseline ({name}, {where}): {margin} includes 0."
+
+
+def _margin(scores: Mapping[str, np.ndarray], y: np.ndarray, subjects: list[str] | None,
+            val_auroc: Mapping[str, float | None], opts: EvalOptions) -> dict[str, Any]:
+    """Paired CI of "model - best baseline" image AUROC; the best by validation AUROC when every baseline has one."""
+    base = {k: v for k, v in scores.items() if k != MODEL}
+    known = {k: float(v) for k, v in val_auroc.items() if v is not None and np.isfinite(v)}
+    val = known if set(known) == set(base) else None
+    if opts.n_boot >= 1:
+        m = margin_over_best_baseline(scores[MODEL], base, y, subjects=subjects, val_auroc=val,
+                                      n_boot=opts.n_boot, seed=opts.seed)
+    else:  # no bootstrap asked for: the point difference only
+        key = (lambda k: (val[k], k)) if val is not None else (lambda k: (_auroc(base[k], y), k))
+        best = max(base, key=key)
+        m = {"baseline": best, "baseline_chosen_on": "validation" if val is not None else "test",
+             "auroc_model": _auroc(scores[MODEL], y), "auroc_baseline": _auroc(base[best], y)}
+        m["auroc_diff"] = m["auroc_model"] - m["auroc_baseline"]
+    if val is not None:
+        m["baseline_val_auroc"] = val
+    m["verdict"] = _verdict(m)
+    return m
 
 
 def evaluate_on_test(
@@ -249,7 +521,8 @@ def evaluate_on_test(
     device: torch.device | str = "cpu",
     subtype_names: Sequence[str] | None = None,
 ) -> Outcome:
-    """One pass over the test split with the selected setting: the report and the data for its figures.
+    """One pass over the test split with the selected settings (model and each baseline): the report and the data
+    for its figures.
 
     When test batches carry ``subtypes`` ``[B, K]`` (RSNA CT), ``report["image"]["per_subtype"]`` holds each subtype's
     AUROC/AUPRC (healthy slices vs slices with it, ``meddiff.protocols.ct_report``), named by ``subtype_names``.
@@ -263,52 +536,58 @@ def evaluate_on_test(
     if isinstance(recon, ReconstructionConfig):
         report["reconstruction"] = asdict(recon)
 
-    test = _pass(model, test_loader, [chosen], opts, device, "test: reconstruct + score",
-                 keep_examples=4 * opts.n_figure_rows, recon=selection.recon)
-    y = torch.cat(test.labels).numpy()
-    s_model, s_base = test.cat(0), torch.cat(test.baseline).double().numpy()
+    methods = {MODEL: (_model_fn(model, selection.recon), [chosen])}
+    methods.update({name: (b.reconstruct, [b.scoring]) for name, b in selection.baselines.items()})
+    test = _pass(test_loader, methods, opts, device, "test: reconstruct + score",
+                 keep_examples=4 * opts.n_figure_rows, observe=True)
+    y = test.y()
+    subjects = test.subject_ids()
+    scores = {MODEL: test.cat(MODEL), MEAN_INTENSITY: test.intensity_scores(),
+              **{name: test.cat(name) for name in selection.baselines}}
     report["n_test"] = int(y.size)
-    report["image"] = {
-        "model": image_level(s_model, y, n_boot=opts.n_boot, seed=opts.seed),
-        "baseline_mean_intensity": image_level(s_base, y, n_boot=opts.n_boot, seed=opts.seed),
-    }
-    if test.subjects and len(set(test.subjects)) < len(test.subjects):
+    if subjects is not None:
+        report["n_test_subjects"] = len(set(subjects))
+    report["image"] = {name: detection_ci(s, y, subjects=subjects, n_boot=opts.n_boot, seed=opts.seed)
+                       for name, s in scores.items()}
+    val_auroc = {MEAN_INTENSITY: selection.base_val_auroc,
+                 **{name: b.val_auroc for name, b in selection.baselines.items()}}
+    report["margin_over_best_baseline"] = _margin(scores, y, subjects, val_auroc, opts)
+    if subjects is not None and len(set(subjects)) < len(subjects):
         subj_report = {}
-        for name, s in (("model", s_model), ("baseline_mean_intensity", s_base)):
-            _, ss, yy = aggregate_by_subject(s, y, test.subjects)
+        for name, s in scores.items():
+            _, ss, yy = aggregate_by_subject(s, y, subjects)
             if len(np.unique(yy)) == 2:
-                subj_report[name] = image_level(ss, yy, n_boot=opts.n_boot, seed=opts.seed)
+                subj_report[name] = detection_ci(ss, yy, n_boot=opts.n_boot, seed=opts.seed)
         if subj_report:
             report["subject"] = subj_report
-    if 0 in test.pixel:
-        pix = test.pixel[0].compute()
-        entry = {"auroc": pix["auroc"], "auprc": pix["auprc"],
-                 "oracle_dice": pix["oracle_dice"], "oracle_threshold": pix["oracle_threshold"]}
-        if threshold is not None:
-            entry["dice_at_val_threshold"] = test.pixel[0].dice_at(threshold)
-            entry["val_threshold"] = threshold
-        report["pixel"] = {"model": entry}
-        if test.pixel_baseline is not None:
-            pb = test.pixel_baseline.compute()
-            base = {"auroc": pb["auroc"], "auprc": pb["auprc"], "oracle_dice": pb["oracle_dice"]}
-            if base_threshold is not None:
-                base["dice_at_val_threshold"] = test.pixel_baseline.dice_at(base_threshold)
-            report["pixel"]["baseline_intensity"] = base
+    if 0 in test.pixel[MODEL]:
+        report["pixel"] = {MODEL: _pixel_entry(test.pixel[MODEL][0], threshold)}
+        for name, b in selection.baselines.items():
+            if 0 in test.pixel[name]:
+                report["pixel"][name] = _pixel_entry(test.pixel[name][0], b.threshold)
+        if test.pixel_intensity is not None:
+            report["pixel"][PIXEL_INTENSITY] = _pixel_entry(test.pixel_intensity, base_threshold)
+    if selection.baselines:
+        report["baselines_cost"] = {name: b.cost.as_dict() for name, b in selection.baselines.items()}
+    compute = test.compute or {}
+    report["runtime"] = {**cpu_report(_precision_name(compute) if compute else None), "device": str(device),
+                         "compute": compute}
     report["summary"] = _summary(report)
     figures = {
-        "curves": {"model": (s_model, y), "baseline (mean intensity)": (s_base, y)},
+        "curves": {("model" if k == MODEL else f"baseline ({LABELS.get(k, k)})"): (s, y) for k, s in scores.items()},
         "examples": {k: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for k, v in test.examples.items()},
     }
     if test.subtypes:
         from meddiff.protocols.ct_report import per_subtype_detection, subtype_summary
 
         subtypes = torch.cat(test.subtypes).numpy()
-        per = per_subtype_detection({"model": s_model, "baseline_mean_intensity": s_base}, y, subtypes,
-                                    subtype_names, n_boot=opts.n_boot, seed=opts.seed)
+        per = per_subtype_detection(scores, y, subtypes, subtype_names, n_boot=opts.n_boot, seed=opts.seed,
+                                    subjects=subjects)
         report["image"]["per_subtype"] = per
         report["summary"].update(subtype_summary(per))
         figures["items"] = {"id": test.ids, "subject": test.subjects, "label": y, "subtypes": subtypes,
-                            "model": s_model, "baseline": s_base}
+                            "model": scores[MODEL], "baseline": scores[MEAN_INTENSITY],
+                            "baselines": {k: v for k, v in scores.items() if k not in (MODEL, MEAN_INTENSITY)}}
     return Outcome(report, figures)
 
 
@@ -319,30 +598,55 @@ def evaluate_anomaly_detection(
     opts: EvalOptions,
     device: torch.device | str = "cpu",
     subtype_names: Sequence[str] | None = None,
+    healthy: Any = None,
 ) -> dict[str, Any]:
     """:func:`select_on_validation` then :func:`evaluate_on_test` on loaders: the report (JSON-ready) plus
     ``_figures`` (the plot data). ``model`` needs ``scoring_cfg``, ``schedule`` and ``reconstruct(batch[, recon])``.
+    ``healthy``: the healthy training set (map-style, items ``{"image": [C, H, W], ...}``) for the nearest-healthy
+    and mean-healthy baselines; None = the mean-intensity baseline only.
     """
-    selection = select_on_validation(model, val_loader, opts, device)
+    selection = select_on_validation(model, val_loader, opts, device, healthy=healthy)
     outcome = evaluate_on_test(model, test_loader, opts, selection, device, subtype_names)
     return {**outcome.report, "_figures": outcome.figures}
 
 
+def _training_set(data: ValidationView, opts: EvalOptions) -> tuple[Any, str | None]:
+    """The healthy training dataset for the baselines, or ``(None, why not)``."""
+    if not opts.healthy_baselines():
+        return None, "eval.baselines is empty"
+    get = getattr(data, "train_dataloader", None)
+    if not callable(get):
+        return None, "the datamodule has no train_dataloader"
+    dataset = getattr(get(), "dataset", None)
+    if dataset is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return None, "the training loader has no map-style dataset"
+    return dataset, None
+
+
 class AnomalyProtocol(Protocol):
     """The anomaly-detection protocol on a datamodule (``val_dataloader``, ``test_dataloader``, optional
-    ``subtype_names``); writes ``report.json``, ``metrics.csv``, ``roc.png``, ``anomaly_grid.png`` and, for CT,
-    the per-subtype outputs of ``meddiff.protocols.ct_report``."""
+    ``subtype_names``; ``train_dataloader().dataset`` for the healthy-set baselines); writes ``report.json``,
+    ``metrics.csv``, ``roc.png``, ``anomaly_grid.png`` and, for CT, the per-subtype outputs of
+    ``meddiff.protocols.ct_report``."""
 
     name = "anomaly"
     options = EvalOptions
 
     def select(self, model: Any, data: ValidationView, opts: EvalOptions, device: torch.device) -> AnomalySelection:
-        return select_on_validation(model, data.val_dataloader() if opts.select_on_val else None, opts, device)
+        healthy, why_not = _training_set(data, opts)
+        if why_not is not None and opts.healthy_baselines():
+            log.warning("Healthy-set baselines skipped: %s.", why_not)
+        selection = select_on_validation(model, data.val_dataloader() if opts.select_on_val else None, opts, device,
+                                         healthy=healthy)
+        selection.record["splits_read"] = data.splits_read  # what selection asked the datamodule for
+        if why_not is not None and opts.healthy_baselines():
+            selection.record["baselines_skipped"] = why_not
+        return selection
 
     def test(self, model: Any, datamodule: Any, opts: EvalOptions, selection: AnomalySelection,
              device: torch.device) -> Outcome:
         return evaluate_on_test(model, datamodule.test_dataloader(), opts, selection, device,
-                         subtype_names=getattr(datamodule, "subtype_names", None))
+                                subtype_names=getattr(datamodule, "subtype_names", None))
 
     def write(self, outcome: Outcome, out_dir: Path) -> None:
         from meddiff.viz.figures import save_anomaly_grid, save_roc_pr
@@ -366,58 +670,97 @@ def run(model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
     return AnomalyProtocol().run(model, datamodule, eval_cfg, out_dir, device)
 
 
+def _methods(report: Mapping[str, Any]) -> list[str]:
+    """Report keys of the model and every baseline, model first."""
+    return [k for k in report["image"] if k != "per_subtype"]
+
+
 def print_report(report: dict[str, Any]) -> None:
-    """A rich table: model beside the trivial baseline, with CIs and the protocol."""
+    """A rich table: the model beside every baseline, with CIs, and one line saying whether it beats the best."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Test results (n={report['n_test']}); post-processing chosen on validation")
+    methods = _methods(report)
+    img = report["image"]
+    resampled = img[MODEL].get("resampled", "items")
+    table = Table(title=f"Test results (n={report['n_test']}); settings chosen on "
+                        f"{report['selection'].get('chosen_on', '?')}; 95% CIs resample {resampled}")
     table.add_column("metric")
-    table.add_column("model", justify="right")
-    table.add_column("baseline", justify="right")
-    im, ib = report["image"]["model"], report["image"]["baseline_mean_intensity"]
+    for m in methods:
+        table.add_column("model" if m == MODEL else LABELS.get(m, m), justify="right")
 
-    def ci(d: dict, k: str) -> str:
-        lo, hi = d[f"{k}_ci"]
-        return f"{d[k]:.3f} [{lo:.3f}, {hi:.3f}]"
+    def value(d: Mapping | None, k: str) -> str:
+        return "-" if not d else f"{d[k]:.3f}"
 
-    table.add_row("image AUROC [95% CI]", ci(im, "auroc"), ci(ib, "auroc"))
-    table.add_row("image AUPRC [95% CI]", ci(im, "auprc"), ci(ib, "auprc"))
+    def ci(d: Mapping | None, k: str) -> str:
+        return "-" if not d else "[{:.3f}, {:.3f}]".format(*d[f"{k}_ci"])
+
+    for key, name in (("auroc", "image AUROC"), ("auprc", "image AUPRC")):
+        table.add_row(name, *(value(img[m], key) for m in methods))
+        table.add_row("  95% CI", *(ci(img[m], key) for m in methods))
     if "subject" in report:
-        sm, sb = report["subject"].get("model"), report["subject"].get("baseline_mean_intensity")
-        table.add_row("subject AUROC", ci(sm, "auroc") if sm else "-", ci(sb, "auroc") if sb else "-")
+        table.add_row("subject AUROC", *(value(report["subject"].get(m), "auroc") for m in methods))
     if "pixel" in report:
-        pm, pb = report["pixel"]["model"], report["pixel"].get("baseline_intensity", {})
+        pix = report["pixel"]
+        cols = [pix.get(PIXEL_INTENSITY if m == MEAN_INTENSITY else m, {}) for m in methods]
         for key, name in (("auroc", "pixel AUROC"), ("auprc", "pixel AUPRC"),
-                          ("dice_at_val_threshold", "Dice @ val threshold"), ("oracle_dice", "Dice (oracle, test-chosen)")):
-            if key in pm:
-                table.add_row(name, f"{pm[key]:.3f}", f"{pb[key]:.3f}" if key in pb else "-")
-    Console().print(table)
-    Console().print(f"scoring: {report['scoring']}")
+                          ("dice_at_val_threshold", "Dice @ val threshold"),
+                          ("oracle_dice", "Dice (oracle, test-chosen)")):
+            if key in pix[MODEL]:
+                table.add_row(name, *(f"{c[key]:.3f}" if key in c else "-" for c in cols))
+    console = Console()
+    console.print(table)
+    if len(methods) > 1:
+        note = "; the healthy-image ones scored like reconstructions, each with its own post-processing and " \
+            "threshold chosen on validation" if any(m in HEALTHY_BASELINES.values() for m in methods) else ""
+        console.print("Baselines: " + ", ".join(LABELS.get(m, m) for m in methods if m != MODEL) + note + ".")
+    margin = report.get("margin_over_best_baseline")
+    if margin:
+        console.print(margin["verdict"])
+    console.print(f"scoring: {report['scoring']}")
+    rt = report.get("runtime")
+    if rt:
+        console.print(f"precision {rt.get('precision')}, {rt.get('torch_threads')} torch thread(s) on {rt.get('device')}")
+    for name, cost in (report.get("baselines_cost") or {}).items():
+        console.print(f"{LABELS.get(name, name)}: {cost['seconds']:.2f} s ({cost['scanned']})")
 
 
-def _matching_pixel_acc(val: _Collected, candidates: list[ScoringConfig], chosen: int) -> PixelAccumulator | None:
+def _matching_pixel_acc(accs: Mapping[int, PixelAccumulator], candidates: list[ScoringConfig],
+                        chosen: int) -> PixelAccumulator | None:
     """The validation pixel accumulator with the chosen map and filter (pixel maps do not depend on reduction)."""
-    c = candidates[chosen]
-    for j, acc in val.pixel.items():
-        o = candidates[j]
-        if (o.map, o.median_size, o.erode_iterations) == (c.map, c.median_size, c.erode_iterations):
+    for j, acc in accs.items():
+        if _map_key(candidates[j]) == _map_key(candidates[chosen]):
             return acc
     return None
 
 
 def _summary(report: dict[str, Any]) -> dict[str, float]:
+    img = report["image"]
     s = {
-        "image_auroc": report["image"]["model"]["auroc"],
-        "image_auprc": report["image"]["model"]["auprc"],
-        "baseline_image_auroc": report["image"]["baseline_mean_intensity"]["auroc"],
+        "image_auroc": img[MODEL]["auroc"],
+        "image_auprc": img[MODEL]["auprc"],
+        "baseline_image_auroc": img[MEAN_INTENSITY]["auroc"],
     }
     if "pixel" in report:
-        p = report["pixel"]["model"]
+        p = report["pixel"][MODEL]
         s.update(pixel_auroc=p["auroc"], pixel_auprc=p["auprc"], pixel_oracle_dice=p["oracle_dice"])
         if "dice_at_val_threshold" in p:
             s["pixel_dice"] = p["dice_at_val_threshold"]
-        s["baseline_pixel_auprc"] = report["pixel"]["baseline_intensity"]["auprc"]
-    if "subject" in report and "model" in report["subject"]:
-        s["subject_auroc"] = report["subject"]["model"]["auroc"]
+        s["baseline_pixel_auprc"] = report["pixel"][PIXEL_INTENSITY]["auprc"]
+    if "subject" in report and MODEL in report["subject"]:
+        s["subject_auroc"] = report["subject"][MODEL]["auroc"]
+    for name in HEALTHY_BASELINES.values():
+        if name in img:
+            s[f"{SHORT[name]}_image_auroc"] = img[name]["auroc"]
+        if name in report.get("pixel", {}):
+            s[f"{SHORT[name]}_pixel_auprc"] = report["pixel"][name]["auprc"]
+            if "dice_at_val_threshold" in report["pixel"][name]:
+                s[f"{SHORT[name]}_pixel_dice"] = report["pixel"][name]["dice_at_val_threshold"]
+    m = report.get("margin_over_best_baseline")
+    if m:
+        s["best_baseline_image_auroc"] = m["auroc_baseline"]
+        s["margin_image_auroc"] = m["auroc_diff"]
+        if "auroc_diff_ci" in m:
+            s["margin_image_auroc_ci_lo"], s["margin_image_auroc_ci_hi"] = (float(v) for v in m["auroc_diff_ci"])
+            s["model_beats_best_baseline"] = float(m["auroc_diff_ci"][0] > 0)
     return s

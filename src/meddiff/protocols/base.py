@@ -6,7 +6,8 @@ A protocol subclasses :class:`Protocol` and fills in
   key is a ``ConfigError`` naming the valid ones);
 - ``select(model, data, opts, device) -> selection``: every choice (depth, post-processing, thresholds, ...) is made
   here, on validation data. ``data`` is the datamodule seen through :class:`ValidationView`: asking it for anything
-  of the test split (``test_dataloader``, ``test_set``, ...) raises :class:`TestSplitTouched`;
+  of the test split (``test_dataloader``, ``test_set``, ``dataset("test")``, ...) raises :class:`TestSplitTouched`,
+  and ``data.splits_read`` lists the splits selection did read (derive ``chosen_on`` from it, not from a constant);
 - ``test(model, datamodule, opts, selection, device) -> Outcome``: the one pass over the test split with what was
   selected; the report records what was chosen and on what (``report["selection"]["chosen_on"]``);
 - ``write(outcome, out_dir)`` (optional): figures and tables beyond ``report.json`` and ``metrics.csv``.
@@ -20,6 +21,7 @@ Protocols never change the model: an override (another depth, another guidance s
 from __future__ import annotations
 
 import csv
+import functools
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -42,25 +44,102 @@ class TestSplitTouched(RuntimeError):
     __test__ = False  # not a pytest test class
 
 
-class ValidationView:
-    """A datamodule as the selection step sees it: every attribute but those of the test split (``test*``).
+#: split names as datamodules spell them -> the split they read (for :attr:`ValidationView.splits_read`)
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "predict": "test"}
 
-    The guard catches the names by which the test split is reached (``test_dataloader()``, ``test_set``, ...); it
-    cannot see through a generic accessor called with ``"test"``, which protocols must not use while selecting.
+
+def _split_of(name: str) -> str | None:
+    """The split an attribute name reaches (``val_dataloader`` -> ``val``, ``predict_dataloader`` -> ``test``)."""
+    low = name.lower()
+    if low.startswith(("test", "predict")):
+        return "test"
+    return _SPLIT_ALIASES.get(low.split("_", 1)[0])
+
+
+class _GuardedMapping(Mapping):
+    """A read-only view of a ``{split: ...}`` mapping (e.g. ``datamodule.datasets``) that refuses the test split."""
+
+    def __init__(self, view: ValidationView, name: str, inner: Mapping) -> None:
+        self._view, self._name, self._inner = view, name, inner
+
+    def __getitem__(self, key: Any) -> Any:
+        split = _SPLIT_ALIASES.get(str(key).lower()) if isinstance(key, str) else None
+        if split == "test":
+            self._view._refuse(f"{self._name}[{key!r}]")
+        if split is not None:
+            self._view._record(split)
+        return self._inner[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
+class ValidationView:
+    """A datamodule as the selection step sees it: everything but the test split.
+
+    Refused with :class:`TestSplitTouched`: attributes of the test split (``test*``, and ``predict*``, which is the
+    test split in meddiff), generic accessors called with ``"test"`` / ``"predict"`` as an argument
+    (``dataset("test")``, ``loader(split="test")``, ``volumes("test")``) and the ``"test"`` entry of split mappings
+    (``datasets["test"]``).
+
+    :attr:`splits_read` records which splits selection actually asked for (``["train", "val"]``, in the order of
+    first use), so a report's ``chosen_on`` can be derived from what the code did rather than written as a constant.
     """
 
-    __slots__ = ("_datamodule",)
+    __slots__ = ("_datamodule", "_splits_read")
 
     def __init__(self, datamodule: Any) -> None:
         object.__setattr__(self, "_datamodule", datamodule)
+        object.__setattr__(self, "_splits_read", [])
+
+    @property
+    def splits_read(self) -> list[str]:
+        """The splits selection asked the datamodule for, in order of first use (a copy)."""
+        return list(self._splits_read)
+
+    def _record(self, split: str) -> None:
+        if split not in self._splits_read:
+            self._splits_read.append(split)
+
+    def _refuse(self, what: str) -> None:
+        raise TestSplitTouched(
+            f"{what} of {type(self._datamodule).__name__} was requested while choosing settings on validation; "
+            "selection must use validation data only (the test split is touched once, by Protocol.test)."
+        )
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("test"):
-            raise TestSplitTouched(
-                f"{name} of {type(self._datamodule).__name__} was requested while choosing settings on validation; "
-                "selection must use validation data only (the test split is touched once, by Protocol.test)."
-            )
-        return getattr(self._datamodule, name)
+        split = _split_of(name)
+        if split == "test":
+            self._refuse(name)
+        value = getattr(self._datamodule, name)
+        if split is not None:
+            self._record(split)
+        if isinstance(value, Mapping) and any(
+            isinstance(k, str) and _SPLIT_ALIASES.get(k.lower()) == "test" for k in value
+        ):
+            return _GuardedMapping(self, name, value)
+        if callable(value) and not isinstance(value, type):
+            return self._guard_call(name, value)
+        return value
+
+    def _guard_call(self, name: str, fn: Any) -> Any:
+        """``fn`` refusing a ``"test"`` split argument and recording the split it is asked for."""
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for a in (*args, *kwargs.values()):
+                split = _SPLIT_ALIASES.get(a.lower()) if isinstance(a, str) else None
+                if split == "test":
+                    self._refuse(f"{name}({a!r})")
+                if split is not None:
+                    self._record(split)
+            return fn(*args, **kwargs)
+
+        return call
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"the datamodule is read-only during selection (tried to set {name!r}).")

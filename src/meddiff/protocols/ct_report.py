@@ -6,17 +6,20 @@ through the public :mod:`meddiff.viz` helpers (:func:`~meddiff.viz.figures.save_
 
 - :func:`per_subtype_detection`: for each hemorrhage subtype ``k``, the *healthy* test slices (``label == 0`` and
   no subtype) against the slices that carry subtype ``k`` (whatever other subtypes they also carry), image AUROC
-  and AUPRC with stratified-bootstrap 95% CIs for the model and the trivial baseline, on exactly the same slices.
-  Slices with other subtypes only are left out of that comparison. A subtype without positives (or without healthy
+  and AUPRC with 95% CIs for the model and every baseline, on exactly the same slices. The CIs resample patients
+  (cluster bootstrap, ``meddiff.metrics.detection.detection_ci``) when subject ids are given: slices of one patient
+  are not independent, so a slice bootstrap would give intervals that are too narrow. Slices with other subtypes
+  only are left out of that comparison. A subtype without positives (or without healthy
   slices) in the test split is listed with the reason instead of a number.
 - :func:`save_ct_segmentation`: rows of test slices (hemorrhages of different subtypes first, then healthy ones),
   columns CT (first window channel) | healthy reconstruction | error map over the CT | segmentation at the
   *validation-chosen* pixel threshold over the CT (red), with the ground-truth outline (green) where lesion masks
   exist (synthetic data). Without a validation threshold (no lesion masks in validation, i.e. real RSNA data) the
   segmentation column is left out and the figure says so.
-- :func:`save_subtype_auroc`: per-subtype AUROC with 95% CI, model beside baseline (bar chart).
+- :func:`save_subtype_auroc`: per-subtype AUROC with 95% CI, model beside every baseline (bar chart).
 - :func:`write_ct_outputs`: the above plus ``per_subtype.csv``, ``test_scores.csv`` (one row per test slice:
-  id, subject, label, subtypes, model and baseline score) and a printed table.
+  id, subject, label, subtypes, model score, mean-intensity ``baseline_score`` and the other baselines' scores) and
+  a printed table.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from meddiff.errors import DataError
-from meddiff.metrics.detection import image_level
+from meddiff.metrics.detection import detection_ci
 from meddiff.utils.io import atomic_write_text
 from meddiff.viz.figures import save_figure, to_numpy
 
@@ -52,7 +55,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHOD_LABELS = {"model": "model", "baseline_mean_intensity": "baseline (mean intensity)"}
+METHOD_LABELS = {
+    "model": "model",
+    "baseline_mean_intensity": "baseline (mean intensity)",
+    "baseline_nearest_healthy_image": "baseline (nearest healthy image)",
+    "baseline_mean_healthy_image": "baseline (mean healthy image)",
+}
 
 
 # ------------------------------------------------------------------------------------------ per-subtype AUROC
@@ -63,6 +71,7 @@ def per_subtype_detection(
     names: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    subjects: Sequence[Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Image-level detection of each subtype against healthy slices.
 
@@ -72,19 +81,26 @@ def per_subtype_detection(
         subtypes: ``[N, K]`` 0/1 (float or int) per subtype, e.g. RSNA's five in
             :data:`meddiff.data.formats.rsna_labels.SUBTYPES` order.
         names: ``K`` subtype names (default ``subtype0..``).
-        n_boot, seed: bootstrap replicates and seed of the CIs (:func:`meddiff.metrics.detection.image_level`).
+        n_boot, seed: bootstrap replicates and seed of the CIs (:func:`meddiff.metrics.detection.detection_ci`).
+        subjects: ``N`` patient ids: the CIs resample patients (each with all its kept slices); None = slices.
 
     Returns:
-        ``{name: {"n_pos": int, "n_healthy": int, <method>: image_level dict, ...}}``; a subtype without positives
+        ``{name: {"n_pos": int, "n_healthy": int, <method>: detection_ci dict, ...}}``; a subtype without positives
         or without healthy slices gets ``{"n_pos", "n_healthy", "skipped": reason}`` instead of method entries.
         Healthy = ``label == 0`` and no subtype set (inconsistent rows, label 0 with a subtype, are counted in
-        ``n_inconsistent`` of every entry and left out of the negatives).
+        ``n_inconsistent`` of every entry and left out of the negatives). With ``subjects`` each entry also has
+        ``n_subjects`` (patients among the compared slices) and each method's dict ``"resampled": "subjects"``.
     """
     y = np.asarray(to_numpy(labels)).reshape(-1)
     sub = np.asarray(to_numpy(subtypes))
     if sub.ndim != 2 or sub.shape[0] != y.shape[0]:
         raise DataError(f"subtypes must be [N, K] with N = {y.shape[0]} labels; got shape {tuple(sub.shape)}.")
     k = sub.shape[1]
+    subj = None
+    if subjects is not None:
+        subj = np.asarray([str(v) for v in subjects])
+        if subj.shape != y.shape:
+            raise DataError(f"subjects has {subj.size} ids for {y.size} labels; give one patient id per slice.")
     if names is None:
         names = [f"subtype{i}" for i in range(k)]
     names = [str(n) for n in names]
@@ -114,8 +130,11 @@ def per_subtype_detection(
             continue
         keep = pos | healthy
         yy = pos[keep].astype(np.int64)
+        groups = None if subj is None else subj[keep]
+        if groups is not None:
+            entry["n_subjects"] = int(np.unique(groups).size)
         for method, a in arrays.items():
-            entry[method] = image_level(a[keep], yy, n_boot=n_boot, seed=seed)
+            entry[method] = detection_ci(a[keep], yy, subjects=groups, n_boot=n_boot, seed=seed)
         out[name] = entry
     return out
 
@@ -300,19 +319,25 @@ def save_ct_segmentation(
     return save_figure(fig, path)
 
 
+def _methods(per_subtype: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The methods evaluated in ``per_subtype``: the known ones in :data:`METHOD_LABELS` order, then the others."""
+    methods = [m for m in METHOD_LABELS if any(m in e for e in per_subtype.values())]
+    methods += sorted({m for e in per_subtype.values() for m, v in e.items()
+                       if isinstance(v, Mapping) and "auroc" in v and m not in methods})
+    return methods
+
+
 def save_subtype_auroc(
     path: str | os.PathLike, per_subtype: Mapping[str, Mapping[str, Any]], title: str | None = None
 ) -> Path:
-    """Bar chart of per-subtype AUROC with 95% CI error bars, one bar per method (model, baseline).
+    """Bar chart of per-subtype AUROC with 95% CI error bars, one bar per method (model, baselines).
 
     ``per_subtype``: :func:`per_subtype_detection`'s result; skipped subtypes are drawn as "n/a". Returns the path.
     """
     names = list(per_subtype)
     if not names:
         raise DataError("save_subtype_auroc: no subtypes given.")
-    methods = [m for m in METHOD_LABELS if any(m in e for e in per_subtype.values())]
-    methods += sorted({m for e in per_subtype.values() for m, v in e.items()
-                       if isinstance(v, Mapping) and "auroc" in v and m not in methods})
+    methods = _methods(per_subtype)
     fig = Figure(figsize=(1.4 * len(names) + 2.5, 4.0), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(1, len(methods))
@@ -371,24 +396,30 @@ def _scores_csv(items: Mapping[str, Any], names: Sequence[str]) -> str:
     subjects = items.get("subject") if len(items.get("subject") or []) == n else [""] * n
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["id", "subject", "label", *names, "model_score", "baseline_score"])
+    others = dict(items.get("baselines") or {})
+    w.writerow(["id", "subject", "label", *names, "model_score", "baseline_score", *(f"{k}_score" for k in others)])
     for i in range(n):
         w.writerow([ids[i], subjects[i], int(items["label"][i]), *(int(v > 0.5) for v in sub[i]),
-                    f"{float(items['model'][i]):.6g}", f"{float(items['baseline'][i]):.6g}"])
+                    f"{float(items['model'][i]):.6g}", f"{float(items['baseline'][i]):.6g}",
+                    *(f"{float(v[i]):.6g}" for v in others.values())])
     return buf.getvalue()
 
 
 def print_subtype_table(per_subtype: Mapping[str, Mapping[str, Any]]) -> None:
-    """A rich table: per-subtype AUROC [95% CI], model beside the baseline."""
+    """A rich table: per-subtype AUROC [95% CI], model beside every baseline."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Per-subtype image AUROC (healthy slices vs slices with the subtype), test split")
-    for col in ("subtype", "n+", "n healthy", "model", "baseline"):
+    methods = _methods(per_subtype)
+    resampled = next((v.get("resampled", "items") for e in per_subtype.values() for m, v in e.items()
+                      if m in methods and isinstance(v, Mapping)), "items")
+    table = Table(title="Per-subtype image AUROC (healthy slices vs slices with the subtype), test split; "
+                        f"95% CIs resample {resampled}")
+    for col in ("subtype", "n+", "n healthy", *(METHOD_LABELS.get(m, m) for m in methods)):
         table.add_column(col, justify="left" if col == "subtype" else "right")
     for name, e in per_subtype.items():
         cells = []
-        for m in ("model", "baseline_mean_intensity"):
+        for m in methods:
             v = e.get(m)
             cells.append("-" if v is None else f"{v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]")
         table.add_row(name, str(e["n_pos"]), str(e["n_healthy"]), *cells)
