@@ -1,10 +1,16 @@
 """Hydra entry point: ``python -m meddiff.eval ckpt_path=...`` (console script ``meddiff-eval``).
 
 The experiment config (data, schedule, net, model, eval) is read back from the checkpoint, so any checkpoint
-evaluates with no other argument; ``data.*`` / ``model.*`` / ``eval.*`` overrides on the command line take
-precedence (e.g. ``data.root=/other/data`` or ``model.recon.t_start=400``). The model's ``eval_protocol`` names the
-protocol (``meddiff.protocols``: ``anomaly``, ``denoise``, ``guided``, ...), which writes ``report.json``,
-``metrics.csv`` and its figures into the run dir; the checkpoint path is recorded in ``report.json``.
+evaluates with no other argument; ``+data.*`` / ``+model.*`` / ``+eval.*`` overrides on the command line take
+precedence (e.g. ``+data.root=/other/data`` or ``+model.recon.t_start=400``). ``+net.*`` / ``+schedule.*`` overrides
+must fit the trained weights: a net change whose weights do not load, and any change of the noise schedule or
+prediction type (what the weights were trained to compute), is a ConfigError naming the keys; sampling options
+(``model.recon.*``: ``t_start``, ``num_steps`` respacing, ...) are the way to change how the model is used.
+
+Checkpoints are untrusted input: they load weights-only and their stored config may instantiate only the targets of
+``meddiff.utils.safety`` (``meddiff.utils.checkpoint``). The model's ``eval_protocol`` names the protocol
+(``meddiff.protocols``: ``anomaly``, ``denoise``, ``guided``, ...), which writes ``report.json``, ``metrics.csv`` and
+its figures into the run dir; the checkpoint path is recorded in ``report.json``.
 """
 
 from __future__ import annotations
@@ -21,29 +27,97 @@ from omegaconf import DictConfig, OmegaConf
 from meddiff.errors import ConfigError, DataError
 from meddiff.protocols import get_protocol
 from meddiff.protocols.base import record_checkpoint
-from meddiff.utils.hydra_utils import CKPT_CONFIG_KEY
+from meddiff.utils.checkpoint import load_checkpoint, stored_config
+from meddiff.utils.hydra_utils import resume_overrides  # noqa: F401  (also registers the run-dir resolver)
 from meddiff.utils.options import as_dict
+from meddiff.utils.safety import check_config_targets
 
 log = logging.getLogger("meddiff.eval")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
+#: parts of the stored config that the weights were trained with (overrides must fit them)
+TRAINED_PARTS = ("net", "schedule")
+
+
 def load_from_checkpoint(ckpt_path: str | Path, overrides: DictConfig | None = None) -> tuple[L.LightningModule, DictConfig]:
-    """Rebuild the model from the config stored in the checkpoint and load its weights (EMA included)."""
+    """Rebuild the model from the config stored in the checkpoint and load its weights (EMA included).
+
+    The file is read weights-only and its config passes the target allow-list before anything is built.
+    ``overrides`` are merged on top; ``net``/``schedule`` overrides also apply to the model's own copy of them and
+    must fit the weights (see the module docstring).
+    """
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(path)!r} does not exist; pass a .ckpt written by meddiff-train "
-                          "(<run_dir>/checkpoints/last.ckpt or the best one beside it).")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if CKPT_CONFIG_KEY not in ckpt:
-        raise ConfigError(f"{path} holds no meddiff config (key {CKPT_CONFIG_KEY!r}); it was not written by "
-                          "meddiff-train. Rebuild the model from your experiment config and load the state_dict.")
-    cfg = OmegaConf.create(ckpt[CKPT_CONFIG_KEY])
+    ckpt = load_checkpoint(path)
+    cfg = OmegaConf.create(stored_config(ckpt, path))
+    changed: list[str] = []
     if overrides is not None:
+        overrides = _with_model_copies(OmegaConf.create(overrides))
+        changed = _changed_trained_keys(cfg, overrides)
+        trained = {k: OmegaConf.select(cfg, k, default="<absent>") for k in changed}
         cfg = OmegaConf.merge(cfg, overrides)
+        check_config_targets(OmegaConf.to_container(cfg, resolve=False), "config with overrides")
+        not_net = [k for k in changed if not k.startswith("net.")]
+        if not_net:
+            raise ConfigError(
+                f"{', '.join(f'{k}={OmegaConf.select(cfg, k, default=None)!r}' for k in not_net)} does not fit the "
+                f"weights in {path}: they were trained with {', '.join(f'{k}={trained[k]!r}' for k in not_net)}. "
+                "Under another noise schedule, prediction type or model class the network would compute something "
+                "it was never trained for. Change how it samples instead (+model.recon.t_start=..., "
+                "+model.recon.num_steps=..., +eval.t_start=[...]).")
     model = hydra.utils.instantiate(cfg.model)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[:4])
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} do not fit the weights in {path} ({detail}). Drop these "
+                              "overrides: the network must be the one the checkpoint was trained with.") from e
+        raise DataError(f"The weights in {path} do not fit the model its own config builds ({detail}).") from e
+    if changed:
+        log.warning("Evaluating %s with changed %s: the weights load, but they were trained with the stored values.",
+                    path, ", ".join(changed))
     return model, cfg
+
+
+def _with_model_copies(overrides: DictConfig) -> DictConfig:
+    """``net``/``schedule`` overrides also for ``model.net``/``model.schedule``: the stored model config holds its own
+    resolved copies of them (``model.net: ${net}`` was resolved when the checkpoint was written)."""
+    extra = {part: overrides[part] for part in TRAINED_PARTS if part in overrides}
+    if not extra:
+        return overrides
+    return OmegaConf.merge(overrides, {"model": extra})
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def _changed_trained_keys(stored: DictConfig, overrides: DictConfig) -> list[str]:
+    """Keys under net / schedule / model.net / model.schedule / model._target_ whose override differs from the
+    stored value (the model's copies are reported under their top-level name)."""
+    ov = OmegaConf.to_container(overrides, resolve=True)
+    st = OmegaConf.to_container(stored, resolve=True)
+    changed: list[str] = []
+    model_ov = ov.get("model", {}) if isinstance(ov.get("model"), dict) else {}
+    model_st = st.get("model", {}) if isinstance(st.get("model"), dict) else {}
+    for part in TRAINED_PARTS:
+        for source, base in ((ov.get(part), st.get(part)), (model_ov.get(part), model_st.get(part))):
+            if source is None:
+                continue
+            stored_flat = _flat(base if isinstance(base, dict) else {}, part)
+            for key, value in _flat(source, part).items():
+                if stored_flat.get(key, "<absent>") != value and key not in changed:
+                    changed.append(key)
+    if "_target_" in model_ov and model_ov["_target_"] != model_st.get("_target_"):
+        changed.append("model._target_")
+    return changed
 
 
 def evaluate_checkpoint(
@@ -108,7 +182,7 @@ def _log_summary(loggers: list | None, report: dict[str, Any], out_dir: Path) ->
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
 def _hydra_main(cfg: DictConfig) -> None:
-    overrides = OmegaConf.create({k: cfg[k] for k in ("data", "model", "eval") if k in cfg})
+    overrides = OmegaConf.create({k: cfg[k] for k in ("data", "model", "eval", *TRAINED_PARTS) if k in cfg})
     shortcuts = {k: cfg.get(k) for k in ("input", "guidance_scale", "t_start") if cfg.get(k) is not None}
     if shortcuts:
         overrides = OmegaConf.merge(overrides, {"eval": shortcuts})

@@ -4,56 +4,126 @@ Trains, keeps ``last.ckpt`` + the best checkpoint by ``optimized_metric`` (a val
 best checkpoint with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
 and thresholds are chosen on validation data and the test split is touched once. Returns ``optimized_metric`` for
 Optuna sweeps.
+
+A run dir is one you can trust (``meddiff.utils.run_dir``, ``.checkpoint``, ``.resume``):
+
+- unique name, a lock file while the run is live, writability checked before training;
+- ``checkpoints/last.ckpt`` after every epoch, every ``checkpoint_every_n_steps`` steps, on SIGUSR1, and when
+  training stops on SIGTERM / Ctrl-C / an exception; every checkpoint written atomically and verified, read
+  weights-only;
+- ``resume=<run_dir>`` continues the run under its own config (command-line overrides on top, the difference
+  recorded in ``resume-<k>/``), its CSV history, RNG states and wandb run; a requeued SLURM job continues by itself;
+- a failed run's traceback is in its ``train.log``.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from meddiff.errors import ConfigError
+from meddiff.utils.checkpoint import (
+    LAST_NAME,
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    load_checkpoint,
+    logging_step_after_resume,
+    newest_checkpoint,
+)
 from meddiff.utils.hydra_utils import (
     StoreConfigInCheckpoint,
     instantiate_callbacks,
     instantiate_loggers,
     resume_overrides,
 )
-from meddiff.utils.io import atomic_write_text
+from meddiff.utils.io import atomic_write_text, remove_stale_tmp
+from meddiff.utils.resume import RESOLVED_NAME, check_resume_config, stored_config
+from meddiff.utils.run_dir import RunLock, check_writable, is_slurm_requeue
+from meddiff.utils.safety import check_config_targets
 
 log = logging.getLogger("meddiff.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: the checkpoint to continue from (or None), where this launch's config snapshot goes, and
+    the logger step the CSV history continues from."""
+
+    ckpt_path: str | None
+    snapshot_dir: Path
+    resume_step: int | None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (optionally resuming), then evaluate the best checkpoint. Returns the metrics."""
-    L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
-    atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    lock = None
+    if rank_zero_only.rank == 0:
+        check_writable(out_dir, "run dir")
+        lock = RunLock(out_dir).acquire()
+    try:
+        return _train(cfg, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    ckpt_dir = out_dir / "checkpoints"
+    if rank_zero_only.rank == 0:
+        for folder in (out_dir, ckpt_dir):  # temporary files of saves a kill -9 interrupted
+            remove_stale_tmp(folder)
+    start = _start(cfg, out_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    if rank_zero_only.rank == 0:
+        atomic_write_text(start.snapshot_dir / RESOLVED_NAME, OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [StoreConfigInCheckpoint(cfg)]
-    loggers = instantiate_loggers(cfg.get("logger"), out_dir)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.trainer.get("enable_checkpointing", True) is False:
+        log.warning("trainer.enable_checkpointing=false: no last.ckpt; this run cannot be resumed.")
+    else:
+        callbacks.append(LastCheckpoint(ckpt_dir, every_n_train_steps=cfg.get("checkpoint_every_n_steps")))
+    loggers = instantiate_loggers(cfg.get("logger"), out_dir, resume_step=start.resume_step)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 plugins=[AtomicCheckpointIO()])
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, Any] = {}
-    if cfg.get("train", True):
-        # our own checkpoints carry config containers (OmegaConf) in hparams: load them in full
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    try:
+        if cfg.get("train", True):
+            # checkpoints load weights-only through AtomicCheckpointIO (stored configs pass the allow-list)
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=start.ckpt_path, weights_only=True)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    except SystemExit as e:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(e, SIGTERMException):
+            # preemption: last.ckpt was written on the way out; a non-zero code tells the scheduler
+            log.warning("Stopped by SIGTERM at step %d; continue with: python -m meddiff.train resume=%s",
+                        trainer.global_step, out_dir)
+            _finish_wandb(loggers)
+            raise SystemExit(128 + signal.SIGTERM) from e
+        raise
 
     if cfg.get("evaluate", True) and trainer.is_global_zero and not trainer.fast_dev_run:
         from meddiff.eval import evaluate_checkpoint
 
-        ckpt = _best_checkpoint(trainer) or cfg.get("ckpt_path")
+        ckpt = _best_checkpoint(trainer) or start.ckpt_path
         if ckpt is None:
             log.warning("No checkpoint to evaluate (checkpointing disabled?); evaluating the in-memory weights.")
         report = evaluate_checkpoint(
@@ -65,11 +135,64 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _start(cfg: DictConfig, out_dir: Path) -> Start:
+    """Resume checks: the config against the run's own (``resume=``), a requeued SLURM job's checkpoint, and no
+    silent overwrite of a run dir that already holds a run."""
+    ckpt_path = cfg.get("ckpt_path")
+    snapshot_dir = out_dir
+    if cfg.get("resume"):
+        run_dir = Path(str(cfg.resume)).expanduser().resolve()
+        if run_dir != out_dir.resolve():
+            raise ConfigError(f"resume={run_dir} continues that run in its own folder, but this run's folder is "
+                              f"{out_dir}; resume with `python -m meddiff.train resume={run_dir}` (meddiff-train).")
+        snapshot_dir = _snapshot_dir(out_dir)
+        current = OmegaConf.to_container(cfg, resolve=True)
+        check_config_targets({k: current.get(k) for k in ("data", "schedule", "net", "model")}, "resumed config")
+        if rank_zero_only.rank == 0:
+            check_resume_config(stored_config(out_dir), current, out_dir, snapshot_dir,
+                                force=bool(cfg.get("resume_force", False)))
+        ckpt_path = ckpt_path or str(out_dir / "checkpoints" / LAST_NAME)
+    elif ckpt_path is None:
+        previous = [*sorted((out_dir / "checkpoints").glob(LAST_NAME)), *sorted(out_dir.glob("hpc_ckpt_*.ckpt"))]
+        if previous and is_slurm_requeue():
+            found = newest_checkpoint(previous)
+            if found is not None:
+                log.warning("Requeued SLURM job: continuing %s from %s.", out_dir, found)
+                ckpt_path = str(found)
+        elif previous and cfg.get("train", True) and rank_zero_only.rank == 0:
+            raise ConfigError(
+                f"{out_dir} already holds a run ({previous[0]}); training anew there would overwrite it. Continue it "
+                f"with `python -m meddiff.train resume={out_dir}`, or choose another hydra.run.dir.")
+    resume_step = None
+    if ckpt_path is not None and cfg.get("train", True):
+        resume_step = logging_step_after_resume(load_checkpoint(ckpt_path, mmap=True))
+    return Start(ckpt_path=None if ckpt_path is None else str(ckpt_path), snapshot_dir=snapshot_dir,
+                 resume_step=resume_step)
+
+
+def _snapshot_dir(out_dir: Path) -> Path:
+    """This launch's snapshot folder: ``hydra.output_subdir`` (``resume-<k>``, set by :func:`main`), else the next
+    free ``resume-<k>`` (a programmatic call), so the run's original snapshot is never overwritten."""
+    from meddiff.utils.resume import SNAPSHOT_PREFIX, next_snapshot_name
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        sub = HydraConfig.get().output_subdir
+    except ValueError:  # not under Hydra
+        sub = None
+    if sub and str(sub).startswith(SNAPSHOT_PREFIX):
+        return out_dir / str(sub)
+    return out_dir / next_snapshot_name(out_dir)
+
+
 def _best_checkpoint(trainer: L.Trainer) -> str | None:
-    cb = trainer.checkpoint_callback
-    if cb is None:
-        return None
-    return cb.best_model_path or cb.last_model_path or None
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and (cb.best_model_path or cb.last_model_path):
+            return cb.best_model_path or cb.last_model_path
+    return None
 
 
 def _finish_wandb(loggers: list) -> None:
@@ -80,20 +203,57 @@ def _finish_wandb(loggers: list) -> None:
         wandb.finish()
 
 
+def _log_failure(exc: BaseException) -> None:
+    """The traceback into the run's log files (``train.log``); Hydra prints it on stderr itself."""
+    record = logging.LogRecord("meddiff.train", logging.ERROR, __file__, 0, "Run failed:\n%s", (
+        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(),), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    torch.set_float32_matmul_precision("high")
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
-    metrics = train(cfg)
+    try:
+        torch.set_float32_matmul_precision("high")
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(int(cfg.torch_threads))
+        metrics = train(cfg)
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+            _log_failure(e)
+        raise
     value = metrics.get(cfg.get("optimized_metric", ""))
     return None if value is None else float(value)
 
 
 def main() -> None:
-    """Console script: handles the ``resume=`` shortcut before Hydra picks the run dir."""
-    sys.argv.extend(resume_overrides(sys.argv[1:]))
+    """Console script: handles the ``resume=`` shortcut (and checks an explicit run dir) before Hydra starts."""
+    argv = sys.argv[1:]
+    try:
+        new_argv = resume_overrides(argv, rank=getattr(rank_zero_only, "rank", 0) or 0)
+        _check_explicit_run_dir(new_argv)
+    except ConfigError as e:
+        sys.exit(f"meddiff-train: {e}")
+    sys.argv[1:] = new_argv
     _hydra_main()
+
+
+def _check_explicit_run_dir(argv: list[str]) -> None:
+    """An explicit ``hydra.run.dir`` (``hydra.sweep.dir`` with ``-m``): can it be made, and is no live run using it?
+    Checked before Hydra writes there."""
+    from meddiff.utils.run_dir import check_creatable
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    dirs = [a.split("=", 1)[1] for a in argv if a.startswith(key)]
+    if not dirs:
+        return
+    folder = Path(dirs[-1].strip("\"'")).expanduser()
+    check_creatable(folder, "sweep dir" if multirun else "run dir")
+    if not multirun and rank_zero_only.rank == 0:
+        RunLock(folder).check()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from meddiff.data.splits import SPLITS, check_fractions
@@ -32,12 +31,18 @@ STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
 
 def dict_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int = 0,
                 pin_memory: bool = False, seed: int | None = None) -> DataLoader:
-    """A loader over a dict-returning dataset; workers persist between epochs; shuffling is seeded when ``seed``
-    is given (so a run is reproducible from its config)."""
-    generator = torch.Generator().manual_seed(seed) if (shuffle and seed is not None) else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=generator,
-                      drop_last=False)
+    """A loader over a dict-returning dataset; workers persist between epochs. Shuffled loaders are
+    :class:`meddiff.data.resumable.ResumableLoader` (order from ``seed`` and the epoch; ``seed`` None draws one from
+    torch's global RNG, which ``seed_everything`` fixes)."""
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=num_workers > 0, drop_last=False)
+    if shuffle:
+        # the order of epoch e comes from (seed, e) alone and the position is checkpointed, so a resumed run
+        # (even mid-epoch) sees exactly the batches an uninterrupted one would
+        from meddiff.data.resumable import ResumableLoader
+
+        return ResumableLoader(dataset, seed=seed, **kwargs)
+    return DataLoader(dataset, shuffle=False, **kwargs)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

@@ -29,11 +29,15 @@ class UnconditionalDiffusion(PartialDiffusionReconstruction):
         super().__init__(*args, **kwargs)
         if patch_size is not None and patch_size < 1:
             raise ConfigError(f"model.patch_size={patch_size} must be a positive number of pixels or null.")
+        # a stride of 0 used to become the patch size silently (``0 or patch_size``)
+        _check_stride("model.patch_stride", patch_stride, "the patch size (non-overlapping patches)")
+        recon_stride = self.recon_cfg.stride
+        _check_stride("model.recon.stride", recon_stride, "the training stride")
         self.patch_size = patch_size
-        self.patch_stride = patch_stride or patch_size
+        self.patch_stride = patch_size if patch_stride is None else int(patch_stride)
         if self.recon_cfg.patch_size is None and patch_size is not None:
             self.recon_cfg = replace(self.recon_cfg, patch_size=patch_size,
-                                     stride=self.recon_cfg.stride or self.patch_stride)
+                                     stride=self.patch_stride if recon_stride is None else recon_stride)
         self._masks: torch.Tensor | None = None
 
     def loss_region(self, x0: torch.Tensor) -> torch.Tensor | None:
@@ -44,3 +48,12 @@ class UnconditionalDiffusion(PartialDiffusionReconstruction):
             self._masks = patch_masks(h, w, self.patch_size, self.patch_stride, device=x0.device)
         which = torch.randint(0, self._masks.shape[0], (b,), device=x0.device)
         return self._masks[which]
+
+
+def _check_stride(name: str, value: object, default: str) -> None:
+    """A patch stride is null or an integer >= 1 (pixels between patch origins); ConfigError naming ``name``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be an integer >= 1 (pixels between patch origins), or null for "
+                          f"{default}.")

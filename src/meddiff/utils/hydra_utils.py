@@ -1,10 +1,13 @@
-"""Instantiating callbacks and loggers from config; resume handling; the config stored in checkpoints."""
+"""Instantiating callbacks and loggers from config; the config stored in checkpoints; the ``resume=`` shortcut.
+
+Resume logic lives in ``meddiff.utils.resume``, checkpoint loading/saving in ``meddiff.utils.checkpoint``; the names
+below that come from there are re-exported for the entry points.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,19 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from meddiff.utils import run_dir as _run_dir  # noqa: F401  (registers ${meddiff.run_dir:...} for Hydra)
+from meddiff.utils.checkpoint import CKPT_CONFIG_KEY
 from meddiff.utils.io import atomic_write_text
+from meddiff.utils.resume import resume_argv
+
+__all__ = ["CKPT_CONFIG_KEY", "WANDB_ID_FILE", "StoreConfigInCheckpoint", "config_for_checkpoint",
+           "instantiate_callbacks", "instantiate_loggers", "resume_overrides"]
 
 log = logging.getLogger(__name__)
 
-CKPT_CONFIG_KEY = "meddiff_config"
 WANDB_ID_FILE = "wandb_id.txt"
+_LIGHTNING_CSV = "lightning.pytorch.loggers.CSVLogger"
+_HISTORY_CSV = "meddiff.utils.csv_history.CSVHistoryLogger"
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
@@ -36,59 +46,60 @@ def _wandb_online() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[Logger]:
-    """Build loggers; wandb goes offline unless credentials exist and reuses the run id kept in the run dir."""
+def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, resume_step: int | None = None) -> list[Logger]:
+    """Build loggers.
+
+    - CSV: Lightning's ``CSVLogger`` is built as ``meddiff.utils.csv_history.CSVHistoryLogger`` (same arguments), which
+      on a resume (``resume_step`` given) keeps the earlier rows of ``metrics.csv`` and continues the file.
+    - wandb: offline unless credentials exist; the run id kept in ``<output_dir>/wandb_id.txt`` is reused
+      (``resume="allow"``, online and offline), and written there once the wandb run exists.
+    """
     if not cfg:
         return []
     loggers: list[Logger] = []
     for _name, lg in cfg.items():
         if not isinstance(lg, DictConfig) or "_target_" not in lg:
             continue
-        if "Wandb" in lg._target_:
+        if lg._target_ in (_LIGHTNING_CSV, _HISTORY_CSV):
             lg = lg.copy()
             with open_dict(lg):
-                if str(lg.get("offline", "auto")) == "auto":
-                    lg.offline = not _wandb_online()
-                id_file = Path(output_dir) / WANDB_ID_FILE
-                if lg.get("id") is None and id_file.is_file():
-                    lg.id = id_file.read_text().strip()
-                    lg.resume = "allow"
-            logger = hydra.utils.instantiate(lg)
-            atomic_write_text(id_file, str(logger.version))
-            loggers.append(logger)
+                lg._target_ = _HISTORY_CSV
+                lg.resume_step = resume_step
+            loggers.append(hydra.utils.instantiate(lg))
+        elif "Wandb" in lg._target_:
+            loggers.append(_wandb_logger(lg, Path(output_dir)))
         else:
             loggers.append(hydra.utils.instantiate(lg))
     return loggers
 
 
-def resume_overrides(argv: list[str]) -> list[str]:
-    """Extra overrides so that a resume continues in the original run dir.
+def _wandb_logger(lg: DictConfig, output_dir: Path) -> Logger:
+    lg = lg.copy()
+    id_file = output_dir / WANDB_ID_FILE
+    with open_dict(lg):
+        if str(lg.get("offline", "auto")) == "auto":
+            lg.offline = not _wandb_online()
+        if lg.get("id") is None and id_file.is_file():
+            stored = id_file.read_text().strip()
+            if stored and stored != "None":  # "None": written by meddiff <= 0.1 before the run existed
+                lg.id = stored
+        lg.resume = "allow"
+    logger = hydra.utils.instantiate(lg)
+    run = logger.experiment  # creates (or resumes) the run on rank 0; a dummy elsewhere
+    run_id = getattr(run, "id", None)
+    if isinstance(run_id, str) and run_id:
+        atomic_write_text(id_file, run_id + "\n")
+    return logger
 
-    ``resume=<run_dir>`` becomes ``ckpt_path=<run_dir>/checkpoints/last.ckpt hydra.run.dir=<run_dir>``;
-    ``ckpt_path=<run_dir>/checkpoints/x.ckpt`` of a train run also reuses ``<run_dir>`` (Lightning's
-    ``ckpt_path="last"`` only looks in the current run dir, which Hydra makes anew each time).
-    """
-    args = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
-    extra: list[str] = []
-    run_dir: Path | None = None
-    if args.get("resume") not in (None, "null"):
-        run_dir = Path(args["resume"]).expanduser().resolve()
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            sys.exit(f"resume={args['resume']}: no checkpoints/last.ckpt in that folder; pass the run dir of a train run.")
-        if "ckpt_path" not in args:
-            extra.append(f"ckpt_path={ckpt}")
-    elif args.get("ckpt_path") not in (None, "null"):
-        ckpt = Path(args["ckpt_path"]).expanduser().resolve()
-        if ckpt.parent.name == "checkpoints" and (ckpt.parent.parent / ".hydra").is_dir():
-            run_dir = ckpt.parent.parent
-    if run_dir is not None and "hydra.run.dir" not in args:
-        extra.append(f"hydra.run.dir={run_dir}")
-    return extra
+
+def resume_overrides(argv: list[str], rank: int = 0) -> list[str]:
+    """The command line after the ``resume=`` shortcut (``meddiff.utils.resume.resume_argv``)."""
+    return resume_argv(argv, rank=rank)
 
 
 def config_for_checkpoint(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved experiment config (data, schedule, net, model) saved inside every checkpoint."""
+    """The resolved experiment config (data, schedule, net, model) saved inside every checkpoint (plain containers,
+    so checkpoints load with ``torch.load(weights_only=True)``)."""
     full = OmegaConf.to_container(cfg, resolve=True)
     return {k: full[k] for k in ("data", "schedule", "net", "model", "eval", "seed", "task_name") if k in full}
 
