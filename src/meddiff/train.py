@@ -2,7 +2,8 @@
 
 Trains, keeps ``last.ckpt`` + the best checkpoint by ``optimized_metric`` (a validation metric), then evaluates the
 best checkpoint with the honest protocol (``meddiff.anomaly.evaluate``): post-processing and thresholds are chosen
-on validation data and the test split is touched once. Returns ``optimized_metric`` for Optuna sweeps.
+on validation data and the test split is touched once. Returns the kept checkpoint's ``optimized_metric``
+(validation) for Optuna sweeps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from meddiff.sweeps.identity import run_identity
+from meddiff.sweeps.job import run_job, selection_summary
+from meddiff.sweeps.loggers import log_run_config, log_run_outputs
 from meddiff.utils.hydra_utils import (
     StoreConfigInCheckpoint,
     instantiate_callbacks,
@@ -38,16 +42,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [StoreConfigInCheckpoint(cfg)]
-    loggers = instantiate_loggers(cfg.get("logger"), out_dir)
+    identity = run_identity(cfg)
+    loggers = instantiate_loggers(cfg.get("logger"), out_dir, identity)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_run_config(loggers, cfg, model, datamodule)
 
     metrics: dict[str, Any] = {}
     if cfg.get("train", True):
         # our own checkpoints carry config containers (OmegaConf) in hparams: load them in full
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    metrics["selection"] = selection_summary(trainer, cfg.get("optimized_metric"))
+    report: dict[str, Any] = {}
 
     if cfg.get("evaluate", True) and trainer.is_global_zero and not trainer.fast_dev_run:
         from meddiff.eval import evaluate_checkpoint
@@ -60,6 +66,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             loggers=loggers,
         )
         metrics.update({f"test/{k}": v for k, v in report.get("summary", {}).items()})
+    if trainer.is_global_zero:
+        log_run_outputs(loggers, out_dir, identity.hparams, metrics["selection"], report.get("summary"),
+                        step=trainer.global_step)
     _finish_wandb(loggers)
     return metrics
 
@@ -84,9 +93,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
-    metrics = train(cfg)
-    value = metrics.get(cfg.get("optimized_metric", ""))
-    return None if value is None else float(value)
+    # status.json, failures that do not stop a multirun, objective = best checkpoint's validation score
+    return run_job(cfg, train)
 
 
 def main() -> None:

@@ -13,6 +13,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import meddiff.sweeps.resolvers  # noqa: F401  (${meddiff.help:...} and ${meddiff.add:...} in configs/hydra)
+from meddiff.utils.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 CKPT_CONFIG_KEY = "meddiff_config"
@@ -34,8 +37,37 @@ def _wandb_online() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[Logger]:
-    """Build loggers; wandb goes offline unless credentials exist and reuses the run id kept in the run dir."""
+def is_rank_zero() -> bool:
+    """False in the extra processes of a DDP run (they re-run the entry point and must not write run files)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def new_wandb_id() -> str:
+    """A fresh wandb run id (chosen before the run starts, so ``wandb_id.txt`` holds the real id at once)."""
+    try:
+        from wandb.sdk.lib.runid import generate_id
+
+        return generate_id()
+    except ImportError:  # pragma: no cover - other wandb versions
+        import secrets
+        import string
+
+        return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _stored_wandb_id(id_file: Path) -> str | None:
+    if not id_file.is_file():
+        return None
+    text = id_file.read_text().strip()
+    return None if text in ("", "None", "null") else text  # older runs wrote the text None
+
+
+def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, identity: Any = None) -> list[Logger]:
+    """Build loggers. wandb: offline unless credentials exist; the run id comes from ``<run_dir>/wandb_id.txt``
+    (a resume continues that run) or is chosen now and written there; name, group and tags left null in the config
+    come from ``identity`` (:class:`meddiff.sweeps.identity.RunIdentity`)."""
     if not cfg:
         return []
     loggers: list[Logger] = []
@@ -44,16 +76,22 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[
             continue
         if "Wandb" in lg._target_:
             lg = lg.copy()
+            id_file = Path(output_dir) / WANDB_ID_FILE
             with open_dict(lg):
                 if str(lg.get("offline", "auto")) == "auto":
                     lg.offline = not _wandb_online()
-                id_file = Path(output_dir) / WANDB_ID_FILE
-                if lg.get("id") is None and id_file.is_file():
-                    lg.id = id_file.read_text().strip()
-                    lg.resume = "allow"
+                if lg.get("id") is None:
+                    stored = _stored_wandb_id(id_file)
+                    lg.id = stored or new_wandb_id()
+                    if stored:
+                        lg.resume = "allow"
+                if identity is not None:
+                    for key in ("name", "group", "tags"):
+                        if lg.get(key) is None:
+                            lg[key] = getattr(identity, key)
             logger = hydra.utils.instantiate(lg)
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(str(logger.version))
+            if is_rank_zero():
+                atomic_write_text(id_file, f"{lg.id}\n")
             loggers.append(logger)
         else:
             loggers.append(hydra.utils.instantiate(lg))
