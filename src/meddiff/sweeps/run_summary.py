@@ -144,7 +144,7 @@ def _best_from_history(run_dir: Path, monitor: str, mode: str) -> float | None:
     return None
 
 
-def test_metrics(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+def read_test_metrics(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     """``report["summary"]`` floats and the CIs found for them.
 
     CIs: ``<k>_ci_lo``/``<k>_ci_hi`` summary pairs, or ``report[<level>]["model"]["<m>_ci"]`` for ``<level>_<m>``
@@ -197,7 +197,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     last_ckpt = status.get("last_checkpoint")
     if last_ckpt is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
         last_ckpt = str(run_dir / "checkpoints" / "last.ckpt")
-    test, cis = test_metrics(report)
+    test, cis = read_test_metrics(report)
 
     # a sweep's jobs sit in its dir (subdir = job number or trial number)
     multirun = str((hydra_cfg.get("hydra") or {}).get("mode")) in ("MULTIRUN", "RunMode.MULTIRUN")
