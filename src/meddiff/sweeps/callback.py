@@ -7,7 +7,7 @@ Before the first job (``on_multirun_start``):
   sweep as failed, runs only the trials still missing from the budget ``hydra.sweeper.n_trials`` (completed trials
   count), and numbers new job dirs after the trials already in the study (job dir name == trial number).
 
-After the last job (``on_multirun_end``): ``summary.csv``, ``summary.md``, ``summary.png`` in the sweep dir, and
+After each job (``on_job_end``) and after the last one (``on_multirun_end``): ``summary.csv``, ``summary.md``, ``summary.png`` in the sweep dir, and
 for Optuna ``optimization_results.yaml`` with the best trial's job dir and checkpoint.
 
 Hydra 1.3's basic sweeper re-raises the first failed job's exception after its batch (which would skip this
@@ -132,6 +132,18 @@ class SweepSummary(Callback):
         return out
 
     # -------------------------------------------------------------------- end
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        """After each job of a sweep: refresh the summary (progress of a long sweep; a table even if the sweeper
+        itself dies later, e.g. Optuna's ``best_trial`` when every trial failed)."""
+        from hydra.types import RunMode
+
+        if not self.enabled or OmegaConf.select(config, "hydra.mode") != RunMode.MULTIRUN:
+            return
+        try:
+            write_sweep_summary(Path(str(config.hydra.sweep.dir)).resolve(), quiet=True)
+        except Exception as e:
+            log.debug("Sweep summary after a job failed: %s", e)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:
             return
@@ -148,20 +160,19 @@ class SweepSummary(Callback):
                 log.warning("Could not complete optimization_results.yaml: %s", e)
 
 
-def write_sweep_summary(sweep_dir: str | Path) -> dict[str, Path]:
+def write_sweep_summary(sweep_dir: str | Path, quiet: bool = False) -> dict[str, Path]:
     """Read every job of ``sweep_dir`` and write ``summary.csv/.md/.png`` there."""
     from meddiff.sweeps.run_summary import find_runs, read_run
-    from meddiff.sweeps.table import write_summary
+    from meddiff.sweeps.table import build_table, write_summary
 
     sweep_dir = Path(sweep_dir)
     records = [read_run(d) for d in find_runs([sweep_dir]) if d != sweep_dir]
-    from meddiff.sweeps.table import build_table
-
     df = build_table(records)
     written = write_summary(df, sweep_dir, title=f"Sweep {sweep_dir.name}")
     n_bad = int((df["status"] != "ok").sum()) if len(df) else 0
     msg = f"Sweep summary: {written['md']} ({len(df)} jobs" + (f", {n_bad} not ok)" if n_bad else ")")
-    (log.warning if n_bad else log.info)(msg)
+    if not quiet:
+        (log.warning if n_bad else log.info)(msg)
     return written
 
 
