@@ -155,3 +155,24 @@ def test_help_lists_every_experiment_with_its_first_comment_line():
         line = next(x for x in text.splitlines() if x.strip().startswith(f.stem + " "))
         assert len(line.split(maxsplit=1)) == 2, line  # a description follows the name
     assert "debug=fast_dev_run|limit|overfit|profiler" in text and "$APP_CONFIG_GROUPS" in text
+
+
+def test_standalone_eval_logs_a_wandb_eval_run_in_the_training_group(tmp_path):
+    import json
+
+    from meddiff.sweeps.loggers import eval_loggers
+
+    run = tmp_path / "sweep" / "3"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run / "status.json").write_text(json.dumps({"state": "ok", "name": "demo/lr=3e-4", "group": "demo/sweep"}))
+    (run / "config_resolved.yaml").write_text("tags: [demo]\nlogger:\n  wandb:\n    project: p\n    offline: true\n")
+    # training without wandb: no wandb run for its evaluation either
+    assert eval_loggers(run / "checkpoints" / "last.ckpt", tmp_path / "eval") == []
+    (run / "wandb_id.txt").write_text("abc123\n")
+    (lg,) = eval_loggers(run / "checkpoints" / "last.ckpt", tmp_path / "eval")
+    init = lg._wandb_init
+    assert (init["name"], init["group"], init["job_type"], init["project"]) == ("demo/lr=3e-4", "demo/sweep", "eval",
+                                                                                "p")
+    assert init["tags"] == ["demo", "eval"] and init["config"]["train_wandb_id"] == "abc123"
+    assert eval_loggers(tmp_path / "loose.ckpt", tmp_path / "eval") == []

@@ -162,3 +162,41 @@ def log_run_outputs(loggers: list, out_dir: str | Path, hparams: dict[str, Any],
     log_figures(loggers, out_dir, step=step)
     log_run_end(loggers, hparams, final_metrics(selection, test_summary))
     log_checkpoints(loggers, selection)
+
+
+def train_run_dir_of(ckpt_path: str | Path | None) -> Path | None:
+    """The train run dir a checkpoint belongs to (``<run_dir>/checkpoints/<file>.ckpt``), if it is one."""
+    if not ckpt_path:
+        return None
+    ckpt = Path(ckpt_path).expanduser().resolve()
+    run_dir = ckpt.parent.parent
+    return run_dir if ckpt.parent.name == "checkpoints" and (run_dir / "status.json").is_file() else None
+
+
+def eval_loggers(ckpt_path: str | Path | None, out_dir: str | Path) -> list:
+    """Loggers for a standalone ``meddiff-eval`` of a checkpoint whose training logged to wandb: a new wandb run
+    with ``job_type=eval`` in the training run's project and group, named like it, tagged ``eval``. Returns ``[]``
+    when the training did not use wandb (an evaluation never starts a wandb run of its own accord)."""
+    import yaml
+
+    from meddiff.sweeps.status import read_status
+    from meddiff.utils.hydra_utils import WANDB_ID_FILE, _wandb_online, new_wandb_id
+
+    run_dir = train_run_dir_of(ckpt_path)
+    if run_dir is None or not (run_dir / WANDB_ID_FILE).is_file():
+        return []
+    from lightning.pytorch.loggers import WandbLogger
+
+    status = read_status(run_dir) or {}
+    cfg = yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) if (run_dir / "config_resolved.yaml").is_file() \
+        else {}
+    wb = ((cfg.get("logger") or {}).get("wandb") or {}) if isinstance(cfg, dict) else {}
+    tags = [str(t) for t in (wb.get("tags") or cfg.get("tags") or [])] + ["eval"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    offline = wb.get("offline", "auto")
+    offline = (not _wandb_online()) if str(offline) == "auto" else bool(offline)
+    return [WandbLogger(save_dir=str(out_dir), project=wb.get("project", "meddiff"), name=status.get("name"),
+                        group=status.get("group"), tags=tags, job_type="eval", offline=offline, id=new_wandb_id(),
+                        config={"train_run_dir": str(run_dir), "checkpoint": str(ckpt_path),
+                                "train_wandb_id": (run_dir / WANDB_ID_FILE).read_text().strip()})]
