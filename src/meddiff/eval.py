@@ -171,13 +171,9 @@ def _prepare(datamodule: L.LightningDataModule, single_input: bool) -> None:
 
 
 def _log_summary(loggers: list | None, report: dict[str, Any], out_dir: Path) -> None:
-    """The summary to every logger as ``test/<name>``; the protocol's figures (``out_dir/*.png``) to wandb."""
+    """The summary to every logger as ``test/<name>`` (figures: ``meddiff.sweeps.loggers.log_figures``, once)."""
     for lg in loggers or []:
         lg.log_metrics({f"test/{k}": v for k, v in report.get("summary", {}).items()})
-        if type(lg).__name__ == "WandbLogger":
-            images = sorted(str(p) for p in out_dir.glob("*.png"))
-            if images:
-                lg.log_image(key="test/figures", images=images)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
@@ -186,7 +182,16 @@ def _hydra_main(cfg: DictConfig) -> None:
     shortcuts = {k: cfg.get(k) for k in ("input", "guidance_scale", "t_start") if cfg.get(k) is not None}
     if shortcuts:
         overrides = OmegaConf.merge(overrides, {"eval": shortcuts})
-    evaluate_checkpoint(cfg.ckpt_path, cfg.paths.output_dir, overrides=overrides)
+    from meddiff.sweeps.loggers import eval_loggers, log_figures
+
+    # a checkpoint whose training logged to wandb gets an eval run (job_type=eval) in the training run's group
+    loggers = eval_loggers(cfg.ckpt_path, cfg.paths.output_dir)
+    evaluate_checkpoint(cfg.ckpt_path, cfg.paths.output_dir, overrides=overrides, loggers=loggers)
+    log_figures(loggers, cfg.paths.output_dir)
+    if loggers:
+        import wandb
+
+        wandb.finish()
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 
 Trains, keeps ``last.ckpt`` + the best checkpoint by ``optimized_metric`` (a validation metric), then evaluates the
 best checkpoint with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
-and thresholds are chosen on validation data and the test split is touched once. Returns ``optimized_metric`` for
-Optuna sweeps.
+and thresholds are chosen on validation data and the test split is touched once. Returns the kept checkpoint's
+``optimized_metric`` (validation) for Optuna sweeps; under multirun a failed job is recorded (``status.json``) and
+does not stop the sweep (``meddiff.sweeps``).
 
 A run dir is one you can trust (``meddiff.utils.run_dir``, ``.checkpoint``, ``.resume``):
 
@@ -33,6 +34,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from meddiff.errors import ConfigError
+from meddiff.sweeps.identity import run_identity
+from meddiff.sweeps.job import run_job, selection_summary
+from meddiff.sweeps.loggers import log_run_config, log_run_outputs
 from meddiff.utils.checkpoint import (
     LAST_NAME,
     AtomicCheckpointIO,
@@ -97,11 +101,11 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         log.warning("trainer.enable_checkpointing=false: no last.ckpt; this run cannot be resumed.")
     else:
         callbacks.append(LastCheckpoint(ckpt_dir, every_n_train_steps=cfg.get("checkpoint_every_n_steps")))
-    loggers = instantiate_loggers(cfg.get("logger"), out_dir, resume_step=start.resume_step)
+    identity = run_identity(cfg)
+    loggers = instantiate_loggers(cfg.get("logger"), out_dir, identity, resume_step=start.resume_step)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  plugins=[AtomicCheckpointIO()])
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_run_config(loggers, cfg, model, datamodule)
 
     metrics: dict[str, Any] = {}
     try:
@@ -119,6 +123,8 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             _finish_wandb(loggers)
             raise SystemExit(128 + signal.SIGTERM) from e
         raise
+    metrics["selection"] = selection_summary(trainer, cfg.get("optimized_metric"))
+    report: dict[str, Any] = {}
 
     if cfg.get("evaluate", True) and trainer.is_global_zero and not trainer.fast_dev_run:
         from meddiff.eval import evaluate_checkpoint
@@ -131,6 +137,9 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             loggers=loggers,
         )
         metrics.update({f"test/{k}": v for k, v in report.get("summary", {}).items()})
+    if trainer.is_global_zero:
+        log_run_outputs(loggers, out_dir, identity.hparams, metrics["selection"], report.get("summary"),
+                        step=trainer.global_step)
     _finish_wandb(loggers)
     return metrics
 
@@ -219,13 +228,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         torch.set_float32_matmul_precision("high")
         if cfg.get("torch_threads"):
             torch.set_num_threads(int(cfg.torch_threads))
-        metrics = train(cfg)
+        # status.json, failures that do not stop a multirun, objective = best checkpoint's validation score
+        return run_job(cfg, train)
     except BaseException as e:
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
             _log_failure(e)
         raise
-    value = metrics.get(cfg.get("optimized_metric", ""))
-    return None if value is None else float(value)
 
 
 def main() -> None:

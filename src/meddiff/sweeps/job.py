@@ -1,0 +1,120 @@
+"""One train job as a sweep sees it: status in ``status.json``, failures that do not stop a multirun, and the value
+returned to the sweeper.
+
+The objective handed to Optuna is the validation score of the checkpoint model selection keeps
+(``ModelCheckpoint.best_model_score`` for ``optimized_metric``), not the last epoch's value.
+
+Pruning: Hydra's Optuna sweeper asks for trials, launches jobs with their overrides and only reads the returned
+value; it never hands the ``optuna.Trial`` to the job, so a job cannot report intermediate values or be pruned.
+Cut hopeless trials with the training budget instead (``trainer.max_epochs``, ``trainer.max_time``,
+``limit_train_batches``) or a Lightning ``EarlyStopping`` callback on the same metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+import meddiff.sweeps.resolvers  # noqa: F401  (job dirs of resumed Optuna sweeps use ${meddiff.add:...})
+from meddiff.sweeps.identity import RunIdentity, read_sweep_info, run_identity
+from meddiff.sweeps.status import FAILED, OK, JobStatus
+from meddiff.utils.hydra_utils import is_rank_zero
+
+log = logging.getLogger("meddiff.job")
+
+
+def selection_summary(trainer: Any, monitor: str | None) -> dict[str, Any]:
+    """What model selection kept: ``monitor``, ``mode``, ``best_score``, ``best_checkpoint``, ``last_checkpoint``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cbs = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, ModelCheckpoint)]
+    best_cb = next((c for c in cbs if monitor and c.monitor == monitor), None) or next((c for c in cbs if c.monitor),
+                                                                                        None)
+    last_cb = next((c for c in cbs if c.last_model_path), None)
+    score = None
+    if best_cb is not None and best_cb.best_model_score is not None:
+        score = float(best_cb.best_model_score)
+        score = None if math.isnan(score) else score
+    return {
+        "monitor": best_cb.monitor if best_cb is not None else monitor,
+        "mode": best_cb.mode if best_cb is not None else None,
+        "best_score": score,
+        "best_checkpoint": (best_cb.best_model_path or None) if best_cb is not None else None,
+        "last_checkpoint": (last_cb.last_model_path or None) if last_cb is not None else None,
+    }
+
+
+def optuna_trial_of(identity: RunIdentity) -> dict[str, Any]:
+    """``{"optuna_trial": n, ...}`` for a job of a stored Optuna study (trial = trials before this sweep + job num)."""
+    if identity.sweep_dir is None or identity.job_num is None:
+        return {}
+    opt = read_sweep_info(identity.sweep_dir).get("optuna")
+    if not opt or not opt.get("db") or not opt.get("study_name"):
+        return {}
+    return {"optuna_trial": int(opt.get("trial_offset", 0)) + identity.job_num,
+            "optuna_study": opt["study_name"], "_optuna_db": opt["db"]}
+
+
+def run_job(cfg: DictConfig, train_fn: Callable[[DictConfig], dict[str, Any]]) -> float | None:
+    """Run ``train_fn(cfg)`` and record it; returns the objective for the sweeper (None when there is none).
+
+    ``train_fn`` returns its metrics with a ``"selection"`` entry (:func:`selection_summary`). In a multirun a failed
+    job is logged with its traceback, marked ``failed`` and returns None, so the sweep goes on; a single run raises.
+    """
+    out_dir = Path(cfg.paths.output_dir)
+    identity = run_identity(cfg)
+    rank0 = is_rank_zero()
+    status = JobStatus(out_dir)
+    trial = optuna_trial_of(identity)
+    db = trial.pop("_optuna_db", None)
+    if rank0:
+        status.start(name=identity.name, group=identity.group, **trial)
+        if db is not None:
+            _record_trial(db, trial, out_dir, identity)
+    try:
+        metrics = train_fn(cfg)
+    except Exception as e:
+        if rank0:
+            status.end(FAILED, error=e)
+        _close_wandb_run()  # or the next job of the sweep would log into this run
+        if identity.sweep_dir is None:
+            raise
+        log.exception("Job %s failed; the sweep goes on (status.json, summary.csv).", out_dir)
+        return None
+    selection = dict(metrics.get("selection") or {})
+    if rank0:
+        status.end(OK, **selection)
+    value = selection.get("best_score")
+    if value is None:
+        last = metrics.get(cfg.get("optimized_metric", ""))
+        if last is not None:
+            log.warning("No checkpoint monitors %s: the objective is the last epoch's value.",
+                        cfg.get("optimized_metric"))
+            value = float(last)
+    return None if value is None else float(value)
+
+
+def _close_wandb_run() -> None:
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish(exit_code=1)
+        except Exception as e:  # pragma: no cover
+            log.warning("wandb.finish failed: %s", e)
+
+
+def _record_trial(db: str, trial: dict[str, Any], out_dir: Path, identity: RunIdentity) -> None:
+    try:
+        from meddiff.sweeps.optuna_storage import record_job_dir
+
+        record_job_dir(db, trial["optuna_study"], trial["optuna_trial"], str(out_dir.resolve()),
+                       params=identity.overrides)
+    except Exception as e:  # bookkeeping must never fail a trial
+        log.warning("Could not record the job dir in the Optuna study: %s", e)
