@@ -24,19 +24,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev,sweep]"
 	touch $(STAMP)
 
+# each demo runs into logs/<experiment>/<timestamp>/ and points logs/<experiment>/latest at it
 demo: install
-	$(PY) -m meddiff.train experiment=demo hydra.run.dir=logs/demo/latest $(DEMO_ARGS)
-	@echo "Report, figures and checkpoints: logs/demo/latest/ (report.json, roc.png, anomaly_grid.png)"
+	bash scripts/run_demo.sh $(PY) demo $(DEMO_ARGS)
 
 demo-ct: install
-	$(PY) -m meddiff.train experiment=demo_ct hydra.run.dir=logs/demo_ct/latest $(DEMO_ARGS)
-	@echo "Report, figures and checkpoints: logs/demo_ct/latest/ (report.json, ct_segmentation.png, subtype_auroc.png)"
+	bash scripts/run_demo.sh $(PY) demo_ct $(DEMO_ARGS)
 
 demo-denoise: install
-	$(PY) -m meddiff.train experiment=demo_denoise hydra.run.dir=logs/demo_denoise/latest $(DEMO_ARGS)
+	bash scripts/run_demo.sh $(PY) demo_denoise $(DEMO_ARGS)
 
 demo-adni: install
-	$(PY) -m meddiff.train experiment=demo_adni hydra.run.dir=logs/demo_adni/latest $(DEMO_ARGS)
+	bash scripts/run_demo.sh $(PY) demo_adni $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from meddiff.metrics import denoisers
+
 pytestmark = pytest.mark.slow
 
 TINY = [
@@ -34,7 +36,7 @@ TINY = [
     "eval.max_patches=8",
     "eval.ddim_steps=[2,5]",
     "eval.supervised.steps=3",
-    "eval.nlm_val_patches=4",
+    "eval.val_patches=4",
     "eval.nlm_h_factors=[0.8]",
     "eval.figures=false",
     "eval.write_nifti=false",
@@ -48,10 +50,16 @@ def test_demo_denoise_trains_and_evaluates_via_both_entry_points(run, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["protocol"] == "denoise"
     res = report["results"]["0.1"]
-    assert set(res) == {"noisy", "nlm", "supervised", "ddim_2", "ddim_5", "ddpm"}
+    bm3d = {"bm3d"} if denoisers.available() else set()  # an optional extra: used when installed (not in CI)
+    assert set(res) == {"noisy", "nlm", "supervised", "ddim_2", "ddim_5", "ddpm"} | bm3d
+    assert report["bm3d"]["status"] == ("used" if bm3d else "absent: optional extra bm3d not installed "
+                                        "(pip install meddiff[denoise])")
     assert all(math.isfinite(res[m]["psnr"]) and 0 < res[m]["ssim"] <= 1 for m in res)
     assert res["nlm"]["psnr"] > res["noisy"]["psnr"]  # NLM at the validation-chosen h removes noise
     assert report["speed"][-1]["sampler"] == "ddpm" and report["speed"][-1]["steps"] == 20
+    bar = report["quality_bar"]["0.1"]  # choices on validation, the margin paired over the test slices
+    assert bar["chosen_on"] == "validation" and bar["best_ddim_le_50"] in ("ddim_2", "ddim_5")
+    assert bar["best_classical"] in ("noisy", "nlm", *bm3d) and "diff_ci" in bar["margins"]["best_classical"]["vsi"]
     assert "psnr/ddim_5@0.1" in report["summary"]
     assert list((run_dir / "images" / "sigma0.1").glob("*.tif"))
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
