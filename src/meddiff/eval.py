@@ -183,6 +183,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     if shortcuts:
         overrides = OmegaConf.merge(overrides, {"eval": shortcuts})
     from meddiff.sweeps.loggers import eval_loggers, log_figures
+    from meddiff.utils.cpu import apply_threads
+
+    if cfg.get("torch_threads") is not None:
+        apply_threads(cfg.torch_threads if str(cfg.torch_threads) == "auto" else int(cfg.torch_threads))
 
     # a checkpoint whose training logged to wandb gets an eval run (job_type=eval) in the training run's group
     loggers = eval_loggers(cfg.ckpt_path, cfg.paths.output_dir)

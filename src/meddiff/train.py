@@ -212,6 +212,28 @@ def _finish_wandb(loggers: list) -> None:
         wandb.finish()
 
 
+def resolve_cpu_settings(cfg: DictConfig) -> None:
+    """``torch_threads`` (an int, or ``auto``: the cores the load average leaves free) and
+    ``trainer.precision: auto`` (CPU: bf16-mixed where the CPU has native bf16, else 32-true; GPU: bf16-mixed where
+    supported, else 16-mixed) become concrete values before anything is built, so the resolved config, the
+    checkpoints and the report record what actually ran."""
+    from omegaconf import open_dict
+
+    from meddiff.utils.cpu import apply_threads, choose_precision
+
+    if cfg.get("torch_threads") is not None:
+        threads = cfg.torch_threads
+        apply_threads(threads if str(threads) == "auto" else int(threads))
+    trainer = cfg.get("trainer")
+    if trainer is not None and str(trainer.get("precision")) == "auto":
+        if str(trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
+            precision = choose_precision("auto")
+        else:
+            precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        with open_dict(cfg):
+            cfg.trainer.precision = precision
+
+
 def _log_failure(exc: BaseException) -> None:
     """The traceback into the run's log files (``train.log``); Hydra prints it on stderr itself."""
     record = logging.LogRecord("meddiff.train", logging.ERROR, __file__, 0, "Run failed:\n%s", (
@@ -226,8 +248,7 @@ def _log_failure(exc: BaseException) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         torch.set_float32_matmul_precision("high")
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(int(cfg.torch_threads))
+        resolve_cpu_settings(cfg)
         # status.json, failures that do not stop a multirun, objective = best checkpoint's validation score
         return run_job(cfg, train)
     except BaseException as e:

@@ -9,7 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddiff.data.formats.nifti import FrameWarning, load_volume, robust_normalise
+from meddiff.data.formats.nifti import (
+    ConstantVolumeWarning,
+    FrameWarning,
+    constant_reason,
+    load_volume,
+    robust_normalise,
+)
 from meddiff.data.synthetic.mri import write_synthetic_volumes
 from meddiff.errors import DataError
 
@@ -120,7 +126,14 @@ def test_robust_normalise_with_mask_and_constant_volume():
     out = robust_normalise(vol, mask=mask, lower=0, upper=100)
     assert out[2, 2, 2] == -1.0 and out[7, 7, 7] == 1.0
     assert out[0, 0, 0] == 1.0 and out[9, 9, 9] == -1.0
-    np.testing.assert_array_equal(robust_normalise(np.full((4, 4, 4), 3.0)), -np.ones((4, 4, 4), np.float32))
+    with pytest.warns(ConstantVolumeWarning, match=r"constant volume \(every voxel is 3\)"):
+        flat = robust_normalise(np.full((4, 4, 4), 3.0))
+    np.testing.assert_array_equal(flat, -np.ones((4, 4, 4), np.float32))
+    binary = (mask * 5.0).astype(np.float32)  # one value in the foreground: no range to scale, never a 0 division
+    assert constant_reason(binary) is not None and "percentiles are both 5" in constant_reason(binary)
+    with pytest.warns(ConstantVolumeWarning, match="no intensity range"):
+        assert (robust_normalise(binary) == -1.0).all()
+    assert constant_reason(vol, mask) is None
 
 
 def test_synthetic_volumes_are_deterministic_brain_like_and_readable(tmp_path):
@@ -140,3 +153,42 @@ def test_synthetic_volumes_are_deterministic_brain_like_and_readable(tmp_path):
     # several tissue classes: intensity histogram inside the head has distinct modes
     hist, _ = np.histogram(mid[head], bins=[0, 200, 600, 850, 2000])
     assert (hist > 10).sum() >= 3
+
+
+# ------------------------------------------------------------------------------- truncated and corrupt files
+def damaged_copies(tmp_path: Path) -> dict[str, Path]:
+    """Real damaged copies of nibabel's data: 4D ``example4d.nii.gz`` cut in half and cut after frame 0's data
+    (90 %), a 3D ``.nii.gz`` (``anatomical.nii`` gzipped) cut in half and with one flipped byte, a 3D ``.nii``
+    cut in half."""
+    import gzip
+
+    ex4d = EXAMPLE4D.read_bytes()
+    anat = ANATOMICAL.read_bytes()
+    gz3d = gzip.compress(anat, mtime=0)
+    mid = len(gz3d) // 2
+    blobs = {
+        "4d_half.nii.gz": ex4d[: len(ex4d) // 2],
+        "4d_after_frame0.nii.gz": ex4d[: int(0.9 * len(ex4d))],
+        "3d_half.nii.gz": gz3d[:mid],
+        "3d_flipped_byte.nii.gz": gz3d[:mid] + bytes([gz3d[mid] ^ 0xFF]) + gz3d[mid + 1 :],
+        "3d_half.nii": anat[: len(anat) // 2],
+    }
+    out = {}
+    for name, blob in blobs.items():
+        (tmp_path / name).write_bytes(blob)
+        out[name] = tmp_path / name
+    return out
+
+
+def test_truncated_or_corrupt_files_raise_a_data_error_naming_the_file(tmp_path):
+    import warnings
+
+    for name, path in damaged_copies(tmp_path).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FrameWarning)
+            with pytest.raises(DataError, match=rf"{name}.*(truncated|corrupt)"):
+                load_volume(path)
+    # the intact originals still load (the completeness check passes on complete files)
+    with pytest.warns(FrameWarning):
+        assert load_volume(EXAMPLE4D)[0].shape == (128, 96, 24)
+    assert load_volume(ANATOMICAL)[0].shape == (33, 41, 25)

@@ -168,7 +168,12 @@ def test_dataset_json_input_skips_and_lists_broken_entries(dm, tmp_path) -> None
         {"image": str(task / "ad/missing.nii.gz"), "slice_label": 5},
         {"image": str(task / "ad/ad0.nii.gz"), "slice_label": 7},
         {"image": str(task / "ad/ad1.nii.gz"), "slice_label": 5},
+        {"image": str(tmp_path / "cut4d.nii.gz"), "slice_label": 5},
+        {"image": str(tmp_path / "const.nii.gz"), "slice_label": 1},
     ]
+    ex4d = (Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz").read_bytes()
+    (tmp_path / "cut4d.nii.gz").write_bytes(ex4d[: len(ex4d) // 2])  # a truncated 4D file: a raw EOFError before
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), 3, np.int16), np.eye(4)), str(tmp_path / "const.nii.gz"))
     js = tmp_path / "dataset.json"
     js.write_text(json.dumps(records))
     with warnings.catch_warnings(record=True) as rec:
@@ -184,8 +189,10 @@ def test_dataset_json_input_skips_and_lists_broken_entries(dm, tmp_path) -> None
     reasons = {s["volume"]: s["reason"] for s in report["skipped"]}
     assert any("entry #1" in r and "missing.nii.gz" in r and "does not exist" in r for r in reasons.values())
     assert any("slice_label 7 is outside 1-5" in r for r in reasons.values())
-    assert report["summary"]["n_skipped"] == 2
-    assert any("skipped 2 volume(s)" in str(w.message) for w in rec)
+    assert "cut4d.nii.gz" in reasons["cut4d"] and "truncated or corrupt" in reasons["cut4d"]
+    assert "const.nii.gz" in reasons["const"] and "constant volume" in reasons["const"]
+    assert report["summary"]["n_skipped"] == 4
+    assert any("skipped 4 volume(s)" in str(w.message) for w in rec)
 
 
 def test_single_volume_inputs_and_clear_errors(dm, tmp_path) -> None:
@@ -210,6 +217,10 @@ def test_single_volume_inputs_and_clear_errors(dm, tmp_path) -> None:
         nib.save(nib.Nifti1Image(np.ones((16, 16), np.float32), np.eye(4)), str(flat))
         with pytest.raises(DataError, match="flat.nii.gz"):
             ev.run(model, dm, {**FAST, "input": str(flat)}, tmp_path / "d", "cpu")
+        cut = tmp_path / "cut.nii.gz"  # one truncated volume: an error naming it, not a raw EOFError
+        cut.write_bytes(vol.read_bytes()[: vol.stat().st_size // 2])
+        with pytest.raises(DataError, match=r"cut\.nii\.gz.*truncated or corrupt"):
+            ev.run(model, dm, {**FAST, "input": str(cut), "input_label": "AD"}, tmp_path / "f", "cpu")
         with pytest.raises(DataError, match="slice_label 9 is outside"):
             ev.run(
                 model,

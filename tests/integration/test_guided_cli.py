@@ -11,6 +11,7 @@ pytestmark = pytest.mark.slow
 
 TINY = [
     "experiment=demo_adni",
+    "data.task=tiny_s24",  # its own task dir, whatever the demo's task name and generator options
     "data.synthetic_n_per_class=2",
     "data.synthetic_shape=[24,24,24]",
     "data.image_size=16",
@@ -48,7 +49,7 @@ def test_train_demo_adni_then_translate_a_volume_with_the_eval_cli(run, tmp_path
         assert (run_dir / name).is_file(), name
 
     # the CLI form: one volume, guidance scale and depth given on the command line
-    volume = tmp_path / "data/adni_synthetic/demo_n10_s32/ad/ad0.nii.gz"
+    volume = tmp_path / "data/adni_synthetic/tiny_s24/ad/ad0.nii.gz"
     assert volume.is_file()
     eval_dir = tmp_path / "eval"
     run(

@@ -13,9 +13,11 @@ Per-volume access (for protocols that work on whole volumes, e.g. guided transla
 :func:`input_volumes` (an external ``.nii.gz``, ``dataset.json`` or record), each a :class:`Volumes` of
 :class:`VolumeSource` whose ``load()`` gives the volume's slices as :class:`VolumeData`.
 
-Errors: a bad ``dataset.json`` entry (missing file, label outside 1-5, 2D image, unreadable file) raises a
-:class:`DataError` naming the entry; building a dataset over many volumes with ``skip_bad=True`` skips a volume
-that fails to load, warns once listing all skipped ones and keeps them in ``.skipped``.
+Errors: a bad ``dataset.json`` entry (missing file, label outside 1-5, 2D image, unreadable, truncated or corrupt
+file of any dimensionality, a constant volume) raises a :class:`DataError` naming the entry and the file; building
+a dataset over many volumes with ``skip_bad=True`` skips a volume that fails to load, warns once listing all
+skipped ones (file and reason) and keeps them in ``.skipped``. The slice cache is keyed by each file's size and
+mtime, so a replaced volume is sliced again.
 """
 
 from __future__ import annotations
@@ -439,8 +441,10 @@ class ADNISliceDataModule(SplitDataModule):
         train_classes: classes kept in the *train* split (names ``"CN"``.. or slice labels 1..5; ``None`` all);
             val and test keep every class.
         synthetic: write a synthetic task dir (:func:`meddiff.data.synthetic.mri.write_synthetic_adni`) when
-            ``dataset.json`` is missing; ``synthetic_n_per_class``, ``synthetic_shape``, ``synthetic_seed``
-            configure it.
+            ``dataset.json`` is missing; ``synthetic_n_per_class`` (one count, or five for CN..AD),
+            ``synthetic_shape``, ``synthetic_seed``, ``synthetic_atrophy`` (``"global"`` | ``"matched"``, see
+            :data:`meddiff.data.synthetic.mri.ATROPHY`) configure it. An existing synthetic task dir written with
+            other options is a :class:`ConfigError` (it would be reused silently otherwise).
         cache_dir: slice cache root (``None``: in-memory per dataset).
         skip_bad: skip volumes that fail to load (listed in ``skipped``) instead of raising.
         return_brain_mask: include ``brain_mask`` in batches.
@@ -474,9 +478,10 @@ class ADNISliceDataModule(SplitDataModule):
         pin_memory: bool = False,
         train_classes: Sequence[int | str] | None = None,
         synthetic: bool = False,
-        synthetic_n_per_class: int = 4,
+        synthetic_n_per_class: int | Sequence[int] = 4,
         synthetic_shape: Sequence[int] = (64, 64, 64),
         synthetic_seed: int = 0,
+        synthetic_atrophy: str = "global",
         cache_dir: str | None = None,
         skip_bad: bool = True,
         return_brain_mask: bool = True,
@@ -500,9 +505,13 @@ class ADNISliceDataModule(SplitDataModule):
         self.settings = SliceSettings(image_size, lo, hi, tuple(int(a) for a in axes), pct_lo, pct_hi, frame)
         self.train_classes = _parse_classes(train_classes)
         self.synthetic = bool(synthetic)
-        self.synthetic_n_per_class = int(synthetic_n_per_class)
+        n = synthetic_n_per_class
+        self.synthetic_n_per_class: Any = n if isinstance(n, (int, np.integer, str)) else tuple(n)
         self.synthetic_shape = tuple(int(s) for s in synthetic_shape)
         self.synthetic_seed = int(synthetic_seed)
+        self.synthetic_atrophy = str(synthetic_atrophy)
+        if self.synthetic:
+            self._synthetic_options()  # a bad synthetic_* option fails here, not at the first prepare_data
         self.cache_dir = None if cache_dir in (None, "") else str(cache_dir)
         self.skip_bad = bool(skip_bad)
         self.return_brain_mask = bool(return_brain_mask)
@@ -532,8 +541,17 @@ class ADNISliceDataModule(SplitDataModule):
     def test_set(self) -> ADNISliceDataset | None:
         return self.datasets.get("test")
 
+    def _synthetic_options(self) -> dict[str, Any]:
+        from meddiff.data.synthetic.mri import synthetic_options
+
+        return synthetic_options(
+            self.synthetic_n_per_class, self.synthetic_shape, self.synthetic_seed, atrophy=self.synthetic_atrophy
+        )
+
     def _ensure_task_dir(self) -> None:
         if self.json_path.is_file():
+            if self.synthetic:
+                self._check_synthetic_task()
             return
         if not self.synthetic:
             raise DataError(
@@ -543,8 +561,34 @@ class ADNISliceDataModule(SplitDataModule):
         from meddiff.data.synthetic.mri import write_synthetic_adni
 
         write_synthetic_adni(
-            self.root, self.synthetic_n_per_class, self.synthetic_shape, self.synthetic_seed, task=self.task
+            self.root,
+            self.synthetic_n_per_class,
+            self.synthetic_shape,
+            self.synthetic_seed,
+            task=self.task,
+            atrophy=self.synthetic_atrophy,
         )
+
+    def _check_synthetic_task(self) -> None:
+        """An existing synthetic task dir must have been written with this config's ``synthetic_*`` options (read
+        from its ``synthetic.json``; task dirs written before that file existed are not checked)."""
+        record = self.task_dir / "synthetic.json"
+        if not record.is_file():
+            return
+        try:
+            written = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(
+                f"{str(record)!r} is unreadable ({exc}); delete {str(self.task_dir)!r} to regenerate it"
+            ) from exc
+        wanted = self._synthetic_options()
+        diff = {k: (written.get(k), v) for k, v in wanted.items() if k != "generator" and written.get(k) != v}
+        if diff:
+            listing = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+            raise ConfigError(
+                f"the synthetic task dir {str(self.task_dir)!r} was written with other options ({listing}); "
+                "choose another data.task for these options or delete the dir to regenerate it"
+            )
 
     def _dataset(self, entries: Sequence[ADNIEntry]) -> ADNISliceDataset:
         s = self.settings

@@ -6,7 +6,9 @@ Per volume (:func:`volume_slices`):
    left→right, 1 posterior→anterior, 2 inferior→superior). **4D files: frame 0 is used** (``frame`` setting,
    with a ``FrameWarning``); trailing singleton dims are dropped; a 2D image is a :class:`DataError`.
 2. robust intensity normalisation: the 1st..99th percentile of the foreground (voxels above the volume minimum,
-   i.e. the skull-stripped brain) maps linearly to ``[-1, 1]``, clipped; background is -1.
+   i.e. the skull-stripped brain) maps linearly to ``[-1, 1]``, clipped; background is -1. A volume without
+   intensity range (all-constant, or one value in the foreground) is a :class:`DataError` (skipped and listed
+   by batch loaders), never slices of -1.
 3. :func:`slice_range` along each axis in ``axes``: ``[floor(lo·n), floor(hi·n))`` (see there for the rounding),
    52 slices per axis and 156 per volume for the seed's 128³ volumes.
 4. each slice is rotated for display (``np.rot90``: superior / anterior at the top), zero-padded (value -1)
@@ -259,7 +261,9 @@ def volume_slices(
         :class:`VolumeSlices` with images in ``[-1, 1]``.
 
     Raises:
-        DataError: naming the entry, for a missing/unreadable file, a 2D image, a bad 4D frame, NaN voxels.
+        DataError: naming the entry, for a missing, unreadable, truncated or corrupt file, a 2D image, a bad 4D
+            frame, NaN voxels, a constant volume or a foreground without intensity range (batch loaders skip
+            and list such volumes).
     """
     settings = settings or SliceSettings()
     path = entry.path if isinstance(entry, ADNIEntry) else Path(entry)
@@ -269,6 +273,9 @@ def volume_slices(
     except DataError as exc:
         raise DataError(f"{name}: {exc}") from exc
     fg = vol > vol.min()
+    why = nifti.constant_reason(vol, fg, settings.pct_lo, settings.pct_hi)
+    if why is not None:  # it would become slices of -1 only: an empty "brain" the model would learn from
+        raise DataError(f"{name}: {str(path)!r}: {why}; it carries no image (check the file)")
     norm = nifti.robust_normalise(vol, mask=fg, lower=settings.pct_lo, upper=settings.pct_hi)
     images, meta = extract_slices(norm, settings.axes, settings.lo, settings.hi, settings.image_size, -1.0)
     masks, _ = extract_slices(
