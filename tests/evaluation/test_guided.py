@@ -85,8 +85,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_identity_translation_gives_perfect_similarity_and_all_outputs(dm, tmp_path) -> None:
     with pytest.warns(ev.MetricSkippedWarning) as rec:
         report = ev.run(make_model(ZeroEps()), dm, {**FAST, "t_start": 30}, tmp_path, "cpu")
-    assert {"vsi", "lpips", "fid"} <= set(report["metrics_skipped"])
-    assert sum("skipped" in str(w.message) for w in rec) >= 3
+    assert {"lpips", "fid"} <= set(report["metrics_skipped"]) and "vsi" not in report["metrics_skipped"]
+    assert sum("skipped" in str(w.message) for w in rec) >= 2
     test_ids = [e.volume_id for e in dm.test_set.volumes]
     assert sorted(report["volumes"]) == sorted(test_ids)
     n_slices = sum(len(dm.test_set.volume_indices(v)) for v in test_ids)
@@ -96,6 +96,8 @@ def test_identity_translation_gives_perfect_similarity_and_all_outputs(dm, tmp_p
     assert report["summary"]["ssim_mean"] == pytest.approx(1.0, abs=1e-5)
     assert report["summary"]["ms_ssim_mean"] == pytest.approx(1.0, abs=1e-5)
     assert report["summary"]["psnr_mean"] == pytest.approx(100.0)
+    assert report["summary"]["vsi_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert all(float(r["vsi"]) == pytest.approx(1.0, abs=1e-5) for r in rows)
     assert all(float(r["score"]) == pytest.approx(0.0, abs=1e-6) for r in rows)
     assert read_csv(tmp_path / "outlier_slices.csv") == []
     assert (
@@ -111,8 +113,19 @@ def test_identity_translation_gives_perfect_similarity_and_all_outputs(dm, tmp_p
     cls = on_disk["classification"]["model"]
     assert set(cls) == {"EMCI_vs_CN", "MCI_vs_CN", "LMCI_vs_CN", "AD_vs_CN", "any_vs_CN"}
     assert "auroc_ci" in cls["AD_vs_CN"] and "skipped" in cls["MCI_vs_CN"]  # no MCI volume in this test split
-    assert "AD_vs_CN" in on_disk["classification"]["baseline_mean_intensity"]
-    assert on_disk["selection"]["chosen_on"] == "validation"
+    for key in ("baseline_mean_intensity", "baseline_nearest_healthy_image", "baseline_mean_healthy_image"):
+        assert on_disk["classification"][key]["AD_vs_CN"]["resampled"] == "subjects", key
+    # this fixture's validation split has one class: the defaults are kept and the report says so (not "validation")
+    assert [e.slice_label for e in dm.val_set.volumes].count(1) in (0, len(dm.val_set.volumes))
+    assert on_disk["selection"]["chosen_on"] == "defaults"
+    assert on_disk["selection"]["splits_read"] == ["train", "val"]
+    m = on_disk["margin_over_best_baseline"]
+    assert m["baseline_chosen_on"] == "test" and m["verdict"] and "auroc_diff_ci" in m
+    cost = on_disk["baselines_cost"]["baseline_nearest_healthy_image"]
+    n_cn = sum(len(dm.train_set.volume_indices(e.volume_id)) for e in dm.train_set.volumes if e.slice_label == 1)
+    assert cost["n_reference"] == cost["n_healthy_total"] == n_cn and cost["n_queries"] > 0
+    # identity translation: every test slice has a nearest healthy training slice; the scores are the model's scorer
+    assert all(float(r["baseline_nearest_healthy_image"]) >= 0 for r in rows)
 
 
 def test_counterfactual_that_changes_the_head_lowers_ssim_and_lists_outliers(dm, tmp_path) -> None:
@@ -270,9 +283,76 @@ def test_choices_are_made_on_validation_before_the_test_volumes_are_read_once(dm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ev.MetricSkippedWarning)
         report = ev.run(make_model(Darken()), spy, SMALL, tmp_path, "cpu")
-    assert spy.calls == ["val", "test"]
-    assert report["selection"]["chosen_on"] == "validation" and report["selection"]["n_val_volumes"] == min(2, len(dm.val_set.volumes)) >= 1
+    assert spy.calls == ["train", "val", "test"]  # the CN reference of the baselines, validation, then test once
+    assert report["selection"]["n_val_volumes"] == min(2, len(dm.val_set.volumes)) >= 1
     assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "report.json").is_file()
+
+
+class ZeroCounterfactual:
+    """A stand-in for the model's translation: the healthy counterfactual is 0, so a slice's score is mean |x|."""
+
+    def __init__(self, model: GuidedDiffusion) -> None:
+        self.model = model
+
+    def __call__(self, x, translate_cfg=None, generator=None):  # noqa: ANN001, ANN204
+        return torch.zeros_like(x)
+
+
+class CraftedVolumes:
+    """A VolumeDataModule whose val and test volumes disagree on the best slice -> volume reduction.
+
+    Slices are constant images (score = that constant). Validation: CN flat 0.5, AD mostly 0.2 with one 0.9 slice
+    (only p90 / max separate them). Test: the opposite (CN has the one bright slice): the validation choice (p90)
+    gives AD-vs-CN AUROC 0 on test, a test choice (mean) would give 1.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @staticmethod
+    def _source(name: str, label: int, values: list[float]) -> ev.VolumeSource:
+        images = torch.tensor(values, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 16, 16).clone()
+        data = ev.VolumeData(images, torch.ones_like(images, dtype=torch.bool), np.zeros(len(values), np.int64),
+                             np.arange(len(values)))
+        return ev.VolumeSource(name, label, lambda: data)
+
+    def volumes(self, split: str):  # noqa: ANN201
+        from meddiff.data.adni_slices import Volumes
+
+        self.calls.append(split)
+        flat, spike = [0.5] * 4, [0.2, 0.2, 0.2, 0.9]
+        if split == "train":
+            srcs = [self._source(f"tr_cn{i}", 1, [0.3] * 4) for i in range(2)]
+        elif split == "val":
+            srcs = [self._source(f"va_cn{i}", 1, flat) for i in range(2)]
+            srcs += [self._source(f"va_ad{i}", 5, spike) for i in range(2)]
+        else:
+            srcs = [self._source(f"te_cn{i}", 1, spike) for i in range(2)]
+            srcs += [self._source(f"te_ad{i}", 5, flat) for i in range(2)]
+        return Volumes(srcs, [], True)
+
+    def input_volumes(self, spec, input_label=None, what="input"):  # noqa: ANN001, ANN201
+        raise AssertionError("not used")
+
+
+def test_the_slice_to_volume_reduction_is_chosen_on_validation_not_test(tmp_path) -> None:
+    model = make_model(ZeroEps())
+    model.healthy_counterfactual = ZeroCounterfactual(model)
+    data = CraftedVolumes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = ev.run(model, data, {**FAST, "volume_plots": False, "n_worst": 0}, tmp_path, "cpu")
+    assert data.calls == ["train", "val", "test"]
+    sel = report["selection"]
+    assert sel["model_reduction"] == "p90" and sel["val_auroc"]["p90"] == 1.0 and sel["val_auroc"]["mean"] == 0.0
+    assert sel["chosen_on"] == "validation" and sel["splits_read"] == ["train", "val"]
+    assert report["margin_over_best_baseline"]["baseline_chosen_on"] == "validation"
+    # scored with the validation choice, the test volumes are ranked the wrong way round: an honest AUROC of 0
+    assert report["summary"]["auroc_ad_vs_cn"] == 0.0
+    # the baselines' reductions come from validation too: the mean healthy slice is 0.3, so |x - 0.3| is 0.2 on flat
+    # volumes and [0.1, 0.1, 0.1, 0.6] on spiked ones: mean wins on val, while median would score 1.0 on test
+    assert sel["baselines"]["baseline_mean_healthy_image"]["reduction"] == "mean"
+    assert report["classification"]["baseline_mean_healthy_image"]["AD_vs_CN"]["auroc"] == 0.0
 
 
 def test_the_model_is_not_changed_by_eval_overrides(dm, tmp_path) -> None:

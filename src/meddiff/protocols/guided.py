@@ -18,8 +18,8 @@ Per slice (input ``x`` vs healthy counterfactual ``h``, both ``[1, S, S]`` in ``
 seed, data range 2): SSIM (11-px Gaussian window), PSNR (dB, capped at ``max_psnr``), MS-SSIM with
 ``ms_ssim_scales`` scales (default 3: the standard 5 need >= 176 px; 3 fit from 44 px, so 64 and 128 px runs use
 the same definition; the first 3 standard betas rescaled to the full sum), and the anomaly score = mean of
-``|x - h|`` inside the brain mask (the model's ``scoring`` config). VSI is not computed (piq needs torchvision,
-and a faithful SDSP saliency port is not a quick job): skipped with a one-line warning. LPIPS (``lpips_torch_home``:
+``|x - h|`` inside the brain mask (the model's ``scoring`` config). VSI (``eval.vsi``, on by default): meddiff's
+torch VSI (:func:`meddiff.metrics.image_quality.image_scores`, whole image, data range 2). LPIPS (``lpips_torch_home``:
 a ``$TORCH_HOME`` holding the torchvision AlexNet weights) and FID (``fid_weights``: torch-fidelity Inception
 weights; per volume, inputs vs counterfactuals) run only when their weights (and packages) are there; otherwise
 they are skipped with a one-line warning.
@@ -31,10 +31,18 @@ lowest-SSIM slices); ``volume_scores.csv``.
 
 Classification use: a volume's score reduces its slice scores (``mean`` | ``median`` | ``p90`` | ``max``); the
 reduction is chosen on the *validation* volumes (best AUROC of non-CN vs CN), as are the reduction and the sign of
-the trivial baseline (mean intensity inside the brain mask; atrophy can make it go either way). Selection runs first,
-sees the DataModule through :class:`meddiff.protocols.base.ValidationView` and asks only for ``volumes("val")``;
-then the test volumes are read once: AUROC/AUPRC with stratified bootstrap 95 % CIs of AD vs CN, each class vs CN
-and any-non-CN vs CN, model beside baseline, and ``roc_ad_vs_cn.png``. Everything is written atomically (:mod:`meddiff.utils.io`) into ``out_dir``;
+the trivial baseline (mean intensity inside the brain mask; atrophy can make it go either way). Baselines beside the
+model (``eval.baselines``): the nearest healthy training slice (:class:`meddiff.metrics.baselines.NearestHealthy`,
+pixel-space L2 inside the brain mask) and the mean healthy slice (``MeanHealthy``), both from a fixed seeded subset of
+<= ``baseline_max_items`` CN training slices; a slice's baseline score is the model's scorer applied to
+``|x - baseline(x)|`` (mean inside the brain mask), reduced to a volume score with the baseline's own reduction chosen
+on validation. Selection runs first, sees the DataModule through :class:`meddiff.protocols.base.ValidationView` and
+asks only for ``volumes("train")`` (the CN reference) and ``volumes("val")``; ``selection["chosen_on"]`` and
+``selection["splits_read"]`` record what it read. Then the test volumes are read once: AUROC/AUPRC with 95 % CIs
+that resample subjects (:func:`meddiff.metrics.detection.detection_ci`) of AD vs CN, each class vs CN and
+any-non-CN vs CN, model beside every baseline; ``report["margin_over_best_baseline"]``: a paired bootstrap CI of
+"model - best baseline" AUROC (AD vs CN; the best baseline by validation AUROC) with a one-line verdict;
+``report["baselines_cost"]``; and ``roc_ad_vs_cn.png``. Everything is written atomically (:mod:`meddiff.utils.io`) into ``out_dir``;
 ``report.json`` and ``metrics.csv`` (the summary) last.
 
 A broken volume in a batch run (unreadable file, bad label, failure while translating) is skipped and listed in
@@ -48,6 +56,7 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -71,6 +80,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "REDUCTIONS",
     "GuidedEvalOptions",
+    "HealthyBaselines",
     "MetricSkippedWarning",
     "VolumeData",
     "VolumeDataModule",
@@ -78,6 +88,7 @@ __all__ = [
     "VolumeSource",
     "choose_on_validation",
     "classification",
+    "healthy_baselines",
     "reduce_slices",
     "run",
     "translate_many",
@@ -86,6 +97,18 @@ __all__ = [
 
 #: slice -> volume score reductions tried on validation
 REDUCTIONS: tuple[str, ...] = ("mean", "median", "p90", "max")
+#: report key of the mean-intensity baseline
+MEAN_INTENSITY = "baseline_mean_intensity"
+#: ``eval.baselines`` names -> report keys of the healthy-set baselines
+HEALTHY_BASELINES = {
+    "nearest_healthy": "baseline_nearest_healthy_image",
+    "mean_healthy": "baseline_mean_healthy_image",
+}
+LABELS = {
+    MEAN_INTENSITY: "mean intensity",
+    "baseline_nearest_healthy_image": "nearest healthy image",
+    "baseline_mean_healthy_image": "mean healthy image",
+}
 
 
 class MetricSkippedWarning(UserWarning):
@@ -99,7 +122,8 @@ class GuidedEvalOptions:
     Translation overrides (``None`` = the model's ``translate`` setting): ``guidance_scale``, ``t_start``,
     ``num_steps``, ``invert``. Inputs: ``input``, ``input_label``, ``max_volumes``, ``val_max_volumes``,
     ``slice_stride``. Analysis: ``ssim_outlier``, ``n_worst``, ``ms_ssim_scales``, ``max_psnr``, ``reductions``,
-    ``n_boot``, ``seed``, ``volume_plots``. Optional metrics: ``vsi``, ``lpips_torch_home``, ``fid_weights``.
+    ``n_boot``, ``seed``, ``volume_plots``. Baselines: ``baselines``, ``baseline_max_items``. Optional metrics:
+    ``vsi``, ``lpips_torch_home``, ``fid_weights``.
     """
 
     input: Any = None
@@ -121,6 +145,8 @@ class GuidedEvalOptions:
     seed: int = 0
     volume_plots: bool = True
     vsi: bool = True
+    baselines: Sequence[str] = ("nearest_healthy", "mean_healthy")  # healthy-set baselines ([] = mean intensity)
+    baseline_max_items: int = 5000  # CN training slices they use at most (a fixed seeded subset)
     lpips_torch_home: str | None = None
     fid_weights: str | None = None
 
@@ -153,6 +179,17 @@ class GuidedEvalOptions:
             )
         if isinstance(self.n_boot, bool) or int(self.n_boot) < 0:
             raise ConfigError(f"eval.n_boot={self.n_boot!r} must be an integer >= 0.")
+        names = [self.baselines] if isinstance(self.baselines, str) else list(self.baselines or ())
+        self.baselines = tuple(str(b) for b in names)
+        unknown = [b for b in self.baselines if b not in HEALTHY_BASELINES]
+        if unknown:
+            raise ConfigError(
+                f"eval.baselines has unknown baseline(s) {unknown}; choose from {list(HEALTHY_BASELINES)} "
+                "(or [] for the mean-intensity baseline only)."
+            )
+        m = self.baseline_max_items
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(f"eval.baseline_max_items={m!r} must be a positive integer (e.g. 5000).")
 
     def translate_overrides(self) -> dict[str, Any]:
         """The ``model.translate`` overrides (None = keep the model's value)."""
@@ -213,19 +250,74 @@ def _interleave_cap(sources: list[VolumeSource], cap: int | None) -> list[Volume
     return out
 
 
+# ------------------------------------------------------------------------------------------ healthy baselines
+@dataclass
+class HealthyBaselines:
+    """Healthy-set baselines: report key -> ``reconstruct(x [B, 1, S, S], mask [B, 1, S, S]) -> [B, 1, S, S]``, and
+    their costs (``BaselineCost``, updated by every query); ``note`` says why none were built."""
+
+    reconstruct: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
+
+
+def healthy_baselines(data: Any, opts: GuidedEvalOptions, device: torch.device) -> HealthyBaselines:
+    """The ``eval.baselines`` built from the CN volumes of ``data.volumes("train")``.
+
+    At most ``baseline_max_items`` slices: each CN volume contributes a seeded subset of at most
+    ``ceil(max / n_cn_volumes)`` slices (one volume in memory at a time), then a seeded subset of the pool if it is
+    still larger. No training volumes (e.g. ``eval.input`` without the training data): no baselines, ``note`` says so.
+    """
+    from meddiff.metrics.baselines import MeanHealthy, NearestHealthy, reference_subset
+
+    if not opts.baselines:
+        return HealthyBaselines(note="eval.baselines is empty")
+    t0 = time.perf_counter()
+    try:
+        sources = [s for s in data.volumes("train").sources if s.slice_label == 1]
+    except (DataError, ConfigError, OSError) as exc:
+        log.warning("Healthy-set baselines skipped: no training volumes (%s).", exc)
+        return HealthyBaselines(note=f"no training volumes: {exc}")
+    if not sources:
+        return HealthyBaselines(note="no CN volume in the training split")
+    per_volume = math.ceil(int(opts.baseline_max_items) / len(sources))
+    images, masks, n_total = [], [], 0
+    for k, src in enumerate(sources):
+        d = src.load()
+        n_total += int(d.images.shape[0])
+        idx = reference_subset(int(d.images.shape[0]), per_volume, int(opts.seed) + k)
+        images.append(d.images[idx].float())
+        masks.append(d.masks[idx])
+    ref = torch.cat(images)
+    if ref.shape[0] > int(opts.baseline_max_items):
+        ref = ref[reference_subset(int(ref.shape[0]), int(opts.baseline_max_items), int(opts.seed))]
+    fit = time.perf_counter() - t0
+    out = HealthyBaselines()
+    if "nearest_healthy" in opts.baselines:
+        nn_ = NearestHealthy(ref, n_healthy_total=n_total, device=device, fit_seconds=fit)
+        key = HEALTHY_BASELINES["nearest_healthy"]
+        out.reconstruct[key] = lambda x, m: nn_.reconstruct(x, m)
+        out.cost[key] = nn_.cost
+    if "mean_healthy" in opts.baselines:
+        mh = MeanHealthy.from_images(ref)
+        mh.mean = mh.mean.to(device)
+        mh.cost.n_healthy_total = n_total
+        mh.cost.fit_seconds += fit
+        key = HEALTHY_BASELINES["mean_healthy"]
+        out.reconstruct[key] = lambda x, m: mh.reconstruct(x)
+        out.cost[key] = mh.cost
+    return out
+
+
 # ------------------------------------------------------------------------------------------ optional metrics
 class _OptionalMetrics:
-    """LPIPS / FID when weights are supplied locally (and their packages import); VSI is always skipped."""
+    """LPIPS / FID when weights are supplied locally (and their packages import); VSI unless ``eval.vsi=false``."""
 
     def __init__(self, opts: GuidedEvalOptions, device: torch.device) -> None:
         self.skipped: dict[str, str] = {}
         self.lpips = None
         self.fid_factory: Callable[[], Any] | None = None
-        if opts.vsi:
-            self._skip(
-                "vsi", "VSI skipped: piq needs torchvision and meddiff has no validated VSI implementation."
-            )
-        else:
+        if not opts.vsi:
             self.skipped["vsi"] = "disabled (eval.vsi=false)"
         if opts.lpips_torch_home:
             home = Path(opts.lpips_torch_home).expanduser()
@@ -327,6 +419,7 @@ class VolumeResult:
     fid: float | None = None
     worst: list[tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     ms_ssim_scales: int = 0  # MS-SSIM scales used (the requested count, fewer if the slice is too small)
+    baselines: dict[str, np.ndarray] = field(default_factory=dict)  # healthy-set baseline score per slice
 
 
 @torch.no_grad()
@@ -338,8 +431,10 @@ def translate_volume(
     device: torch.device,
     extra: _OptionalMetrics | None = None,
     keep_worst: int = 0,
+    baselines: HealthyBaselines | None = None,
 ) -> VolumeResult:
-    """Translate every ``slice_stride``-th slice of a volume toward healthy and measure it."""
+    """Translate every ``slice_stride``-th slice of a volume toward healthy and measure it (and score it with each
+    healthy-set baseline's reconstruction through the model's scorer)."""
     from meddiff.anomaly.scoring import score_batch
     from meddiff.metrics.baselines import mean_intensity_score
     from meddiff.metrics.image_quality import image_scores, ms_ssim, ms_ssim_scales
@@ -355,8 +450,10 @@ def translate_volume(
         raise DataError(f"{source.name or source.volume_id}: slices hold NaN/inf values.")
     h, w = images.shape[-2:]
     scales = min(int(opts.ms_ssim_scales), ms_ssim_scales(h, w))
-    cols: dict[str, list[np.ndarray]] = {"ssim": [], "psnr": [], "ms_ssim": [], "lpips": []}
+    cols: dict[str, list[np.ndarray]] = {"ssim": [], "psnr": [], "ms_ssim": [], "vsi": [], "lpips": []}
     score, base, xs, hs = [], [], [], []
+    refs = baselines.reconstruct if baselines is not None else {}
+    base_scores: dict[str, list[np.ndarray]] = {k: [] for k in refs}
     worst: list[tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     gen = torch.Generator(device=device).manual_seed(int(translate_cfg.seed))
     for start in range(0, images.shape[0], int(opts.batch_size)):
@@ -368,6 +465,8 @@ def translate_volume(
         q = image_scores(x, healthy, dynamic_range=2.0, max_psnr=float(opts.max_psnr))
         cols["ssim"].append(q["ssim"].cpu().numpy())
         cols["psnr"].append(q["psnr"].cpu().numpy())
+        if opts.vsi:
+            cols["vsi"].append(q["vsi"].cpu().numpy())
         cols["ms_ssim"].append(
             ms_ssim(x, healthy, data_range=2.0, scales=scales).cpu().numpy()
             if scales >= 1
@@ -380,6 +479,8 @@ def translate_volume(
         sc = score_batch(x, healthy, m, model.scoring_cfg)
         score.append(sc["score"].float().cpu().numpy())
         base.append(mean_intensity_score(x, m).cpu().numpy())
+        for key, recon in refs.items():
+            base_scores[key].append(score_batch(x, recon(x, m), m, model.scoring_cfg)["score"].float().cpu().numpy())
         if extra is not None and extra.fid_factory is not None:
             xs.append(x.cpu())
             hs.append(healthy.cpu())
@@ -404,6 +505,7 @@ def translate_volume(
         fid,
         [(-a, b, c, d, e) for a, b, c, d, e in worst],
         scales,
+        {k: np.concatenate(v).astype(np.float64) for k, v in base_scores.items()},
     )
 
 
@@ -417,6 +519,7 @@ def translate_many(
     keep_worst: int = 0,
     batch: bool = True,
     what: str = "test",
+    baselines: HealthyBaselines | None = None,
 ) -> tuple[list[VolumeResult], list[dict[str, str]]]:
     """:func:`translate_volume` over many volumes; with ``batch`` a failing volume is skipped and listed."""
     from tqdm.auto import tqdm
@@ -424,7 +527,7 @@ def translate_many(
     results, skipped = [], []
     for src in tqdm(sources, desc=f"guided translation ({what})", leave=False, disable=len(sources) < 2):
         try:
-            results.append(translate_volume(model, src, translate_cfg, opts, device, extra, keep_worst))
+            results.append(translate_volume(model, src, translate_cfg, opts, device, extra, keep_worst, baselines))
         except Exception as exc:
             if not batch:
                 if isinstance(exc, DataError):
@@ -458,11 +561,15 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def choose_on_validation(val: Sequence[VolumeResult], reductions: Sequence[str]) -> dict[str, Any]:
-    """Pick the model's slice->volume reduction and the baseline's reduction and sign on validation volumes.
+    """Pick the model's slice->volume reduction, the mean-intensity baseline's reduction and sign, and each healthy-set
+    baseline's reduction (``VolumeResult.baselines``; distances, sign +1) on validation volumes.
 
     Criterion: AUROC of any non-CN class vs CN (ties: first in ``reductions``; the baseline prefers sign +1).
-    Without both classes among the validation volumes the defaults (``reductions[0]``, sign +1) are kept.
+    Without both classes among the validation volumes the defaults (``reductions[0]``, sign +1) are kept and
+    ``chosen_on`` is ``"defaults"``. ``best_val_auroc``: each baseline's validation AUROC at its choice (used to
+    name the best baseline for the margin).
     """
+    names = list(val[0].baselines) if val else []
     out: dict[str, Any] = {
         "chosen_on": "validation",
         "n_val_volumes": len(val),
@@ -472,10 +579,13 @@ def choose_on_validation(val: Sequence[VolumeResult], reductions: Sequence[str])
         "baseline_sign": 1,
         "val_auroc": {},
         "val_auroc_baseline": {},
+        "baselines": {k: {"reduction": reductions[0]} for k in names},
+        "best_val_auroc": {},
     }
     labels = np.array([int((r.source.slice_label or 1) != 1) for r in val])
     if len(val) < 2 or len(set(labels.tolist())) < 2:
         out["note"] = "validation lacks CN or non-CN volumes: defaults kept"
+        out["chosen_on"] = "defaults"
         return out
     best_m, best_b = (-1.0, None), (-1.0, None)
     for red in reductions:
@@ -494,31 +604,41 @@ def choose_on_validation(val: Sequence[VolumeResult], reductions: Sequence[str])
         out["model_reduction"] = best_m[1]
     if best_b[1] is not None:
         out["baseline_reduction"], out["baseline_sign"] = best_b[1]
+        out["best_val_auroc"][MEAN_INTENSITY] = best_b[0]
+    for name in names:
+        table = {red: _auroc(np.array([reduce_slices(r.baselines[name], red) for r in val]), labels) for red in reductions}
+        finite = [red for red in reductions if np.isfinite(table[red])]
+        rec = out["baselines"][name]
+        rec["val_auroc"] = table
+        if finite:
+            best = max(finite, key=lambda red: (table[red], -reductions.index(red)))  # ties: first candidate
+            rec["reduction"] = best
+            out["best_val_auroc"][name] = table[best]
     return out
 
 
 def classification(
     test: Sequence[VolumeResult], choice: Mapping[str, Any], n_boot: int, seed: int
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Volume-level AUROC (with CIs) of each class vs CN, AD vs CN and any vs CN, model and baseline.
+    """Volume-level AUROC (with CIs resampling subjects) of each class vs CN, AD vs CN and any vs CN, for the model
+    and every baseline (each with its reduction chosen on validation).
 
-    Returns ``(report section, {"model": (scores, labels), "baseline ...": ...} for AD vs CN or None)``.
+    Returns ``(report section, {curve label: (scores, labels)} for AD vs CN)``.
     """
-    from meddiff.metrics.detection import image_level
+    from meddiff.metrics.detection import detection_ci
 
-    m = np.array([reduce_slices(r.score, choice["model_reduction"]) for r in test])
-    b = float(choice["baseline_sign"]) * np.array(
-        [reduce_slices(r.baseline, choice["baseline_reduction"]) for r in test]
-    )
+    values = volume_scores(test, choice)
+    subjects = np.array([_subject(r) for r in test])
     comparisons = {f"{name}_vs_CN": {k + 1} for k, name in enumerate(CLASS_NAMES) if k > 0}
     comparisons["any_vs_CN"] = {2, 3, 4, 5}
-    section: dict[str, Any] = {"model": {}, "baseline_mean_intensity": {}}
+    section: dict[str, Any] = {key: {} for key in values}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for cname, pos in comparisons.items():
-        for key, values in (("model", m), ("baseline_mean_intensity", b)):
-            s, y = _binary(test, values, pos)
+        for key, v in values.items():
+            s, y = _binary(test, v, pos)
+            subj, _ = _binary(test, subjects, pos)
             ok = np.isfinite(s)
-            s, y = s[ok], y[ok]
+            s, y, subj = s[ok], y[ok], subj[ok]
             if y.size < 2 or y.min() == y.max():
                 section[key][cname] = {
                     "skipped": f"needs CN and {cname[:-6]} volumes; have {int((y == 0).sum())} CN "
@@ -526,10 +646,84 @@ def classification(
                     "n": int(y.size),
                 }
                 continue
-            section[key][cname] = image_level(s, y, n_boot=int(n_boot), seed=int(seed))
+            section[key][cname] = detection_ci(s, y, subjects=list(subj), n_boot=int(n_boot), seed=int(seed))
             if cname == "AD_vs_CN":
-                curves["guided CFG" if key == "model" else "mean intensity (baseline)"] = (s, y)
+                curves["guided CFG" if key == "model" else f"{LABELS.get(key, key)} (baseline)"] = (s, y)
     return section, curves
+
+
+def _subject(r: VolumeResult) -> str:
+    """The subject of a volume (``VolumeSource.subject`` when the source has one, else its volume id)."""
+    return str(getattr(r.source, "subject", None) or r.source.volume_id)
+
+
+def volume_scores(results: Sequence[VolumeResult], choice: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Volume scores ``[V]`` of the model and every baseline, each reduced with its choice from validation."""
+    out = {
+        "model": np.array([reduce_slices(r.score, choice["model_reduction"]) for r in results]),
+        MEAN_INTENSITY: float(choice["baseline_sign"])
+        * np.array([reduce_slices(r.baseline, choice["baseline_reduction"]) for r in results]),
+    }
+    for key, rec in (choice.get("baselines") or {}).items():
+        out[key] = np.array([reduce_slices(r.baselines[key], rec["reduction"]) for r in results])
+    return out
+
+
+def _verdict(m: Mapping[str, Any]) -> str:
+    """One plain sentence: does the model beat the best baseline (paired 95% CI of the AUROC margin)?"""
+    name = LABELS.get(m["baseline"], m["baseline"])
+    where = "chosen on validation" if m.get("baseline_chosen_on") == "validation" else "the best on test"
+    what = f"{m['comparison'].replace('_vs_', ' vs ')} volume AUROC margin {m['auroc_diff']:+.3f}"
+    if "auroc_diff_ci" not in m:
+        return f"Model vs the best baseline ({name}, {where}): {what}; no CI (eval.n_boot=0), so no verdict."
+    lo, hi = m["auroc_diff_ci"]
+    margin = f"{what} [{lo:+.3f}, {hi:+.3f}] (paired 95% CI)"
+    if lo > 0:
+        return f"The model beats the best baseline ({name}, {where}): {margin} excludes 0."
+    if hi < 0:
+        return f"The model is WORSE than the best baseline ({name}, {where}): {margin} is below 0."
+    return f"The model does NOT beat the best baseline ({name}, {where}): {margin} includes 0."
+
+
+def margin(
+    test: Sequence[VolumeResult], choice: Mapping[str, Any], n_boot: int, seed: int
+) -> dict[str, Any] | None:
+    """Paired CI of "model - best baseline" volume AUROC, AD vs CN (any non-CN vs CN when there is no AD volume);
+    the best baseline by validation AUROC when every baseline has one. None without both classes on test."""
+    from meddiff.metrics.detection import margin_over_best_baseline
+
+    values = volume_scores(test, choice)
+    subjects = np.array([_subject(r) for r in test])
+    found = None
+    for name, positive in (("AD_vs_CN", {5}), ("any_vs_CN", {2, 3, 4, 5})):
+        _, lab = _binary(test, values["model"], positive)
+        keep = np.all([np.isfinite(_binary(test, v, positive)[0]) for v in values.values()], axis=0)
+        if keep.sum() >= 2 and len(set(lab[keep].tolist())) == 2:
+            found = (name, positive, lab, keep)
+            break
+    if found is None:
+        return None
+    comparison, pos, y, ok = found
+    scores = {k: _binary(test, v, pos)[0][ok] for k, v in values.items()}
+    y, subj = y[ok], list(_binary(test, subjects, pos)[0][ok])
+    base = {k: v for k, v in scores.items() if k != "model"}
+    known = {k: float(v) for k, v in (choice.get("best_val_auroc") or {}).items() if np.isfinite(v)}
+    val = known if set(known) >= set(base) else None
+    if int(n_boot) >= 1:
+        val_arg = None if val is None else {k: val[k] for k in base}
+        m = margin_over_best_baseline(scores["model"], base, y, subjects=subj, val_auroc=val_arg,
+                                      n_boot=int(n_boot), seed=int(seed))
+    else:  # no bootstrap asked for: the point difference only
+        key = (lambda k: (val[k], k)) if val is not None else (lambda k: (_auroc(base[k], y), k))
+        best = max(base, key=key)
+        m = {"baseline": best, "baseline_chosen_on": "validation" if val is not None else "test",
+             "auroc_model": _auroc(scores["model"], y), "auroc_baseline": _auroc(base[best], y)}
+        m["auroc_diff"] = m["auroc_model"] - m["auroc_baseline"]
+    m["comparison"] = comparison
+    if val is not None:
+        m["baseline_val_auroc"] = {k: val[k] for k in base}
+    m["verdict"] = _verdict(m)
+    return m
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -563,6 +757,7 @@ def _slice_rows(results: Sequence[VolumeResult]) -> list[dict[str, Any]]:
                 "index": int(r.indices[j]),
                 "score": float(r.score[j]),
                 "mean_intensity": float(r.baseline[j]),
+                **{k: float(v[j]) for k, v in r.baselines.items()},
             }
             row.update({k: float(v[j]) for k, v in r.metrics.items()})
             rows.append(row)
@@ -579,7 +774,7 @@ def write_figures(results: Sequence[VolumeResult], opts: GuidedEvalOptions, out_
             x = np.arange(len(r.ids))
             sim = {
                 k.upper().replace("_", "-"): r.metrics[k]
-                for k in ("ssim", "ms_ssim", "lpips")
+                for k in ("ssim", "ms_ssim", "vsi", "lpips")
                 if k in r.metrics
             }
             name = _safe(r.source.volume_id)
@@ -644,7 +839,12 @@ def write_figures(results: Sequence[VolumeResult], opts: GuidedEvalOptions, out_
 
 # ------------------------------------------------------------------------------------------ entry point
 def select(
-    model: Any, data: ValidationView, tcfg: Any, opts: GuidedEvalOptions, device: torch.device
+    model: Any,
+    data: ValidationView,
+    tcfg: Any,
+    opts: GuidedEvalOptions,
+    device: torch.device,
+    baselines: HealthyBaselines | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """Choose the slice -> volume reduction (and the baseline's reduction and sign) on the validation volumes.
 
@@ -662,8 +862,14 @@ def select(
     val_bad: list[dict[str, str]] = []
     if val_sources:
         val_sources = _interleave_cap(val_sources, opts.val_max_volumes)
-        val_results, val_bad = translate_many(model, val_sources, tcfg, opts, device, None, 0, True, "val")
-    return choose_on_validation(val_results, opts.reductions), [{**s, "split": "val"} for s in val_bad]
+        val_results, val_bad = translate_many(
+            model, val_sources, tcfg, opts, device, None, 0, True, "val", baselines=baselines
+        )
+    choice = choose_on_validation(val_results, opts.reductions)
+    if not val_results:
+        choice["chosen_on"] = "defaults"
+    choice["splits_read"] = data.splits_read  # what selection actually asked the DataModule for
+    return choice, [{**s, "split": "val"} for s in val_bad]
 
 
 def run(
@@ -700,8 +906,12 @@ def run(
         model.schedule.num_train_timesteps, model.num_classes
     )
     with _evaluating(model, device) as model:
-        # 1. choices on validation only (the view refuses test attributes)
-        choice, val_skipped = select(model, ValidationView(datamodule), tcfg, opts, device)
+        # 1. choices on validation only (the view refuses test attributes); the baselines' CN reference from train
+        view = ValidationView(datamodule)
+        refs = healthy_baselines(view, opts, device)
+        choice, val_skipped = select(model, view, tcfg, opts, device, refs)
+        if refs.note:
+            choice["baselines_skipped"] = refs.note
         # 2. the test volumes (or eval.input), touched once
         if opts.input is not None:
             vols = datamodule.input_volumes(opts.input, opts.input_label, what="eval.input")
@@ -710,21 +920,25 @@ def run(
         sources = _interleave_cap(vols.sources, opts.max_volumes)
         extra = _OptionalMetrics(opts, device)
         results, bad = translate_many(
-            model, sources, tcfg, opts, device, extra, keep_worst=int(opts.n_worst), batch=vols.batch, what="test"
+            model, sources, tcfg, opts, device, extra, keep_worst=int(opts.n_worst), batch=vols.batch, what="test",
+            baselines=refs,
         )
     skipped = list(vols.skipped) + bad + val_skipped
     cls_section, curves = classification(results, choice, opts.n_boot, opts.seed)
+    margin_section = margin(results, choice, opts.n_boot, opts.seed)
+    base_keys = list(refs.reconstruct)
 
     # tables and figures
     rows = _slice_rows(results)
-    metric_cols = [k for k in ("ssim", "psnr", "ms_ssim", "lpips") if any(k in r.metrics for r in results)]
-    header = ["volume", "class", "id", "axis", "index", *metric_cols, "score", "mean_intensity"]
+    metric_cols = [k for k in ("ssim", "psnr", "ms_ssim", "vsi", "lpips") if any(k in r.metrics for r in results)]
+    header = ["volume", "class", "id", "axis", "index", *metric_cols, "score", "mean_intensity", *base_keys]
     _write_csv(out_dir / "slice_metrics.csv", rows, header)
     outliers = sorted((r for r in rows if r["ssim"] < float(opts.ssim_outlier)), key=lambda r: r["ssim"])
     _write_csv(out_dir / "outlier_slices.csv", outliers, header)
     volumes: dict[str, Any] = {}
     vol_rows = []
-    for r in results:
+    per_volume = volume_scores(results, choice)
+    for i, r in enumerate(results):
         v = {
             "class": r.source.class_name,
             "slice_label": r.source.slice_label,
@@ -733,8 +947,8 @@ def run(
             "min_ssim": float(np.nanmin(r.metrics["ssim"])),
             "n_outliers": int((r.metrics["ssim"] < float(opts.ssim_outlier)).sum()),
             "score": reduce_slices(r.score, choice["model_reduction"]),
-            "baseline_score": float(choice["baseline_sign"])
-            * reduce_slices(r.baseline, choice["baseline_reduction"]),
+            "baseline_score": float(per_volume[MEAN_INTENSITY][i]),
+            **{k: float(per_volume[k][i]) for k in base_keys},
         }
         if r.fid is not None:
             v["fid"] = r.fid
@@ -749,6 +963,7 @@ def run(
                 "n_outliers": v["n_outliers"],
                 "score": v["score"],
                 "baseline_score": v["baseline_score"],
+                **{k: v[k] for k in base_keys},
             }
         )
     vol_header = [
@@ -760,10 +975,11 @@ def run(
         "n_outliers",
         "score",
         "baseline_score",
+        *base_keys,
     ]
     _write_csv(out_dir / "volume_scores.csv", vol_rows, vol_header)
     figures = write_figures(results, opts, out_dir)
-    if len(curves) == 2:
+    if len(curves) >= 2:
         from meddiff.viz.figures import save_roc_pr
 
         save_roc_pr(out_dir / "roc_ad_vs_cn.png", curves, title="AD vs CN, volume level (test)")
@@ -783,6 +999,7 @@ def run(
         "ssim_mean": slice_means.get("ssim", float("nan")),
         "psnr_mean": slice_means.get("psnr", float("nan")),
         "ms_ssim_mean": slice_means.get("ms_ssim", float("nan")),
+        "vsi_mean": slice_means.get("vsi", float("nan")),
         "auroc_ad_vs_cn": pick("model", "AD_vs_CN"),
         "auroc_ad_vs_cn_ci_lo": float(
             cls_section["model"].get("AD_vs_CN", {}).get("auroc_ci", (math.nan,) * 2)[0]
@@ -793,6 +1010,7 @@ def run(
         "baseline_auroc_ad_vs_cn": pick("baseline_mean_intensity", "AD_vs_CN"),
         "auroc_any_vs_cn": pick("model", "any_vs_CN"),
         "baseline_auroc_any_vs_cn": pick("baseline_mean_intensity", "any_vs_CN"),
+        **{f"{k}_auroc_ad_vs_cn": pick(k, "AD_vs_CN") for k in base_keys},
         "n_volumes": float(len(results)),
         "n_slices": float(len(rows)),
         "n_outlier_slices": float(len(outliers)),
@@ -800,6 +1018,14 @@ def run(
     }
     if "lpips" in slice_means:
         summary["lpips_mean"] = slice_means["lpips"]
+    if margin_section is not None:
+        summary["best_baseline_auroc"] = float(margin_section["auroc_baseline"])
+        summary["margin_auroc"] = float(margin_section["auroc_diff"])
+        if "auroc_diff_ci" in margin_section:
+            summary["margin_auroc_ci_lo"], summary["margin_auroc_ci_hi"] = (
+                float(v) for v in margin_section["auroc_diff_ci"]
+            )
+            summary["model_beats_best_baseline"] = float(margin_section["auroc_diff_ci"][0] > 0)
     report: dict[str, Any] = {
         "protocol": "guided",
         "translate": asdict(tcfg),
@@ -820,6 +1046,8 @@ def run(
         "metrics_skipped": extra.skipped,
         "selection": choice,
         "classification": cls_section,
+        "margin_over_best_baseline": margin_section,
+        "baselines_cost": {k: c.as_dict() for k, c in refs.cost.items()},
         "volumes": volumes,
         "outliers": outliers[:200],
         "skipped": skipped,
@@ -827,12 +1055,15 @@ def run(
         "summary": summary,
     }
     write_report(report, out_dir)  # report.json + metrics.csv, last
-    _print_summary(summary, choice)
+    _print_summary(summary, choice, report)
     return report
 
 
-def _print_summary(summary: Mapping[str, float], choice: Mapping[str, Any]) -> None:
+def _print_summary(summary: Mapping[str, float], choice: Mapping[str, Any], report: Mapping[str, Any]) -> None:
     log.info("guided evaluation: %s", ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    m = report.get("margin_over_best_baseline")
+    verdict = m["verdict"] if m else "No margin over the baselines: the test volumes lack CN or non-CN."
+    log.info("%s", verdict)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -845,4 +1076,8 @@ def _print_summary(summary: Mapping[str, float], choice: Mapping[str, Any]) -> N
     t.add_column("value", justify="right")
     for k, v in summary.items():
         t.add_row(k, f"{v:.4f}")
-    Console().print(t)
+    console = Console()
+    console.print(t)
+    console.print(verdict)
+    for name, cost in (report.get("baselines_cost") or {}).items():
+        console.print(f"{LABELS.get(name, name)}: {cost['seconds']:.2f} s ({cost['scanned']})")
