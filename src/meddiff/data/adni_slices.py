@@ -83,12 +83,14 @@ __all__ = [
 @dataclass
 class VolumeSource:
     """A volume to evaluate: id, ADNI ``slice_label`` 1..5 (None = unknown), a loader of its slices, a name for
-    messages."""
+    messages, and its subject (volumes of one subject are resampled together in bootstrap CIs; None = the volume
+    is its own subject)."""
 
     volume_id: str
     slice_label: int | None
     load: Callable[[], VolumeData]
     name: str = ""
+    subject: str | None = None
 
     @property
     def class_name(self) -> str:
@@ -121,7 +123,7 @@ def volume_source(entry: ADNIEntry | str | os.PathLike[str], settings: SliceSett
         return volume_slices(entry, settings).to_volume_data()
 
     if isinstance(entry, ADNIEntry):
-        return VolumeSource(entry.volume_id, entry.slice_label, load, entry.describe())
+        return VolumeSource(entry.volume_id, entry.slice_label, load, entry.describe(), entry.subject)
     path = Path(entry)
     return VolumeSource(strip_nifti_suffix(path.name), None, load, f"volume {str(path)!r}")
 
@@ -320,7 +322,8 @@ class ADNISliceDataset(Dataset):
             return load
 
         return [
-            VolumeSource(e.volume_id, int(e.slice_label), loader(self.volume_indices(e.volume_id)), e.describe())
+            VolumeSource(e.volume_id, int(e.slice_label), loader(self.volume_indices(e.volume_id)), e.describe(),
+                         e.subject)
             for e in self.volumes
         ]
 

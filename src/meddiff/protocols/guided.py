@@ -654,7 +654,7 @@ def classification(
 
 def _subject(r: VolumeResult) -> str:
     """The subject of a volume (``VolumeSource.subject`` when the source has one, else its volume id)."""
-    return str(getattr(r.source, "subject", None) or r.source.volume_id)
+    return str(r.source.subject or r.source.volume_id)
 
 
 def volume_scores(results: Sequence[VolumeResult], choice: Mapping[str, Any]) -> dict[str, np.ndarray]:
