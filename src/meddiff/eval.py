@@ -96,7 +96,12 @@ def evaluate_checkpoint(
     if protocol != "anomaly":
         # other tasks (denoising, guided translation) bring their own protocol module:
         # meddiff.evaluation.<protocol>.run(model, datamodule, eval_cfg, out_dir, device) -> report with "summary"
-        module = importlib.import_module(f"meddiff.evaluation.{protocol}")
+        try:  # protocols are moving to meddiff.protocols (issue 8); its registry replaces this lookup
+            module = importlib.import_module(f"meddiff.protocols.{protocol}")
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("meddiff.protocols", f"meddiff.protocols.{protocol}"):
+                raise
+            module = importlib.import_module(f"meddiff.evaluation.{protocol}")
         report = module.run(model, datamodule, _plain(eval_cfg), out_dir, device)
         report["checkpoint"] = str(ckpt_path) if ckpt_path else None
         atomic_write_json(out_dir / "report.json", report)
