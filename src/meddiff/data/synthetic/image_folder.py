@@ -78,7 +78,7 @@ def _subject(group: str, k: int, seed: int, size: int, n_slices: int, min_lesion
              ) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """``[(z, uint8 slice [size, size], bool mask [size, size])]`` of one subject."""
     rng = np.random.default_rng([seed, _GROUPS[group], k])
-    depth = max(2 * n_slices, 8)
+    depth = max(2 * n_slices, 16)  # the phantom generator needs >= 16 voxels per axis
     vol, labels = generate_volume(1, (size, size, depth), rng, severity=float(np.clip(rng.normal(0.0, 0.08), 0, 0.3)),
                                   return_labels=True)
     brain = labels > 0
