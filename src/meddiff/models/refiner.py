@@ -26,7 +26,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,37 +306,57 @@ class RefinerDiffusion(AUCpValidation, DiffusionModule):
             raise ConfigError(f"{what}={num_steps} is outside [1, {hi}] (refinement takes 1-50 steps"
                               f"{'' if t_start is None else f', at most t_start + 1'}).")
 
+    def item_noise(self, ids: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``noise_fn(like) -> z``: Gaussian noise whose row ``i`` comes from a generator seeded by the last path
+        component of ``ids[i]`` (the file name; not its folder, which may encode the label) and ``sample_seed``, so an
+        image's reconstruction depends neither on its batch, its position in it, nor its label folder."""
+        names = [str(i).rsplit("/", 1)[-1] for i in ids]
+        gens = [torch.Generator().manual_seed(zlib.crc32(n.encode()) + self.sample_seed) for n in names]
+
+        def noise_fn(like: torch.Tensor) -> torch.Tensor:
+            z = torch.stack([torch.randn(like.shape[1:], generator=g) for g in gens])
+            return z.to(device=like.device, dtype=like.dtype)
+
+        return noise_fn
+
     @torch.no_grad()
     def refine(self, x: torch.Tensor, coarse: torch.Tensor, num_steps: int | None = None,
-               sampler: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               sampler: str | None = None, generator: torch.Generator | None = None,
+               ids: Sequence[str] | None = None) -> torch.Tensor:
         """``coarse + s * r0`` with the residual ``r0`` sampled conditioned on ``coarse``: ``[B, C, H, W]`` in [-1, 1].
 
-        Uses the EMA weights in eval mode; ``num_steps``/``sampler`` default to the model's.
+        Uses the EMA weights in eval mode; ``num_steps``/``sampler`` default to the model's. With ``ids`` (one per
+        image) each image's noise is seeded by its id (order-independent results); else by ``generator`` (default:
+        seeded with ``sample_seed``).
         """
         steps = self.num_steps if num_steps is None else int(num_steps)
         self.check_steps(steps, self.t_start)
         sampler = sampler or self.sampler
         if sampler not in SAMPLERS:
             raise ConfigError(f"sampler={sampler!r} is unknown; choose one of {list(SAMPLERS)}.")
-        if generator is None:
+        noise_fn = None
+        if ids is not None and len(ids) == x.shape[0]:
+            noise_fn = self.item_noise(ids)
+        elif generator is None:
             generator = torch.Generator(device=x.device).manual_seed(self.sample_seed)
         s = self.scale
         fn = self.model_fn({"coarse": coarse})
         clip = 2.0 / s  # |x - c| <= 2 for images in [-1, 1]
         if self.t_start is None:
             ts = make_timesteps(self.schedule.num_train_timesteps, steps, self.timestep_spacing)
-            r_T = make_noise("gaussian", coarse, generator=generator)
+            r_T = noise_fn(coarse) if noise_fn is not None else make_noise("gaussian", coarse, generator=generator)
             r0 = sample(fn, self.schedule, r_T, ts, sampler=sampler, eta=self.eta, generator=generator,
-                        clip_sample=clip)
+                        clip_sample=clip, noise_fn=noise_fn)
         else:
             r0 = reconstruct_from(fn, self.schedule, (x - coarse) / s, self.t_start, steps, sampler=sampler,
-                                  eta=self.eta, generator=generator, clip_sample=clip)
+                                  eta=self.eta, generator=generator, clip_sample=clip, noise_fn=noise_fn)
         return (coarse + s * r0).clamp(-1.0, 1.0)
 
     def reconstruct(self, batch: Mapping[str, Any], num_steps: int | None = None) -> torch.Tensor:
-        """The refined healthy estimate of ``batch['image']``: ``[B, C, H, W]`` in ``[-1, 1]``."""
+        """The refined healthy estimate of ``batch['image']``: ``[B, C, H, W]`` in ``[-1, 1]`` (noise seeded per
+        image id when the batch has ``id``)."""
         x = batch["image"]
-        return self.refine(x, self.coarse(batch), num_steps=num_steps)
+        return self.refine(x, self.coarse(batch), num_steps=num_steps, ids=batch.get("id"))
 
     # ------------------------------------------------------------------ validation (loss, AUCp, labelled AUROC)
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -159,7 +159,7 @@ def score_pool(model: Any, loader: Iterable, device: torch.device, baselines: _B
             recon["coarse"] = coarse
         if "refined" in names:
             t0 = time.perf_counter()
-            recon["refined"] = model.refine(x, coarse, num_steps=steps)
+            recon["refined"] = model.refine(x, coarse, num_steps=steps, ids=batch.get("id"))
             out.seconds["refined"] = out.seconds.get("refined", 0.0) + time.perf_counter() - t0
         for name, r in recon.items():
             out.scores.setdefault(name, []).append(score_batch(x, r.float(), region, cfg)["score"].cpu().numpy())
