@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo demo-ct demo-adni demo-denoise test test-fast lint bench clean
+.PHONY: install demo demo-ct demo-adni demo-denoise demo-refiner test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ demo-denoise: install
 
 demo-adni: install
 	$(PY) -m meddiff.train experiment=demo_adni hydra.run.dir=logs/demo_adni/latest $(DEMO_ARGS)
+
+# seed 003 (Brainomaly-Diff): stage 1 the coarse GAN, stage 2 the residual diffusion refiner on its frozen generator
+demo-refiner: install
+	$(PY) -m meddiff.train experiment=demo_coarse hydra.run.dir=logs/demo_coarse/latest $(DEMO_ARGS)
+	$(PY) -m meddiff.train experiment=demo_refiner hydra.run.dir=logs/demo_refiner/latest \
+		model.coarse_ckpt=logs/demo_coarse/latest $(DEMO_ARGS)
+	@echo "Reports: logs/demo_coarse/latest/ and logs/demo_refiner/latest/ (report.json, refiner_report.md, roc.png)"
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
