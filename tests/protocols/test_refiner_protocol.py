@@ -173,3 +173,21 @@ def test_paired_difference_known_cases():
     a, b = y + rng.normal(0, 1, 40), y + rng.normal(0, 3, 40)
     d = protocol.paired_auroc_difference(a, b, y, n_boot=500)
     assert d["ci"][0] <= d["difference"] <= d["ci"][1]
+
+
+def test_any_anomaly_model_gets_aucp_and_both_protocols(data_root, tmp_path):
+    from torch import nn
+
+    from meddiff.anomaly.scoring import ScoringConfig
+
+    class Blur(nn.Module):
+        """A 'healthy estimate' by 3x3 average: any model with reconstruct + scoring_cfg."""
+
+        scoring_cfg = ScoringConfig()
+
+        def reconstruct(self, batch):
+            return torch.nn.functional.avg_pool2d(batch["image"], 3, 1, 1)
+
+    rep = protocol.run(Blur(), datamodule(data_root), {**OPTS, "steps": []}, tmp_path, "cpu")
+    assert rep["primary_estimate"] == "model" and "model" in rep["aucp"]
+    assert rep["summary"]["inductive_auroc"] == rep["inductive"]["image"]["model"]["auroc"]

@@ -1,8 +1,9 @@
 """The refiner-family protocol (``eval_protocol = "refiner"``): inductive, transductive and AUCp, honestly labelled.
 
 For a ``RefinerDiffusion`` both of its estimates are scored from the same pass (``coarse`` = the frozen generator,
-``refined`` = coarse + sampled residual); for a ``CoarseGenerator`` its one estimate (``coarse``). Every score goes
-through the one scorer (``meddiff.anomaly.scoring.score_batch`` with the model's ``scoring_cfg``).
+``refined`` = coarse + sampled residual); for a ``CoarseGenerator`` its one estimate (``coarse``); any other anomaly
+model (``reconstruct`` + ``scoring_cfg``) as ``model``. Every score goes through the one scorer
+(``meddiff.anomaly.scoring.score_batch`` with the model's ``scoring_cfg``).
 
 - **AUCp** (label-free): known-healthy images (the held-out ``known_healthy_val`` pool) = 0 against every image
   of an unlabelled pool = 1 — the unannotated mixed set (*transductive*) and the test images (*inductive*), whose
@@ -42,6 +43,7 @@ from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.aucp import aucp, debiased_auc
 from meddiff.metrics.baselines import mean_intensity_score
 from meddiff.metrics.detection import aggregate_by_subject, check_scores_labels, image_level, weighted_auroc_ap
+from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion
 from meddiff.utils.checkpoints import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
 from meddiff.utils.io import atomic_write_text
@@ -107,7 +109,11 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def estimate_names(model: Any) -> list[str]:
-    return ["coarse", "refined"] if isinstance(model, RefinerDiffusion) else ["coarse"]
+    """The healthy estimates scored: a refiner's coarse and refined ones, a CoarseGenerator's coarse one, and any
+    other anomaly model's ``reconstruct`` ("model")."""
+    if isinstance(model, RefinerDiffusion):
+        return ["coarse", "refined"]
+    return ["coarse"] if isinstance(model, CoarseGenerator) else ["model"]
 
 
 def primary_estimate(model: Any) -> str:
@@ -153,10 +159,12 @@ def score_pool(model: Any, loader: Iterable, device: torch.device, baselines: _B
         region = batch.get("brain_mask")
         recon: dict[str, torch.Tensor] = {}
         t0 = time.perf_counter()
-        coarse = model.coarse(batch) if isinstance(model, RefinerDiffusion) else model.reconstruct(batch)
-        out.seconds["coarse"] = out.seconds.get("coarse", 0.0) + time.perf_counter() - t0
-        if "coarse" in names:
-            recon["coarse"] = coarse
+        first = model.coarse(batch) if isinstance(model, RefinerDiffusion) else model.reconstruct(batch)
+        key = "coarse" if isinstance(model, RefinerDiffusion) else names[0]
+        out.seconds[key] = out.seconds.get(key, 0.0) + time.perf_counter() - t0
+        coarse = first
+        if key in names:
+            recon[key] = first
         if "refined" in names:
             t0 = time.perf_counter()
             recon["refined"] = model.refine(x, coarse, num_steps=steps, ids=batch.get("id"))
