@@ -1,5 +1,5 @@
 """End to end, as a user runs it: demo_coarse -> demo_refiner (tiny, by CLI overrides) -> reports; the refiner's
-checkpoint evaluates with meddiff.eval after the coarse run is gone; the GAN trains under DDP (2 CPU processes)."""
+checkpoint evaluates with meddiff.eval after the coarse run is gone; both stages train under DDP (2 CPU processes)."""
 
 from __future__ import annotations
 
@@ -87,10 +87,14 @@ def test_demo_refiner_two_stages_and_self_contained_eval(run, tmp_path):
     assert again["summary"]["aucp_transductive"] == pytest.approx(rep["summary"]["aucp_transductive"], abs=1e-9)
 
 
-def test_coarse_gan_under_ddp_on_two_cpu_processes(run, tmp_path):
-    args = coarse_args(tmp_path) + ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                    "trainer.strategy=ddp_find_unused_parameters_true", "evaluate=false",
-                                    "callbacks.labelled_checkpoint=null", "trainer.val_check_interval=6"]
-    run("meddiff.train", *args, f"hydra.run.dir={tmp_path}/ddp")
-    ckpt = torch.load(tmp_path / "ddp/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+def test_both_stages_under_ddp_on_two_cpu_processes(run, tmp_path):
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "evaluate=false",
+           "callbacks.labelled_checkpoint=null"]
+    args = coarse_args(tmp_path) + ddp + ["trainer.strategy=ddp_find_unused_parameters_true",
+                                          "trainer.val_check_interval=6"]
+    run("meddiff.train", *args, f"hydra.run.dir={tmp_path}/coarse")
+    ckpt = torch.load(tmp_path / "coarse/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert int(ckpt["state_dict"]["iterations"]) == 6
+    run("meddiff.train", *refiner_args(tmp_path), *ddp, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/refiner")
+    ckpt = torch.load(tmp_path / "refiner/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2 and float(ckpt["state_dict"]["residual_std"]) > 0  # estimated across ranks

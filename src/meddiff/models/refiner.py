@@ -304,7 +304,7 @@ class RefinerDiffusion(AUCpValidation, DiffusionModule):
         hi = min(50, T if t_start is None else int(t_start) + 1)
         if isinstance(num_steps, bool) or not 1 <= int(num_steps) <= hi:
             raise ConfigError(f"{what}={num_steps} is outside [1, {hi}] (refinement takes 1-50 steps"
-                              f"{'' if t_start is None else f', at most t_start + 1'}).")
+                              f"{'' if t_start is None else ', at most t_start + 1'}).")
 
     def item_noise(self, ids: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``noise_fn(like) -> z``: Gaussian noise whose row ``i`` comes from a generator seeded by the last path

@@ -42,7 +42,12 @@ from meddiff.anomaly.scoring import score_batch
 from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.aucp import aucp, debiased_auc
 from meddiff.metrics.baselines import mean_intensity_score
-from meddiff.metrics.detection import aggregate_by_subject, check_scores_labels, image_level, weighted_auroc_ap
+from meddiff.metrics.detection import (
+    aggregate_by_subject,
+    check_scores_labels,
+    image_level,
+    weighted_auroc_ap,
+)
 from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion
 from meddiff.utils.checkpoints import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
