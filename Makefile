@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo demo-ct demo-adni demo-denoise test test-fast lint bench clean
+.PHONY: install demo demo-ct demo-adni demo-denoise demo-refiner test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ demo-denoise: install
 
 demo-adni: install
 	bash scripts/run_demo.sh $(PY) demo_adni $(DEMO_ARGS)
+
+# seed 003 (Brainomaly-Diff): stage 1 the coarse GAN, stage 2 the residual diffusion refiner on its frozen generator
+demo-refiner: install
+	bash scripts/run_demo.sh $(PY) demo_coarse $(DEMO_ARGS)
+	bash scripts/run_demo.sh $(PY) demo_refiner model.coarse_ckpt=logs/demo_coarse/latest $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -19,7 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 # every CPU demo builds on the full experiment it shrinks
 DEMO_PARENT = {"demo": "mnist_splotch", "demo_ct": "rsna_pddpm", "demo_denoise": "cdm4mi_denoise",
-               "demo_adni": "adni_cfg"}
+               "demo_adni": "adni_cfg", "demo_coarse": "brainomaly_coarse", "demo_refiner": "brainomaly_refiner"}
 MODEL_BASE = "diffusion_base"
 
 
@@ -80,6 +80,14 @@ def test_experiment_composes_and_instantiates(experiment: str, tmp_path: Path, p
         overrides.append(f"net.pretrained_dir={pretrained_dir}")
     cfg = _compose("train", overrides)
     assert cfg.experiment_name == experiment
+    if cfg.model.get("coarse_ckpt") is not None:
+        # the refiner's second stage needs the first stage's generator: without it, a clear error saying so
+        # (tests/integration/test_refiner_cli.py trains both stages)
+        OmegaConf.resolve(cfg)
+        assert isinstance(instantiate(cfg.data), L.LightningDataModule)
+        with pytest.raises(Exception, match="Train the coarse stage first"):
+            instantiate(cfg.model)
+        return
     _check_instantiates(cfg, tmp_path)
 
 
@@ -152,7 +160,8 @@ def test_demo_list_is_complete() -> None:
 def test_model_families_share_one_base() -> None:
     base = _read(CONFIGS / "model" / f"{MODEL_BASE}.yaml")
     assert "defaults" not in base and base["_target_"] == "???"
-    families = sorted(p for p in (CONFIGS / "model").glob("*.yaml") if p.stem != MODEL_BASE)
+    # every diffusion model family (the coarse GAN of the refiner family is no diffusion model)
+    families = sorted(p for p in (CONFIGS / "model").glob("*.yaml") if p.stem not in (MODEL_BASE, "coarse_gan"))
     assert {p.stem for p in families} >= {"unconditional", "conditional", "guided"}
     for path in families:
         family = _read(path)
@@ -185,5 +194,7 @@ def test_datamodules_share_option_names() -> None:
         old = sorted(set(data) & set(OLD_NAMES))
         assert not old, f"{where}: rename {[f'{k} -> {OLD_NAMES[k]}' for k in old]}"
     for name, data in sections.items():
-        if name.startswith("data/"):
+        if name == "data/image_folder.yaml":  # its test split is a folder; validation can be carved from train
+            assert {"val_fraction", "seed", "batch_size", "num_workers"} <= set(data), name
+        elif name.startswith("data/"):
             assert {"val_fraction", "test_fraction", "seed", "batch_size", "num_workers"} <= set(data), name

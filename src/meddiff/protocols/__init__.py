@@ -12,17 +12,18 @@ Registered protocols (imported only when used):
 ``anomaly``  ``meddiff.protocols.anomaly``  reconstruction-based anomaly detection (depth, post-processing)
 ``denoise``  ``meddiff.protocols.denoise``  conditional denoising vs noisy input, NLM, supervised U-Net
 ``guided``   ``meddiff.protocols.guided``   healthy counterfactuals by classifier-free guidance (ADNI)
+``refiner``  ``meddiff.protocols.refiner``  coarse GAN + diffusion refiner: inductive, transductive, AUCp
 ==========  ==============================  ==========================================================
 
 Adding one: give the model class ``eval_protocol = "<name>"`` and register the name, either with the module that
 holds ``run`` (imported lazily, so registering costs nothing)::
 
     from meddiff.protocols import register_protocol
-    register_protocol("refiner", "meddiff.protocols.refiner")
+    register_protocol("my_protocol", "mypackage.my_protocol")
 
 or with the function itself, as a decorator::
 
-    @register_protocol("refiner")
+    @register_protocol("my_protocol")
     def run(model, datamodule, eval_cfg, out_dir, device): ...
 
 Built-in protocols are listed in ``PROTOCOLS`` below.
@@ -45,6 +46,7 @@ PROTOCOLS: dict[str, str | RunFn] = {
     "anomaly": "meddiff.protocols.anomaly",
     "denoise": "meddiff.protocols.denoise",
     "guided": "meddiff.protocols.guided",
+    "refiner": "meddiff.protocols.refiner",
 }
 
 __all__ = ["PROTOCOLS", "RunFn", "get_protocol", "register_protocol"]

@@ -1,0 +1,331 @@
+"""Anomaly-detection image folders: the two layouts, their reader and their checks (no torch, no Lightning).
+
+Layout ``brainomaly`` (Brainomaly, WACV 2024)::
+
+    <root>/train/neg/        known-healthy images
+    <root>/train/pos/        \\ together the unannotated mixed set: healthy and diseased, labels never used in
+    <root>/train/neg_mixed/  /  training or selection (only to score the transductive protocol)
+    <root>/test/pos/  <root>/test/neg/        labelled test images
+    <root>/val/pos/   <root>/val/neg/         optional labelled validation set (a meddiff extension)
+
+Layout ``bmad`` (BMAD benchmark, e.g. its BraTS2021 brain set)::
+
+    <root>/train/good/                                       known-healthy images
+    <root>/valid/good/  <root>/valid/Ungood/img/  [anomaly_mask/]  labelled validation (also the unannotated pool)
+    <root>/test/good/   <root>/test/Ungood/img/   [anomaly_mask/]  labelled test images with pixel masks
+
+Images: PNG, TIFF, JPEG, BMP, or NIfTI slices (``.nii``/``.nii.gz``, 2D or one-slice 3D), grayscale or RGB(A).
+3D scans are stored slice by slice as ``<subject>__<nnn>.png``: the subject id is what ``subject_regex`` (default
+``^(.+?)__\\d+$``) captures from the file name without its extension; a name it does not match makes the image its
+own subject (its relative id). BMAD masks share their image's file name.
+
+The checks raise :class:`meddiff.errors.DataError` naming the folder and the fix: a layout that matches neither
+(both are listed), a missing ``train/neg`` (or ``train/good``), an empty folder, files that are not images, masks that
+are missing, and (:func:`check_subject_overlap`) a subject in two groups (known-healthy, mixed, validation, test).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from meddiff.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".nii", ".nii.gz")
+LAYOUTS = ("brainomaly", "bmad")
+DEFAULT_SUBJECT_REGEX = r"^(.+?)__\d+$"
+#: groups a subject must not span (leakage): known-healthy training, the mixed set, validation, test
+GROUPS = ("known_healthy", "mixed", "val", "test")
+
+LAYOUT_HELP = (
+    "Expected one of two layouts:\n"
+    "  (a) brainomaly: train/neg (known healthy), train/pos + train/neg_mixed (unannotated mixed set), "
+    "test/pos, test/neg [, val/pos, val/neg]\n"
+    "  (b) bmad: train/good, valid/good, valid/Ungood/img [+ anomaly_mask], test/good, test/Ungood/img "
+    "[+ anomaly_mask]"
+)
+
+# (group, folder, label, mask folder or None) per layout; the mixed group's labels are hidden downstream
+_BRAINOMALY = (
+    ("known_healthy", "train/neg", 0, None),
+    ("mixed", "train/pos", 1, None),
+    ("mixed", "train/neg_mixed", 0, None),
+    ("val", "val/pos", 1, None),
+    ("val", "val/neg", 0, None),
+    ("test", "test/pos", 1, None),
+    ("test", "test/neg", 0, None),
+)
+_BMAD = (
+    ("known_healthy", "train/good", 0, None),
+    ("val", "valid/good", 0, None),
+    ("val", "valid/Ungood/img", 1, "valid/Ungood/anomaly_mask"),
+    ("test", "test/good", 0, None),
+    ("test", "test/Ungood/img", 1, "test/Ungood/anomaly_mask"),
+)
+_FOLDERS = {"brainomaly": _BRAINOMALY, "bmad": _BMAD}
+_REQUIRED = {"brainomaly": "train/neg", "bmad": "train/good"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image: where it is, its group and folder label, its subject and id (``<folder>/<name>``)."""
+
+    path: Path
+    group: str
+    label: int
+    subject: str
+    id: str
+    folder: str
+    mask_path: Path | None = None
+
+
+@dataclass
+class FolderIndex:
+    """All images of a root, in a fixed (sorted) order."""
+
+    root: Path
+    layout: str
+    records: list[ImageRecord]
+    unparsed_subjects: list[str] = field(default_factory=list)  # ids of images named without a subject id
+    has_masks: dict[str, bool] = field(default_factory=dict)  # group -> whether its positive images have masks
+
+    def group(self, name: str) -> list[ImageRecord]:
+        return [r for r in self.records if r.group == name]
+
+    def folders(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for r in self.records:
+            counts[r.folder] += 1
+        return dict(counts)
+
+
+def strip_extension(name: str) -> str:
+    """``a.nii.gz`` -> ``a``; ``a.png`` -> ``a``."""
+    low = name.lower()
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def detect_layout(root: str | Path) -> str:
+    """``"brainomaly"`` or ``"bmad"`` from the folders present; DataError listing both layouts otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root={str(root)!r} is not a folder. {LAYOUT_HELP}")
+    a = any((root / f).is_dir() for f in ("train/neg", "train/pos", "train/neg_mixed"))
+    b = any((root / f).is_dir() for f in ("train/good", "valid", "test/good", "test/Ungood"))
+    if a and b:
+        raise DataError(f"{root} has folders of both layouts; set data.layout=brainomaly or data.layout=bmad. "
+                        f"{LAYOUT_HELP}")
+    if not (a or b):
+        found = sorted(p.relative_to(root).as_posix() for p in root.glob("*/*") if p.is_dir())[:10]
+        raise DataError(f"{root} matches neither image-folder layout (sub-folders found: {found or 'none'}). "
+                        f"{LAYOUT_HELP}")
+    return "brainomaly" if a else "bmad"
+
+
+def _list_images(folder: Path, root: Path) -> list[Path]:
+    """Image files of ``folder`` (sorted); DataError for other entries (hidden files are ignored)."""
+    files, bad = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and is_image_name(p.name):
+            files.append(p)
+        else:
+            bad.append(p.relative_to(root).as_posix() + ("/" if p.is_dir() else ""))
+    if bad:
+        raise DataError(
+            f"{len(bad)} entries in {folder} are not images ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+            f"supported: {', '.join(IMAGE_EXTENSIONS)}. Move them out of the data folder."
+        )
+    if not files:
+        raise DataError(f"{folder} is empty; put {', '.join(IMAGE_EXTENSIONS[:3])} images in it or remove the folder.")
+    return files
+
+
+def subject_from_name(stem: str, pattern: re.Pattern[str] | None) -> str | None:
+    """The subject id captured from a file name without extension, or None when it has none."""
+    if pattern is None:
+        return None
+    m = pattern.search(stem)
+    if not m:
+        return None
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def scan_image_folder(root: str | Path, layout: str = "auto", subject_regex: str | None = DEFAULT_SUBJECT_REGEX,
+                      use_masks: bool = True) -> FolderIndex:
+    """Index every image of ``root`` in ``layout`` (``auto`` detects it).
+
+    Raises:
+        DataError: see the module docstring. ConfigError: unknown layout or a bad ``subject_regex``.
+    """
+    root = Path(root).expanduser()
+    if layout == "auto":
+        layout = detect_layout(root)
+    if layout not in LAYOUTS:
+        raise ConfigError(f"data.layout={layout!r} is unknown; choose auto, {' or '.join(LAYOUTS)}.")
+    if not root.is_dir():
+        raise DataError(f"data.root={str(root)!r} is not a folder. {LAYOUT_HELP}")
+    required = _REQUIRED[layout]
+    if not (root / required).is_dir():
+        raise DataError(f"{root} has no {required}/ folder: the known-healthy images every model trains on. "
+                        f"{LAYOUT_HELP}")
+    try:
+        pattern = re.compile(subject_regex) if subject_regex else None
+    except re.error as exc:
+        raise ConfigError(f"data.subject_regex={subject_regex!r} is not a valid regular expression: {exc}") from exc
+
+    records: list[ImageRecord] = []
+    unparsed: list[str] = []
+    has_masks: dict[str, bool] = {}
+    for group, folder, label, mask_folder in _FOLDERS[layout]:
+        path = root / folder
+        if not path.is_dir():
+            continue
+        masks_dir = root / mask_folder if (mask_folder and use_masks) else None
+        if masks_dir is not None and not masks_dir.is_dir():
+            masks_dir = None
+        missing: list[str] = []
+        for p in _list_images(path, root):
+            stem = strip_extension(p.name)
+            rid = f"{folder}/{stem}"
+            subject = subject_from_name(stem, pattern)
+            if subject is None:
+                subject = rid
+                unparsed.append(rid)
+            mask = None
+            if masks_dir is not None:
+                mask = masks_dir / p.name
+                if not mask.is_file():
+                    alt = [q for q in masks_dir.glob(stem + ".*") if is_image_name(q.name)]
+                    mask = alt[0] if alt else None
+                if mask is None:
+                    missing.append(p.name)
+            records.append(ImageRecord(p, group, label, subject, rid, folder, mask))
+        if missing:
+            raise DataError(f"{len(missing)} images in {path} have no mask in {masks_dir} ({', '.join(missing[:5])}); "
+                            "add the masks (same file name) or set data.use_masks=false.")
+        if masks_dir is not None:
+            has_masks[group] = True
+    if layout == "brainomaly" and not any(r.group == "mixed" for r in records):
+        raise DataError(f"{root} has no unannotated mixed set (train/pos and/or train/neg_mixed); the coarse generator "
+                        f"trains on it and AUCp scores it. {LAYOUT_HELP}")
+    return FolderIndex(root, layout, records, unparsed, has_masks)
+
+
+def check_subject_overlap(index: FolderIndex, allow: bool = False) -> dict[str, list[str]]:
+    """Subjects found in more than one group (known-healthy / mixed / val / test) -> their groups.
+
+    In the ``bmad`` layout the mixed pool *is* the validation folder, so only known-healthy / val / test are
+    compared. Raises DataError on any overlap unless ``allow`` (then it logs a warning).
+    """
+    groups_of: dict[str, set[str]] = defaultdict(set)
+    for r in index.records:
+        groups_of[r.subject].add(r.group)
+    overlap = {s: sorted(g) for s, g in sorted(groups_of.items()) if len(g) > 1}
+    if overlap:
+        listing = "; ".join(f"{s}: {'+'.join(g)}" for s, g in list(overlap.items())[:5])
+        msg = (f"{len(overlap)} subject(s) appear in more than one of {list(GROUPS)} under {index.root} ({listing}"
+               f"{'; ...' if len(overlap) > 5 else ''}). Slices of one subject in two splits leak information and "
+               "inflate results.")
+        if not allow:
+            raise DataError(msg + " Move each subject's images into one split, or set data.allow_subject_overlap=true "
+                                  "to accept it (a warning then).")
+        log.warning("%s Accepted because data.allow_subject_overlap=true.", msg)
+    return overlap
+
+
+# ---------------------------------------------------------------------------------------------------- pixels
+def read_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image from its header (no pixel decoding where the format allows)."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            shape = nib.load(str(path)).shape
+            return int(shape[0]), int(shape[1])
+        if name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tf:
+                shape = tf.pages[0].shape
+            return int(shape[0]), int(shape[1])
+        from PIL import Image
+
+        with Image.open(path) as im:
+            w, h = im.size
+        return int(h), int(w)
+    except Exception as exc:  # corrupt or not what its extension says
+        raise DataError(f"cannot read {path}: {exc}. Replace or remove the file.") from exc
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Pixels as ``[H, W, C]`` (C = 1, 3 or 4) in the file's dtype (uint8, uint16, float32, ...)."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            arr = np.asanyarray(nib.load(str(path)).dataobj)
+            arr = arr.reshape(arr.shape[:2] + tuple(s for s in arr.shape[2:] if s != 1))
+        elif name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            arr = tifffile.imread(str(path))
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "1"):
+                    im = im.convert("RGBA" if "A" in im.mode else ("L" if im.mode in ("LA", "1") else "RGB"))
+                arr = np.asarray(im)
+    except Exception as exc:
+        raise DataError(f"cannot read {path}: {exc}. Replace or remove the file.") from exc
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise DataError(f"{path} has pixel array shape {arr.shape}; expected a 2D grayscale or RGB(A) image slice.")
+    if arr.shape[2] == 2:  # gray + alpha
+        arr = arr[:, :, :1]
+    return arr
+
+
+def scale_intensity(arr: np.ndarray, mode: str = "auto", percentiles: Iterable[float] = (1.0, 99.0)) -> np.ndarray:
+    """Pixels -> float32 in ``[-1, 1]``.
+
+    ``dtype``: integer range of the dtype (uint8 /255, uint16 /65535); ``minmax``: per image; ``percentile``: per
+    image between the given percentiles (clipped); ``auto``: ``dtype`` for uint8, ``minmax`` otherwise.
+    """
+    if mode == "auto":
+        mode = "dtype" if arr.dtype == np.uint8 else "minmax"
+    x = arr.astype(np.float32)
+    if mode == "dtype":
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ConfigError(f"data.intensity=dtype needs integer pixels, got {arr.dtype}; use minmax or percentile.")
+        info = np.iinfo(arr.dtype)
+        lo, hi = float(max(info.min, 0)), float(info.max)
+    elif mode == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+    elif mode == "percentile":
+        lo, hi = (float(v) for v in np.percentile(x, list(percentiles)))
+    else:
+        raise ConfigError(f"data.intensity={mode!r} is unknown; choose auto, dtype, minmax or percentile.")
+    if hi <= lo:
+        return np.full_like(x, -1.0)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0

@@ -1,0 +1,103 @@
+"""AUCp in validation (label-free selection): known cases, equality with meddiff.metrics.aucp, the rho correction,
+pool labels never used, NaN (not a made-up number) when a pool is missing."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from meddiff.errors import ConfigError
+from meddiff.metrics.aucp import aucp, debiased_auc
+from meddiff.models.aucp_validation import AUCpValidation
+
+
+class Logged(AUCpValidation):
+    def __init__(self, rho=None):
+        self.logged: dict[str, float] = {}
+        self.init_aucp(rho)
+
+    def log(self, name, value, **kw):
+        self.logged[name] = float(value)
+
+
+def batch(scores, pool, labels=None):
+    b = {"image": torch.zeros(len(scores), 1, 2, 2), "pool": [pool] * len(scores)}
+    if labels is not None:
+        b["label"] = torch.tensor(labels)
+    return b, torch.tensor(scores, dtype=torch.float32)
+
+
+def run(m: Logged, *batches) -> dict[str, float]:
+    for b, s in batches:
+        m.update_pools(b, s)
+    m.log_pools()
+    return dict(m.logged)
+
+
+def test_known_cases():
+    assert run(Logged(), batch([0.0, 0.1], "known_healthy"), batch([1.0, 2.0], "unannotated"))["val/aucp"] == 1.0
+    assert run(Logged(), batch([0.0, 1.0], "known_healthy"), batch([0.0, 1.0], "unannotated"))["val/aucp"] == 0.5
+    assert run(Logged(), batch([1.0, 2.0], "known_healthy"), batch([0.0, 0.5], "unannotated"))["val/aucp"] == 0.0
+
+
+def test_equals_the_metric_over_many_batches():
+    rng = np.random.default_rng(0)
+    h, u = rng.normal(size=37), rng.normal(0.7, size=53)
+    m = Logged()
+    out = run(m, batch(h[:20].tolist(), "known_healthy"), batch(u[:30].tolist(), "unannotated"),
+              batch(h[20:].tolist(), "known_healthy"), batch(u[30:].tolist(), "unannotated"))
+    assert out["val/aucp"] == pytest.approx(aucp(h, u), abs=1e-6)
+    out2 = run(m, batch(u.tolist(), "known_healthy"), batch(h.tolist(), "unannotated"))  # state was reset
+    assert out2["val/aucp"] == pytest.approx(1 - aucp(h, u), abs=1e-6)
+
+
+def test_rho_correction_recovers_the_true_auc():
+    rng = np.random.default_rng(1)
+    known = rng.normal(size=200)
+    pool_healthy, pool_sick = known[:150].copy(), rng.normal(1.5, size=50)  # pool healthy scored like known healthy
+    rho = 150 / 200
+    out = run(Logged(rho), batch(known.tolist(), "known_healthy"),
+              batch(np.r_[pool_healthy, pool_sick].tolist(), "unannotated"))
+    true_auc = roc_auc_score(np.r_[np.zeros(200), np.ones(50)], np.r_[known, pool_sick])
+    assert out["val/aucp_debiased"] == pytest.approx(debiased_auc(out["val/aucp"], rho), abs=1e-6)
+    assert out["val/aucp_debiased"] == pytest.approx(true_auc, abs=0.02)
+    assert "val/aucp_debiased" not in run(Logged(), batch([0.0], "known_healthy"), batch([1.0], "unannotated"))
+
+
+def test_labels_of_the_unannotated_pool_are_never_used():
+    h, u = [0.1, 0.5, 0.2], [0.4, 0.9, 0.05]
+    plain = run(Logged(), batch(h, "known_healthy"), batch(u, "unannotated"))
+    planted = run(Logged(), batch(h, "known_healthy"), batch(u, "unannotated", labels=[1, 0, 1]))
+    flipped = run(Logged(), batch(h, "known_healthy"), batch(u, "unannotated", labels=[0, 1, 0]))
+    assert plain["val/aucp"] == planted["val/aucp"] == flipped["val/aucp"]
+    assert "val/auroc" not in planted
+
+
+def test_labelled_pool_gives_val_auroc():
+    out = run(Logged(), batch([0.1, 0.2], "known_healthy"), batch([0.3], "unannotated"),
+              batch([0.1, 0.9, 0.3, 0.2], "labelled", labels=[0, 1, 1, 0]))
+    assert out["val/auroc"] == pytest.approx(1.0)
+    assert out["val/aucp"] == pytest.approx(1.0)  # labelled rows are not part of AUCp
+
+
+def test_missing_pool_is_nan_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        out = run(Logged(), batch([0.1, 0.2], "known_healthy"))
+    assert np.isnan(out["val/aucp"]) and any("val/aucp is NaN" in r.message for r in caplog.records)
+    assert np.isnan(run(Logged(), batch([0.1], "known_healthy"), batch([0.2], "unannotated"),
+                        batch([0.3, 0.4], "labelled", labels=[1, 1]))["val/auroc"])  # one class
+
+
+def test_batches_without_pools_and_bad_pools():
+    m = Logged()
+    m.update_pools({"image": torch.zeros(2, 1, 2, 2), "label": torch.tensor([0, 1])}, torch.tensor([0.1, 0.9]))
+    m.update_pools({"image": torch.zeros(1, 1, 2, 2)}, torch.tensor([0.5]))  # no label: known healthy
+    assert m._pool_counts == {"known_healthy": 1, "unannotated": 0, "labelled": 2}
+    with pytest.raises(ConfigError, match="pool"):
+        m.update_pools({"image": torch.zeros(1, 1, 2, 2), "pool": ["test"]}, torch.tensor([0.5]))
+    with pytest.raises(ConfigError, match="aucp_rho"):
+        Logged(rho=1.0)
