@@ -58,8 +58,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -71,7 +70,7 @@ from meddiff.data.adni_slices import Volumes, VolumeSource
 from meddiff.data.formats.adni_json import CLASS_NAMES
 from meddiff.data.preprocess.mri_slices import VolumeData
 from meddiff.errors import ConfigError, DataError
-from meddiff.protocols.base import ValidationView, write_report
+from meddiff.protocols.base import ValidationView, evaluating, write_report
 from meddiff.utils.io import atomic_write_csv
 from meddiff.utils.options import options_from
 
@@ -215,23 +214,6 @@ class VolumeDataModule(Protocol):
     def input_volumes(self, spec: Any, input_label: Any = None, what: str = "input") -> Volumes:
         """Volumes named by ``eval.input`` (a ``.nii.gz``, a ``dataset.json`` or a record)."""
         ...
-
-
-@contextmanager
-def _evaluating(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """``model`` in eval mode on ``device`` for the block; afterwards its train/eval flags and device are restored,
-    so the protocol leaves the model as it found it."""
-    flags = [(m, m.training) for m in model.modules()]
-    first = next(iter(model.parameters()), None)
-    home = first.device if first is not None else None
-    try:
-        yield model.to(device).eval()
-    finally:
-        for m, training in flags:
-            m.training = training
-        if home is not None and home != device:
-            model.to(home)
-
 
 
 def _interleave_cap(sources: list[VolumeSource], cap: int | None) -> list[VolumeSource]:
@@ -905,7 +887,7 @@ def run(
     tcfg = model.translate_cfg.with_overrides(**opts.translate_overrides()).validate(
         model.schedule.num_train_timesteps, model.num_classes
     )
-    with _evaluating(model, device) as model:
+    with evaluating(model, device) as model:
         # 1. choices on validation only (the view refuses test attributes); the baselines' CN reference from train
         view = ValidationView(datamodule)
         refs = healthy_baselines(view, opts, device)
