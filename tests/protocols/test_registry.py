@@ -27,7 +27,7 @@ def test_builtin_names_and_the_anomaly_entry():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"eval_protocol='nope'.*\['anomaly', 'denoise', 'guided'\]"):
+    with pytest.raises(ConfigError, match=r"eval_protocol='nope'.*\['anomaly', 'denoise', 'guided', 'refiner'\]"):
         get_protocol("nope")
     with pytest.raises(ConfigError, match="not a registered"):
         get_protocol(None)  # a model class that names no protocol
