@@ -17,7 +17,7 @@ class ScoringConfig:
 
     map: ``l1`` | ``l2`` | ``ssim`` residual; median_size: 2D median filter size (1 = off);
     erode_iterations: erosion of the brain mask before masking (0 = off); reduction: ``mean`` | ``max`` |
-    ``percentile`` (``q``) of the map inside the (eroded) mask.
+    ``percentile`` (``q``) | ``top_k`` (mean of the ``k`` largest values) of the map inside the (eroded) mask.
     """
 
     map: str = "l1"
@@ -25,6 +25,7 @@ class ScoringConfig:
     erode_iterations: int = 0
     reduction: str = "mean"
     q: float = 99.0
+    k: int = 5
 
     def with_(self, **changes) -> ScoringConfig:
         return replace(self, **changes)
@@ -47,5 +48,5 @@ def score_batch(
     post = PostProcess(median_size=cfg.median_size, erode_iterations=cfg.erode_iterations)
     eroded = post.region(region)
     maps = post(anomaly_map(x, recon, kind=cfg.map), region)
-    scores = image_scores(maps, eroded, reduction=cfg.reduction, q=cfg.q)
+    scores = image_scores(maps, eroded, reduction=cfg.reduction, q=cfg.q, k=cfg.k)
     return {"map": maps, "region": eroded, "score": scores}

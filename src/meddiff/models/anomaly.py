@@ -6,6 +6,8 @@
 - :class:`PartialDiffusionReconstruction`: adds the partial-diffusion healthy estimate (``model.recon``: noise to
   ``t_start``, denoise, optionally patched; ``meddiff.anomaly.reconstruction``) and ``reconstruct(batch, recon)``,
   which takes an explicit reconstruction config so protocols can try depths without changing the model.
+  ``model.val_recon`` optionally changes fields of it for the per-epoch ``val/auroc`` only (e.g. ``n_noise: 1``
+  when the evaluation averages 8 noise draws: monitoring stays cheap, the evaluation keeps ``model.recon``).
 
 Both are ``DiffusionModule`` subclasses meant to be combined (cooperative ``__init__``: each takes its own keyword
 and passes the rest on), e.g. ``class Refiner(PartialDiffusionReconstruction, SomeConditionalModule)``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, MutableMapping
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -56,10 +59,14 @@ class AnomalyScoring(DiffusionModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
         if "label" in batch and self.score_in_validation:
-            recon = self.reconstruct(batch)
+            recon = self.validation_reconstruct(batch)
             scores = score_batch(batch["image"], recon, batch.get("brain_mask"), self.scoring_cfg)["score"]
             self.val_auroc.update(scores, batch["label"].long())
             self._val_has_anomalies = True
+
+    def validation_reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The healthy estimate scored for ``val/auroc`` (default: :meth:`reconstruct`)."""
+        return self.reconstruct(batch)
 
     def on_validation_epoch_end(self) -> None:
         if self._val_has_anomalies:
@@ -78,12 +85,24 @@ class PartialDiffusionReconstruction(AnomalyScoring):
     Args (besides :class:`AnomalyScoring`'s):
         recon: :class:`~meddiff.anomaly.reconstruction.ReconstructionConfig` fields (validated against the
             schedule's length at construction).
+        val_recon: fields of ``recon`` changed for the per-epoch ``val/auroc`` only (None or ``{}``: ``recon`` as
+            is). The evaluation protocol and :meth:`reconstruct` always use ``recon``.
     """
 
-    def __init__(self, *args: Any, recon: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, recon: Mapping[str, Any] | None = None,
+                 val_recon: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.recon_cfg: ReconstructionConfig = options_from(ReconstructionConfig, recon, "model.recon")
         self.recon_cfg.validate(self.schedule.num_train_timesteps)
+        self.val_recon: dict[str, Any] = _recon_changes(val_recon)
+        self.validation_recon_cfg().validate(self.schedule.num_train_timesteps)
+
+    def validation_recon_cfg(self) -> ReconstructionConfig:
+        """``recon_cfg`` with the ``val_recon`` changes (read at call time: subclasses may adjust ``recon_cfg``)."""
+        return replace(self.recon_cfg, **self.val_recon) if self.val_recon else self.recon_cfg
+
+    def validation_reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        return self.reconstruct(batch, self.validation_recon_cfg())
 
     def reconstruct(self, batch: Mapping[str, Any], recon: ReconstructionConfig | None = None) -> torch.Tensor:
         """Healthy estimate of ``batch['image']``: ``[B, C, H, W] in [-1, 1]``.
@@ -93,6 +112,19 @@ class PartialDiffusionReconstruction(AnomalyScoring):
         """
         cfg = self.recon_cfg if recon is None else recon
         return reconstruct(self.model_fn(batch), self.schedule, batch["image"], cfg)
+
+
+def _recon_changes(val_recon: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``model.val_recon`` as a plain dict of known :class:`ReconstructionConfig` fields (ConfigError otherwise)."""
+    if val_recon is None:
+        return {}
+    if not isinstance(val_recon, Mapping):
+        raise ConfigError(f"model.val_recon={val_recon!r} must be a mapping of model.recon fields, e.g. {{n_noise: 1}}.")
+    known = {f.name for f in fields(ReconstructionConfig)}
+    unknown = sorted(set(val_recon) - known)
+    if unknown:
+        raise ConfigError(f"model.val_recon has unknown keys {unknown}; use model.recon fields: {sorted(known)}.")
+    return dict(val_recon)
 
 
 def drop_legacy_recon(kwargs: MutableMapping[str, Any], owner: str, instead: str) -> None:
