@@ -44,15 +44,26 @@ def _check_image(noisy: np.ndarray, name: str = "noisy") -> np.ndarray:
     return arr
 
 
+# Daubechies-2 (4-tap) high-pass decomposition filter: smoother than Haar, so less image texture leaks into the
+# finest detail band (the same wavelet skimage's estimator uses).
+_S3 = 3.0**0.5
+_DB2_LOW = np.array([1 + _S3, 3 + _S3, 3 - _S3, 1 - _S3]) / (4 * 2.0**0.5)
+_DB2_HIGH = np.array([(-1) ** k * _DB2_LOW[3 - k] for k in range(4)])
+
+
 def estimate_sigma(noisy: np.ndarray) -> float:
     """Noise standard deviation of a slice ``[H, W]`` (same units), when the level is unknown.
 
-    Donoho's wavelet estimator (median absolute deviation of the finest diagonal wavelet coefficients / 0.6745) via
-    ``skimage.restoration.estimate_sigma``: robust to edges, biased upward on strongly textured images.
+    Donoho's estimator: sigma = median(|HH|) / 0.6745, with ``HH`` the finest diagonal db2 wavelet coefficients
+    (the orthonormal high-pass filter along rows and columns, every second sample), where white noise of std sigma
+    keeps std sigma. Pure numpy/scipy on purpose: skimage's version needs PyWavelets, which a clean install does not
+    have. Robust to edges; biased upward on strongly textured images.
     """
-    from skimage.restoration import estimate_sigma as _estimate
+    from scipy.ndimage import correlate1d
 
-    return float(_estimate(_check_image(noisy), channel_axis=None))
+    arr = _check_image(noisy)
+    hh = correlate1d(correlate1d(arr, _DB2_HIGH, axis=0, mode="reflect"), _DB2_HIGH, axis=1, mode="reflect")
+    return float(np.median(np.abs(hh[1::2, 1::2])) / 0.6745)
 
 
 def bm3d_denoise(noisy: np.ndarray, sigma: float | None = None, profile: str = "np") -> np.ndarray:
