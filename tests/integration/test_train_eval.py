@@ -40,9 +40,6 @@ def test_train_writes_report_figures_and_a_self_describing_checkpoint(run, tmp_p
     assert again["image"]["model"]["auroc"] == pytest.approx(report["image"]["model"]["auroc"], abs=1e-6)
 
 
-@pytest.mark.xfail(strict=False, reason="KNOWN DEFECT (open): with the new demo config (max_steps=1650) a resume that "
-                   "raises trainer.max_epochs from 1 to 2 stops at once ('max_epochs=2 reached'); the kill -9 resume "
-                   "tests in test_resume.py pass. To be fixed next session.")
 def test_resume_continues_the_same_run(run, tmp_path, fast):
     run_dir = tmp_path / "run"
     run("meddiff.train", *fast, "evaluate=false", f"hydra.run.dir={run_dir}")

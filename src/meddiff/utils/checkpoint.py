@@ -277,6 +277,7 @@ class LastCheckpoint(Checkpoint):
         self._at_batch_boundary = False  # the save in progress is at a batch boundary (progress to normalise)
         self._signal_requested = False
         self._previous_usr1: Any = None
+        self._logging_step_on_resume: int | None = None  # see on_load_checkpoint
 
     @property
     def path(self) -> Path:
@@ -332,6 +333,12 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # Written here, at the start of the next batch, rather than in on_train_batch_end: callbacks run before the
         # LightningModule's on_train_batch_end (the EMA update), so only now is the previous step complete.
+        if self._logging_step_on_resume is not None:
+            # Lightning's restart from a "saved on last" state may pass once through the epoch loop without a batch
+            # (it checks whether validation is pending) and count a logger step for it: the first batch after an
+            # end-of-epoch resume logs at the step an uninterrupted run would.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self._logging_step_on_resume
+            self._logging_step_on_resume = None
         if trainer.fast_dev_run:
             return
         step = trainer.global_step
@@ -420,6 +427,12 @@ class LastCheckpoint(Checkpoint):
         if self._at_batch_boundary:
             normalise_batch_boundary(checkpoint)
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # runs before Lightning restores its loops from the same dict (checkpoint_connector: callbacks, then loops)
+        if mark_finished_epoch_completed(checkpoint):
+            fit = checkpoint["loops"]["fit_loop"]
+            self._logging_step_on_resume = int(fit.get("epoch_loop.state_dict", {}).get("_batches_that_stepped", 0))
+
     def state_dict(self) -> dict[str, Any]:
         return {"rng": rng_state()}
 
@@ -450,3 +463,40 @@ def normalise_batch_boundary(checkpoint: dict[str, Any]) -> None:
     for state in fit.get("state_dict", {}).get("combined_loader", []) or []:
         if isinstance(state, dict) and state.get(LOADER_STATE_MARKER) and done is not None:
             state["batches_done"] = int(done)
+
+
+def mark_finished_epoch_completed(checkpoint: dict[str, Any]) -> bool:
+    """Make a checkpoint written at the end of an epoch resume at the start of the next one, exactly once.
+
+    Written in ``on_train_epoch_end`` / after validation, the progress says the epoch was processed but not yet
+    completed (Lightning increments ``completed`` after the epoch-end hooks) and the epoch's batch counters are full.
+    Without ``max_steps`` Lightning 2.6 handles that itself; with ``max_steps`` set (iteration-based training, e.g.
+    the demo's fixed budget) it treats the resume as a restart inside the finished epoch: the epoch loop sees its
+    batch budget used up, runs no batch, the epoch is counted processed a second time, and a resume that raised
+    ``max_epochs`` by one stops at once ("max_epochs reached") having trained nothing. Here the state is put where
+    Lightning's own epoch boundary puts it: the epoch completed, the per-epoch batch/step counters (``current``) at
+    zero, the per-epoch validation count reset; totals (global step, logging step) are untouched. Checkpoints written
+    mid-epoch or at a batch end are left alone. Returns whether the checkpoint was changed.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs = fit.get("epoch_progress")
+    batches = fit.get("epoch_loop.batch_progress") or {}
+    if not epochs or not batches.get("is_last_batch"):
+        return False
+    if not all(c["ready"] == c["started"] == c["processed"] == c["completed"] + 1 for c in epochs.values()):
+        return False
+    for c in epochs.values():
+        c["completed"] = c["processed"]
+    batches["is_last_batch"] = False
+    for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress"):
+        progress = fit.get(key) or {}
+        for name in progress.get("current", {}):
+            progress["current"][name] = 0
+    optim = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
+    for progress in optim.values():
+        for name in progress.get("current", {}):
+            progress["current"][name] = 0
+    val = fit.get("epoch_loop.val_loop.batch_progress") or {}
+    for name in val.get("total", {}):
+        val["total"][name] = 0
+    return True
