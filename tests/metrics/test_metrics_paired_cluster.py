@@ -10,6 +10,7 @@ from meddiff.metrics.detection import (
     detection_ci,
     image_level,
     margin_over_best_baseline,
+    margin_verdict,
     paired_difference,
 )
 
@@ -139,6 +140,28 @@ def test_margin_over_best_baseline_choice():
     assert r["auroc_baseline"] == pytest.approx(roc_auc_score(y, weak))
     with pytest.raises(ConfigError, match="val_auroc lacks"):
         margin_over_best_baseline(model, {"weak": weak}, y, val_auroc={})
+
+
+def test_margin_verdict_says_beats_only_when_the_ci_excludes_0_from_above():
+    rng = np.random.default_rng(8)
+    y = np.r_[np.zeros(60), np.ones(60)].astype(int)
+    model, base = 3 * y + rng.normal(size=120), 0.3 * y + rng.normal(size=120)
+    beats = margin_over_best_baseline(model, {"b": base}, y, val_auroc={"b": 0.6}, n_boot=200)
+    assert beats["auroc_diff_ci"][0] > 0
+    assert margin_verdict(beats, label="nearest healthy image") == (
+        f"The model beats the best baseline (nearest healthy image, chosen on validation): image AUROC margin "
+        f"{beats['auroc_diff']:+.3f} [{beats['auroc_diff_ci'][0]:+.3f}, {beats['auroc_diff_ci'][1]:+.3f}] "
+        "(paired 95% CI) excludes 0."
+    )
+    same = margin_over_best_baseline(base + 0.01 * rng.normal(size=120), {"b": base}, y, n_boot=200)
+    assert same["auroc_diff_ci"][0] <= 0 <= same["auroc_diff_ci"][1]
+    text = margin_verdict(same, what="AD vs CN volume AUROC margin")
+    assert text.startswith("The model does NOT beat the best baseline (b, the best on test): AD vs CN volume AUROC")
+    assert text.endswith("includes 0.")
+    worse = margin_over_best_baseline(base, {"b": model}, y, n_boot=200)
+    assert margin_verdict(worse).startswith("The model is WORSE than the best baseline (b, the best on test)")
+    no_ci = {k: v for k, v in beats.items() if k != "auroc_diff_ci"}
+    assert margin_verdict(no_ci).endswith("no CI (eval.n_boot=0), so no verdict.")
 
 
 def test_bad_inputs():

@@ -33,6 +33,26 @@ def _check_images(images: torch.Tensor) -> None:
         raise DataError(f"images must be a [B, C, H, W] tensor in [-1, 1]; got {shape}.")
 
 
+def _as_region(
+    mask: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype = torch.float32, name: str = "brain_mask"
+) -> torch.Tensor | None:
+    """``mask`` (bool or 0/1, ``[B, 1 or C, H, W]``) as a 0/1 ``[B, C, H, W]`` tensor of ``dtype`` on ``x``'s device;
+    None stays None. ``DataError`` naming ``name`` when its shape does not fit ``x``."""
+    if mask is None:
+        return None
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.ndim != 4
+        or mask.shape[0] != x.shape[0]
+        or mask.shape[2:] != x.shape[2:]
+        or mask.shape[1] not in (1, x.shape[1])
+    ):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise DataError(f"{name} shape {shape} does not fit images shape {tuple(x.shape)}; use [B, 1, H, W].")
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return m.to(x.device).expand_as(x).to(dtype)
+
+
 def mean_intensity_score(
     images: torch.Tensor, mask: torch.Tensor | None = None, empty_value: float = -1.0
 ) -> torch.Tensor:
@@ -50,18 +70,9 @@ def mean_intensity_score(
     """
     _check_images(images)
     x = images.float() if not images.is_floating_point() else images
-    if mask is None:
+    m = _as_region(mask, x, dtype=x.dtype, name="mask")
+    if m is None:
         return x.mean(dim=(1, 2, 3))
-    if (
-        not isinstance(mask, torch.Tensor)
-        or mask.ndim != 4
-        or mask.shape[0] != x.shape[0]
-        or mask.shape[2:] != x.shape[2:]
-        or mask.shape[1] not in (1, x.shape[1])
-    ):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise DataError(f"mask shape {shape} does not fit images shape {tuple(x.shape)}; use [B, 1, H, W].")
-    m = (mask if mask.dtype == torch.bool else mask != 0).to(x.device).expand_as(x).to(x.dtype)
     count = m.sum(dim=(1, 2, 3))
     mean = (x * m).sum(dim=(1, 2, 3)) / count.clamp_min(1)
     return torch.where(count > 0, mean, torch.full_like(mean, float(empty_value)))
@@ -86,23 +97,6 @@ def intensity_map(images: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 MAX_REFERENCE = 10_000
-
-
-def _as_region(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``mask`` as a float ``[B, C, H, W]`` 0/1 tensor on ``x``'s device (None stays None)."""
-    if mask is None:
-        return None
-    if (
-        not isinstance(mask, torch.Tensor)
-        or mask.ndim != 4
-        or mask.shape[0] != x.shape[0]
-        or mask.shape[2:] != x.shape[2:]
-        or mask.shape[1] not in (1, x.shape[1])
-    ):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise DataError(f"brain_mask shape {shape} does not fit images shape {tuple(x.shape)}; use [B, 1, H, W].")
-    m = mask if mask.dtype == torch.bool else mask != 0
-    return m.to(x.device).expand_as(x).to(torch.float32)
 
 
 def reference_subset(n: int, max_items: int = MAX_REFERENCE, seed: int = 0) -> torch.Tensor:

@@ -6,8 +6,9 @@ Scores: larger = more anomalous. Labels: 0 healthy / 1 anomalous. Point estimate
 (each replicate keeps ``n_pos`` positives and ``n - n_pos`` negatives, so both classes are always present) and
 is vectorised: a replicate is a vector of multiplicities over the original samples, and AUROC (trapezoid, ties
 count one half) and average precision (step rule, as scikit-learn) are computed for a whole block of
-replicates at once from weighted cumulative sums over the samples sorted once. Memory per block is bounded
-(``~4e6`` numbers). The CI is the percentile interval of the replicates.
+replicates at once from weighted cumulative sums over the samples sorted once. The draws come in blocks of bounded
+memory (``~4e6`` numbers) from ``meddiff.metrics.bootstrap``, which every bootstrap of the package shares. The CI is
+the percentile interval of the replicates.
 
 Where items come in clusters (slices of one patient/volume), items are not independent and an item bootstrap
 gives intervals that are too narrow: ``detection_ci(..., subjects=...)`` resamples subjects (each keeps all its
@@ -26,8 +27,7 @@ import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from meddiff.errors import ConfigError, DataError
-
-_BLOCK_ELEMENTS = 4_000_000
+from meddiff.metrics.bootstrap import block_rows, check_boot_args, percentile_interval, resample_blocks
 
 
 def to_numpy_1d(x: Any, name: str) -> np.ndarray:
@@ -123,15 +123,10 @@ def _strata_weight_blocks(
     Yields ``[r, N]`` float64 multiplicities (``sum(r) = n_boot``); with ``expand`` (unit of each item, ``[N]``)
     a unit's multiplicity is given to every one of its items (the cluster bootstrap).
     """
-    rng = np.random.default_rng(seed)
     n_items = n_units if expand is None else expand.size
-    block = max(1, _BLOCK_ELEMENTS // max(n_units, n_items))
-    for start in range(0, n_boot, block):
-        r = min(block, n_boot - start)
+    for draws in resample_blocks(strata, n_boot, seed, block_rows(max(n_units, n_items))):
+        r = draws.shape[0]
         offsets = (np.arange(r) * n_units)[:, None]
-        draws = np.concatenate(
-            [idx[rng.integers(0, idx.size, size=(r, idx.size))] for idx in strata], axis=1
-        )
         w = np.bincount((draws + offsets).ravel(), minlength=r * n_units).reshape(r, n_units).astype(np.float64)
         yield w if expand is None else w[:, expand]
 
@@ -181,19 +176,13 @@ def image_level(
         ``{"auroc": float, "auroc_ci": (lo, hi), "auprc": float, "auprc_ci": (lo, hi), "n": int,
         "n_pos": int}``; AUROC in ``[0, 1]``, AUPRC in ``(0, 1]`` (chance level = ``n_pos / n``).
     """
-    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 0:
-        raise ConfigError(f"n_boot={n_boot!r} must be an integer >= 0 (e.g. 1000; 0 disables the CI).")
-    if not 0.0 < float(ci) < 1.0:
-        raise ConfigError(f"ci={ci} must be in (0, 1), e.g. 0.95.")
+    check_boot_args(n_boot, ci)
     s, y = check_scores_labels(scores, labels)
     auroc = float(roc_auc_score(y, s))
     auprc = float(average_precision_score(y, s))
     if n_boot > 0:
         boot_auroc, boot_ap = _bootstrap(s, y, n_boot, seed)
-        alpha = (1.0 - float(ci)) / 2.0
-        qs = [alpha, 1.0 - alpha]
-        auroc_ci = tuple(float(v) for v in np.quantile(boot_auroc, qs))
-        auprc_ci = tuple(float(v) for v in np.quantile(boot_ap, qs))
+        auroc_ci, auprc_ci = percentile_interval(boot_auroc, ci), percentile_interval(boot_ap, ci)
     else:
         auroc_ci = auprc_ci = (float("nan"), float("nan"))
     return {
@@ -252,13 +241,6 @@ def aggregate_by_subject(
     return ids.tolist(), out, lab
 
 
-def _check_boot_args(n_boot: Any, ci: Any) -> None:
-    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 0:
-        raise ConfigError(f"n_boot={n_boot!r} must be an integer >= 0 (e.g. 1000; 0 disables the CI).")
-    if not 0.0 < float(ci) < 1.0:
-        raise ConfigError(f"ci={ci} must be in (0, 1), e.g. 0.95.")
-
-
 def _check_subjects(subjects: Sequence[Any] | None, n: int) -> np.ndarray | None:
     if subjects is None:
         return None
@@ -270,12 +252,6 @@ def _check_subjects(subjects: Sequence[Any] | None, n: int) -> np.ndarray | None
 
 def _weight_blocks(y: np.ndarray, subj: np.ndarray | None, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     return _item_weight_blocks(y, n_boot, seed) if subj is None else _cluster_weight_blocks(y, subj, n_boot, seed)
-
-
-def _interval(values: np.ndarray, ci: float) -> tuple[float, float]:
-    alpha = (1.0 - float(ci)) / 2.0
-    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
 
 
 def detection_ci(
@@ -298,7 +274,7 @@ def detection_ci(
         ``image_level``'s keys (point estimates over items) plus ``"resampled": "items" | "subjects"`` and, with
         subjects, ``"n_subjects"``.
     """
-    _check_boot_args(n_boot, ci)
+    check_boot_args(n_boot, ci)
     s, y = check_scores_labels(scores, labels)
     subj = _check_subjects(subjects, s.size)
     if subj is None:
@@ -313,8 +289,8 @@ def detection_ci(
     }
     if n_boot > 0:
         boots = [weighted_auroc_ap(s, y, w) for w in _cluster_weight_blocks(y, subj, n_boot, seed)]
-        out["auroc_ci"] = _interval(np.concatenate([b[0] for b in boots]), ci)
-        out["auprc_ci"] = _interval(np.concatenate([b[1] for b in boots]), ci)
+        out["auroc_ci"] = percentile_interval(np.concatenate([b[0] for b in boots]), ci)
+        out["auprc_ci"] = percentile_interval(np.concatenate([b[1] for b in boots]), ci)
     else:
         out["auroc_ci"] = out["auprc_ci"] = (float("nan"), float("nan"))
     return out
@@ -345,9 +321,7 @@ def paired_difference(
         AUROC margin is <= 0), "ci_excludes_0" (lo > 0 or hi < 0), "n", "n_pos", "n_boot", "resampled"}``
         (+ ``"n_subjects"``).
     """
-    _check_boot_args(n_boot, ci)
-    if n_boot < 1:
-        raise ConfigError(f"n_boot={n_boot} must be >= 1 for a paired CI (e.g. 1000).")
+    check_boot_args(n_boot, ci, minimum=1)  # a paired CI needs replicates
     sm, y = check_scores_labels(scores_model, labels)
     sb, _ = check_scores_labels(scores_baseline, labels)  # same length as labels, hence as the model's scores
     subj = _check_subjects(subjects, sm.size)
@@ -361,7 +335,7 @@ def paired_difference(
     d_ap = np.concatenate(diffs_ap)
     auroc_m, auroc_b = float(roc_auc_score(y, sm)), float(roc_auc_score(y, sb))
     auprc_m, auprc_b = float(average_precision_score(y, sm)), float(average_precision_score(y, sb))
-    lo, hi = _interval(d_auroc, ci)
+    lo, hi = percentile_interval(d_auroc, ci)
     out: dict[str, Any] = {
         "auroc_model": auroc_m,
         "auroc_baseline": auroc_b,
@@ -370,7 +344,7 @@ def paired_difference(
         "auprc_model": auprc_m,
         "auprc_baseline": auprc_b,
         "auprc_diff": auprc_m - auprc_b,
-        "auprc_diff_ci": _interval(d_ap, ci),
+        "auprc_diff_ci": percentile_interval(d_ap, ci),
         "frac_diff_le_0": float(np.mean(d_auroc <= 0.0)),
         "ci_excludes_0": bool(lo > 0.0 or hi < 0.0),
         "n": int(y.size),
@@ -416,3 +390,30 @@ def margin_over_best_baseline(
         chosen_on = "test"
     res = paired_difference(scores_model, baselines[best], labels, subjects, n_boot=n_boot, seed=seed, ci=ci)
     return {"baseline": best, "baseline_chosen_on": chosen_on, **res}
+
+
+def margin_verdict(margin: Mapping[str, Any], what: str = "image AUROC margin", label: str | None = None) -> str:
+    """One plain sentence: does the model beat the best baseline (paired 95% CI of its AUROC margin)?
+
+    Args:
+        margin: ``margin_over_best_baseline``'s dict (``"baseline"``, ``"baseline_chosen_on"``, ``"auroc_diff"`` and,
+            when a bootstrap ran, ``"auroc_diff_ci"``).
+        what: the margin's name in the sentence, e.g. ``"AD vs CN volume AUROC margin"``.
+        label: the baseline's display name (default ``margin["baseline"]``).
+
+    Returns:
+        "beats" when the CI lies above 0, "is WORSE" when below, "does NOT beat" when it holds 0, and "no verdict"
+        without a CI.
+    """
+    name = margin["baseline"] if label is None else label
+    where = "chosen on validation" if margin.get("baseline_chosen_on") == "validation" else "the best on test"
+    what = f"{what} {margin['auroc_diff']:+.3f}"
+    if "auroc_diff_ci" not in margin:
+        return f"Model vs the best baseline ({name}, {where}): {what}; no CI (eval.n_boot=0), so no verdict."
+    lo, hi = margin["auroc_diff_ci"]
+    stated = f"{what} [{lo:+.3f}, {hi:+.3f}] (paired 95% CI)"
+    if lo > 0:
+        return f"The model beats the best baseline ({name}, {where}): {stated} excludes 0."
+    if hi < 0:
+        return f"The model is WORSE than the best baseline ({name}, {where}): {stated} is below 0."
+    return f"The model does NOT beat the best baseline ({name}, {where}): {stated} includes 0."

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 
 from meddiff.errors import ConfigError, DataError
+from meddiff.metrics.bootstrap import block_rows, check_boot_args, percentile_interval, resample_blocks
 from meddiff.metrics.detection import to_numpy_1d
-
-_BLOCK_ELEMENTS = 4_000_000
 
 
 def paired_mean_difference(
@@ -38,10 +37,7 @@ def paired_mean_difference(
         ``{"mean_a", "mean_b", "diff", "diff_ci": (lo, hi), "ci_excludes_0", "frac_diff_le_0", "n", "n_boot",
         "resampled": "items" | "subjects"}`` (+ ``"n_subjects"``). ``diff = mean_a - mean_b`` over items.
     """
-    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
-        raise ConfigError(f"n_boot={n_boot!r} must be an integer >= 1 (e.g. 1000).")
-    if not 0.0 < float(ci) < 1.0:
-        raise ConfigError(f"ci={ci} must be in (0, 1), e.g. 0.95.")
+    check_boot_args(n_boot, ci, minimum=1)
     a = to_numpy_1d(values_a, "values_a").astype(np.float64)
     b = to_numpy_1d(values_b, "values_b").astype(np.float64)
     if a.shape != b.shape or a.size == 0:
@@ -53,7 +49,6 @@ def paired_mean_difference(
             "(e.g. PSNR of identical images is +inf: cap it with max_psnr)."
         )
     d = a - b
-    rng = np.random.default_rng(seed)
     if subjects is None:
         unit_of = np.arange(d.size)
         n_units = d.size
@@ -65,15 +60,11 @@ def paired_mean_difference(
         n_units = int(unit_of.max()) + 1
     unit_sum = np.bincount(unit_of, weights=d, minlength=n_units)
     unit_n = np.bincount(unit_of, minlength=n_units).astype(np.float64)
-    block = max(1, _BLOCK_ELEMENTS // n_units)
-    means = []
-    for start in range(0, n_boot, block):
-        r = min(block, n_boot - start)
-        draws = rng.integers(0, n_units, size=(r, n_units))
-        means.append(unit_sum[draws].sum(axis=1) / unit_n[draws].sum(axis=1))
-    boot = np.concatenate(means)
-    alpha = (1.0 - float(ci)) / 2.0
-    lo, hi = (float(v) for v in np.quantile(boot, [alpha, 1.0 - alpha]))
+    boot = np.concatenate([
+        unit_sum[draws].sum(axis=1) / unit_n[draws].sum(axis=1)
+        for draws in resample_blocks([np.arange(n_units)], n_boot, seed, block_rows(n_units))
+    ])
+    lo, hi = percentile_interval(boot, ci)
     out: dict[str, Any] = {
         "mean_a": float(a.mean()),
         "mean_b": float(b.mean()),

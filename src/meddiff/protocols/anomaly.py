@@ -57,7 +57,12 @@ from meddiff.metrics.baselines import (
     intensity_map,
     mean_intensity_score,
 )
-from meddiff.metrics.detection import aggregate_by_subject, detection_ci, margin_over_best_baseline
+from meddiff.metrics.detection import (
+    aggregate_by_subject,
+    detection_ci,
+    margin_over_best_baseline,
+    margin_verdict,
+)
 from meddiff.metrics.pixel import PixelAccumulator, choose_threshold
 from meddiff.protocols.base import Outcome, Protocol, ValidationView
 from meddiff.utils.cpu import cpu_report
@@ -476,22 +481,6 @@ def _pixel_entry(acc: PixelAccumulator, threshold: float | None) -> dict[str, An
     return entry
 
 
-def _verdict(m: Mapping[str, Any]) -> str:
-    """One plain sentence: does the model beat the best baseline (paired 95% CI of the AUROC margin)?"""
-    name = LABELS.get(m["baseline"], m["baseline"])
-    where = "chosen on validation" if m.get("baseline_chosen_on") == "validation" else "the best on test"
-    if "auroc_diff_ci" not in m:
-        return (f"Model vs the best baseline ({name}, {where}): AUROC margin {m['auroc_diff']:+.3f}; no CI "
-                "(eval.n_boot=0), so no verdict.")
-    lo, hi = m["auroc_diff_ci"]
-    margin = f"image AUROC margin {m['auroc_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired 95% CI)"
-    if lo > 0:
-        return f"The model beats the best baseline ({name}, {where}): {margin} excludes 0."
-    if hi < 0:
-        return f"The model is WORSE than the best baseline ({name}, {where}): {margin} is below 0."
-    return f"The model does NOT beat the best baseline ({name}, {where}): {margin} includes 0."
-
-
 def _margin(scores: Mapping[str, np.ndarray], y: np.ndarray, subjects: list[str] | None,
             val_auroc: Mapping[str, float | None], opts: EvalOptions) -> dict[str, Any]:
     """Paired CI of "model - best baseline" image AUROC; the best by validation AUROC when every baseline has one."""
@@ -509,7 +498,7 @@ def _margin(scores: Mapping[str, np.ndarray], y: np.ndarray, subjects: list[str]
         m["auroc_diff"] = m["auroc_model"] - m["auroc_baseline"]
     if val is not None:
         m["baseline_val_auroc"] = val
-    m["verdict"] = _verdict(m)
+    m["verdict"] = margin_verdict(m, label=LABELS.get(m["baseline"], m["baseline"]))
     return m
 
 

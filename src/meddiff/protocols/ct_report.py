@@ -40,7 +40,7 @@ from scipy import ndimage
 from meddiff.errors import DataError
 from meddiff.metrics.detection import detection_ci
 from meddiff.utils.io import atomic_write_text
-from meddiff.viz.figures import save_figure, to_numpy
+from meddiff.viz.figures import example_arrays, map_color_max, save_figure, to_numpy
 
 __all__ = [
     "per_subtype_detection",
@@ -258,22 +258,9 @@ def save_ct_segmentation(
         n_rows: maximum rows (hemorrhages first, see :func:`pick_example_rows`).
     Returns the written path (atomic write, format from the extension).
     """
-    imgs, recs, mps = to_numpy(images), to_numpy(recons), to_numpy(maps)
-    if mps.ndim == 3:
-        mps = mps[:, None]
-    if imgs.ndim != 4 or recs.shape != imgs.shape or mps.ndim != 4 or mps.shape[0] != imgs.shape[0] \
-            or mps.shape[-2:] != imgs.shape[-2:]:
-        raise DataError(
-            f"save_ct_segmentation needs images and recons [B, C, H, W] of equal shape and maps [B, 1, H, W]; got "
-            f"images {imgs.shape}, recons {recs.shape}, maps {mps.shape}."
-        )
+    imgs, recs, mps, msk = example_arrays("save_ct_segmentation", images, recons, maps, masks)
+    msk = None if msk is None else msk.astype(bool)
     b = imgs.shape[0]
-    msk = None
-    if masks is not None:
-        msk = to_numpy(masks).astype(bool)
-        msk = msk[:, None] if msk.ndim == 3 else msk
-        if msk.shape[0] != b:
-            raise DataError(f"save_ct_segmentation: masks has {msk.shape[0]} items for {b} images.")
     lab = None if labels is None else to_numpy(labels).reshape(-1)
     sub = None if subtypes is None else to_numpy(subtypes)
     for name, arr in (("labels", lab), ("subtypes", sub)):
@@ -282,9 +269,7 @@ def save_ct_segmentation(
     rows = pick_example_rows(lab, sub, b, n_rows)
     if rows.size == 0:
         raise DataError(f"save_ct_segmentation: nothing to draw (batch of {b}, n_rows={n_rows}); pass n_rows >= 1.")
-    shown = mps[rows, 0]
-    vmax = float(np.nanpercentile(shown, 99.5)) if np.isfinite(shown).any() else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    vmax = map_color_max(mps[rows, 0])
 
     cols = ["CT", "reconstruction", "error map"]
     if threshold is not None:

@@ -651,28 +651,12 @@ def volume_scores(results: Sequence[VolumeResult], choice: Mapping[str, Any]) ->
     return out
 
 
-def _verdict(m: Mapping[str, Any]) -> str:
-    """One plain sentence: does the model beat the best baseline (paired 95% CI of the AUROC margin)?"""
-    name = LABELS.get(m["baseline"], m["baseline"])
-    where = "chosen on validation" if m.get("baseline_chosen_on") == "validation" else "the best on test"
-    what = f"{m['comparison'].replace('_vs_', ' vs ')} volume AUROC margin {m['auroc_diff']:+.3f}"
-    if "auroc_diff_ci" not in m:
-        return f"Model vs the best baseline ({name}, {where}): {what}; no CI (eval.n_boot=0), so no verdict."
-    lo, hi = m["auroc_diff_ci"]
-    margin = f"{what} [{lo:+.3f}, {hi:+.3f}] (paired 95% CI)"
-    if lo > 0:
-        return f"The model beats the best baseline ({name}, {where}): {margin} excludes 0."
-    if hi < 0:
-        return f"The model is WORSE than the best baseline ({name}, {where}): {margin} is below 0."
-    return f"The model does NOT beat the best baseline ({name}, {where}): {margin} includes 0."
-
-
 def margin(
     test: Sequence[VolumeResult], choice: Mapping[str, Any], n_boot: int, seed: int
 ) -> dict[str, Any] | None:
     """Paired CI of "model - best baseline" volume AUROC, AD vs CN (any non-CN vs CN when there is no AD volume);
     the best baseline by validation AUROC when every baseline has one. None without both classes on test."""
-    from meddiff.metrics.detection import margin_over_best_baseline
+    from meddiff.metrics.detection import margin_over_best_baseline, margin_verdict
 
     values = volume_scores(test, choice)
     subjects = np.array([_subject(r) for r in test])
@@ -704,7 +688,8 @@ def margin(
     m["comparison"] = comparison
     if val is not None:
         m["baseline_val_auroc"] = {k: val[k] for k in base}
-    m["verdict"] = _verdict(m)
+    m["verdict"] = margin_verdict(m, what=f"{m['comparison'].replace('_vs_', ' vs ')} volume AUROC margin",
+                                label=LABELS.get(m["baseline"], m["baseline"]))
     return m
 
 

@@ -41,13 +41,8 @@ from tqdm.auto import tqdm
 from meddiff.anomaly.scoring import score_batch
 from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.aucp import aucp, debiased_auc
-from meddiff.metrics.baselines import mean_intensity_score
-from meddiff.metrics.detection import (
-    aggregate_by_subject,
-    check_scores_labels,
-    image_level,
-    weighted_auroc_ap,
-)
+from meddiff.metrics.baselines import MeanHealthy, NearestHealthy, mean_intensity_score
+from meddiff.metrics.detection import aggregate_by_subject, image_level, paired_difference
 from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion
 from meddiff.utils.checkpoint_selection import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
@@ -125,27 +120,25 @@ def primary_estimate(model: Any) -> str:
     return estimate_names(model)[-1]
 
 
+@dataclass
 class _Baselines:
-    """Trivial baselines scored with the model's scorer: nearest healthy training image, mean healthy image."""
+    """Trivial baselines scored with the model's scorer (``meddiff.metrics.baselines``), both from the same
+    known-healthy training images: the nearest one (L2 over the whole image) and their mean."""
 
-    def __init__(self, train_images: torch.Tensor) -> None:
-        self.train = train_images  # [N, C, H, W]
-        self.flat = train_images.flatten(1)
-        self.mean = train_images.mean(0, keepdim=True)
-
-    def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        d = torch.cdist(x.flatten(1).float(), self.flat.to(x.device).float())
-        return self.train.to(x.device)[d.argmin(1)]
+    nearest: NearestHealthy
+    mean: MeanHealthy
 
 
-def _baseline_images(datamodule: Any, opts: RefinerEvalOptions) -> _Baselines | None:
+def _baseline_images(datamodule: Any, opts: RefinerEvalOptions, device: torch.device) -> _Baselines | None:
+    """The baselines over ``baseline_max_train`` known-healthy training images (a seeded subset when more)."""
     if not opts.baselines:
         return None
     ds = datamodule.pool_dataset("known_healthy")
     idx = np.arange(len(ds))
     if len(idx) > opts.baseline_max_train:
         idx = np.sort(np.random.default_rng(opts.seed).choice(len(idx), opts.baseline_max_train, replace=False))
-    return _Baselines(torch.stack([ds[int(i)]["image"] for i in idx]))
+    images = torch.stack([ds[int(i)]["image"] for i in idx])
+    return _Baselines(NearestHealthy(images, n_healthy_total=len(ds), device=device), MeanHealthy.from_images(images))
 
 
 @torch.no_grad()
@@ -179,9 +172,9 @@ def score_pool(model: Any, loader: Iterable, device: torch.device, baselines: _B
         if baselines is not None:
             out.scores.setdefault("baseline_mean_intensity", []).append(mean_intensity_score(x, region).cpu().numpy())
             out.scores.setdefault("baseline_nearest_healthy", []).append(
-                score_batch(x, baselines.nearest(x), region, cfg)["score"].cpu().numpy())
+                score_batch(x, baselines.nearest.reconstruct(x), region, cfg)["score"].cpu().numpy())
             out.scores.setdefault("baseline_mean_healthy", []).append(
-                score_batch(x, baselines.mean.to(x.device).expand_as(x), region, cfg)["score"].cpu().numpy())
+                score_batch(x, baselines.mean.reconstruct(x), region, cfg)["score"].cpu().numpy())
         out.ids.extend(str(i) for i in batch["id"])
         out.subjects.extend(str(s) for s in batch.get("subject", batch["id"]))
         if "label" in batch:
@@ -200,24 +193,16 @@ def score_pool(model: Any, loader: Iterable, device: torch.device, baselines: _B
 # ---------------------------------------------------------------------------------------------------- numbers
 def paired_auroc_difference(scores_a: Any, scores_b: Any, labels: Any, n_boot: int = 1000, seed: int = 0,
                             ci: float = 0.95) -> dict[str, Any]:
-    """AUROC(a) - AUROC(b) on the same images with a paired stratified-bootstrap CI (one resample, both scores)."""
-    a, y = check_scores_labels(scores_a, labels)
-    b, _ = check_scores_labels(scores_b, labels)
-    if a.shape != b.shape:
-        raise DataError(f"paired scores differ in length: {a.shape[0]} vs {b.shape[0]}.")
-    ones = np.ones((1, a.size))
-    diff = float(weighted_auroc_ap(a, y, ones)[0][0] - weighted_auroc_ap(b, y, ones)[0][0])
-    out: dict[str, Any] = {"difference": diff, "ci": (float("nan"), float("nan")), "n": int(a.size)}
-    if n_boot > 0:
-        rng = np.random.default_rng(seed)
-        pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-        draws = np.concatenate([idx[rng.integers(0, idx.size, size=(n_boot, idx.size))] for idx in (pos, neg)], 1)
-        w = np.stack([np.bincount(d, minlength=a.size) for d in draws]).astype(np.float64)
-        d = weighted_auroc_ap(a, y, w)[0] - weighted_auroc_ap(b, y, w)[0]
-        alpha = (1 - ci) / 2
-        out["ci"] = tuple(float(v) for v in np.quantile(d, [alpha, 1 - alpha]))
-        out["p_a_not_better"] = float(np.mean(d <= 0))
-    return out
+    """AUROC(a) - AUROC(b) on the same images with a paired stratified-bootstrap CI (one resample, both scores).
+
+    ``meddiff.metrics.detection.paired_difference`` under this report's keys: ``{"difference", "ci": (lo, hi),
+    "n"}`` plus ``"p_a_not_better"`` (share of replicates with a difference <= 0); ``n_boot=0``: no CI (nan, nan).
+    """
+    if n_boot == 0:  # no bootstrap asked for: the point difference only
+        a, b = (image_level(v, labels, n_boot=0) for v in (scores_a, scores_b))
+        return {"difference": a["auroc"] - b["auroc"], "ci": (float("nan"), float("nan")), "n": a["n"]}
+    d = paired_difference(scores_a, scores_b, labels, n_boot=n_boot, seed=seed, ci=ci)
+    return {"difference": d["auroc_diff"], "ci": d["auroc_diff_ci"], "n": d["n"], "p_a_not_better": d["frac_diff_le_0"]}
 
 
 def aucp_entry(healthy: np.ndarray, unlabelled: np.ndarray, rho: float | None, healthy_pool: str,
@@ -378,7 +363,7 @@ def run(model: Any, datamodule: Any, eval_cfg: Mapping[str, Any] | None, out_dir
                               "ImageFolderAnomalyDataModule).")
     model.eval()
     primary = primary_estimate(model)
-    baselines = _baseline_images(datamodule, opts)
+    baselines = _baseline_images(datamodule, opts, device)
     report: dict[str, Any] = {"protocol": "refiner", "model": type(model).__name__, "primary_estimate": primary,
                               "options": asdict(opts), "scoring": model.scoring_cfg.as_dict()}
     if isinstance(model, RefinerDiffusion):

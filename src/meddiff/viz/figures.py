@@ -21,6 +21,8 @@ from meddiff.errors import DataError
 from meddiff.utils.io import atomic_write
 
 __all__ = [
+    "example_arrays",
+    "map_color_max",
     "save_anomaly_grid",
     "save_roc_pr",
     "save_metric_curves",
@@ -60,6 +62,43 @@ def _to_display(img: np.ndarray) -> tuple[np.ndarray, str | None]:
     return img[0], "gray"
 
 
+def example_arrays(
+    caller: str, images: Any, recons: Any, maps: Any, masks: Any | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Numpy arrays of a figure of examples, checked: ``DataError`` naming ``caller`` when they do not fit.
+
+    Args:
+        images, recons: ``[B, C, H, W]`` of one shape; maps: ``[B, 1, H, W]`` or ``[B, H, W]`` of the images' ``H, W``;
+            masks: optional ``[B, 1, H, W]`` or ``[B, H, W]``.
+
+    Returns:
+        ``(images, recons, maps [B, 1, H, W], masks [B, 1, H, W] or None)`` as ``to_numpy`` gives them.
+    """
+    imgs, recs, mps = to_numpy(images), to_numpy(recons), to_numpy(maps)
+    if mps.ndim == 3:
+        mps = mps[:, None]
+    if imgs.ndim != 4 or recs.shape != imgs.shape or mps.ndim != 4 or mps.shape[0] != imgs.shape[0] \
+            or mps.shape[-2:] != imgs.shape[-2:]:
+        raise DataError(
+            f"{caller} needs images and recons [B, C, H, W] of equal shape and maps [B, 1, H, W]; got "
+            f"images {imgs.shape}, recons {recs.shape}, maps {mps.shape}."
+        )
+    msk = None
+    if masks is not None:
+        msk = to_numpy(masks)
+        msk = msk[:, None] if msk.ndim == 3 else msk
+        if msk.shape[0] != imgs.shape[0]:
+            raise DataError(f"{caller}: masks has {msk.shape[0]} items for {imgs.shape[0]} images.")
+    return imgs, recs, mps, msk
+
+
+def map_color_max(shown: np.ndarray) -> float:
+    """Top of the one colour scale of the shown maps (``0`` to it): their 99.5th percentile, 1.0 when that is not
+    positive or no value is finite."""
+    vmax = float(np.nanpercentile(shown, 99.5)) if np.isfinite(shown).any() else 1.0
+    return vmax if vmax > 0 else 1.0
+
+
 # ------------------------------------------------------------------------------------------- anomaly grid
 def _pick_rows(labels: np.ndarray | None, b: int, n_rows: int) -> np.ndarray:
     n_rows = min(n_rows, b)
@@ -94,21 +133,8 @@ def save_anomaly_grid(
         n_rows: maximum number of rows.
     Returns the written path.
     """
-    imgs, recs, mps = to_numpy(images), to_numpy(recons), to_numpy(maps)
-    if mps.ndim == 3:
-        mps = mps[:, None]
-    if imgs.ndim != 4 or recs.shape != imgs.shape or mps.ndim != 4 or mps.shape[0] != imgs.shape[0]:
-        raise DataError(
-            f"save_anomaly_grid needs images and recons [B, C, H, W] of equal shape and maps [B, 1, H, W]; got "
-            f"images {imgs.shape}, recons {recs.shape}, maps {mps.shape}."
-        )
+    imgs, recs, mps, msk = example_arrays("save_anomaly_grid", images, recons, maps, masks)
     b = imgs.shape[0]
-    msk = None
-    if masks is not None:
-        msk = to_numpy(masks)
-        msk = msk[:, None] if msk.ndim == 3 else msk
-        if msk.shape[0] != b:
-            raise DataError(f"save_anomaly_grid: masks has {msk.shape[0]} items for {b} images.")
     lab = None
     if labels is not None:
         lab = to_numpy(labels).reshape(-1)
@@ -117,9 +143,7 @@ def save_anomaly_grid(
     if n_rows < 1 or b == 0:
         raise DataError(f"save_anomaly_grid: nothing to draw (batch of {b}, n_rows={n_rows}); pass n_rows >= 1.")
     rows = _pick_rows(lab, b, n_rows)
-    shown = mps[rows, 0]
-    vmax = float(np.nanpercentile(shown, 99.5)) if np.isfinite(shown).any() else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    vmax = map_color_max(mps[rows, 0])
 
     cols = ["input", "reconstruction", "error map"] + (["ground truth"] if msk is not None else [])
     fig = Figure(figsize=(1.9 * len(cols) + 0.8, 1.9 * len(rows) + (0.5 if title else 0.2)), layout="constrained")
