@@ -52,6 +52,15 @@ def test_resume_continues_the_same_run(run, tmp_path, fast):
     assert int(second["state_dict"]["ema.num_updates"]) == second["global_step"]
     assert second["optimizer_states"][0]["state"][0]["step"] == second["global_step"]
     assert not (tmp_path / "logs").exists()  # no new run dir was made
+    # The demo config sets max_steps (iteration-based training): Lightning used to re-enter the finished epoch on
+    # resume and stop at once. The resumed run must equal an uninterrupted 2-epoch run: weights, loop state, CSV.
+    full_dir = tmp_path / "full"
+    run("meddiff.train", *fast, "evaluate=false", "trainer.max_epochs=2", f"hydra.run.dir={full_dir}")
+    full = torch.load(full_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    for k, v in full["state_dict"].items():
+        assert torch.equal(second["state_dict"][k], v), k
+    assert second["loops"]["fit_loop"] == full["loops"]["fit_loop"]
+    assert (run_dir / "csv/metrics.csv").read_text() == (full_dir / "csv/metrics.csv").read_text()
 
 
 def test_multirun_sweep(run, tmp_path, fast):
