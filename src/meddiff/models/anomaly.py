@@ -1,8 +1,10 @@
 """Anomaly scoring state for the diffusion models that detect anomalies (not every diffusion model does).
 
 - :class:`AnomalyScoring`: the scoring config (``model.scoring``: map, post-processing, reduction) and the
-  validation AUROC (``val/auroc``: each labelled validation batch is reconstructed and scored). Used by every model
-  that scores anomalies (``UnconditionalDiffusion``, ``GuidedDiffusion``); its ``eval_protocol`` is ``"anomaly"``.
+  validation AUROC (``val/auroc``: each labelled validation batch is reconstructed and scored) and, when the
+  validation data carry pools (``data.aucp_holdout > 0``), the label-free ``val/aucp``
+  (:mod:`meddiff.models.aucp_validation`). Used by every model that scores anomalies (``UnconditionalDiffusion``,
+  ``GuidedDiffusion``); its ``eval_protocol`` is ``"anomaly"``.
 - :class:`PartialDiffusionReconstruction`: adds the partial-diffusion healthy estimate (``model.recon``: noise to
   ``t_start``, denoise, optionally patched; ``meddiff.anomaly.reconstruction``) and ``reconstruct(batch, recon)``,
   which takes an explicit reconstruction config so protocols can try depths without changing the model.
@@ -21,34 +23,39 @@ from dataclasses import fields, replace
 from typing import Any
 
 import torch
-from torchmetrics.classification import BinaryAUROC
 
 from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
 from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.errors import ConfigError
-from meddiff.models.base import DiffusionModule
+from meddiff.models.aucp_validation import KNOWN_HEALTHY, AUCpValidation, auroc_rows, pool_names
+from meddiff.models.base import DiffusionModule, _select
 from meddiff.utils.options import options_from
 
 __all__ = ["AnomalyScoring", "PartialDiffusionReconstruction", "drop_legacy_recon"]
 
 
-class AnomalyScoring(DiffusionModule):
+class AnomalyScoring(AUCpValidation, DiffusionModule):
     """A diffusion model whose ``reconstruct(batch)`` is a healthy estimate that ``meddiff.anomaly`` scores.
 
     Args (besides :class:`~meddiff.models.base.DiffusionModule`'s):
         scoring: :class:`~meddiff.anomaly.scoring.ScoringConfig` fields for ``val/auroc`` (and the anomaly
             protocol's default setting).
+        aucp_rho: share of healthy images in the unannotated pool, if known (logs ``val/aucp_debiased``).
 
     Validation adds ``val/auroc`` over the batches that carry ``label`` (0 healthy / 1 anomalous) while
-    :attr:`score_in_validation` is True; the region is ``batch['brain_mask']`` when present.
+    :attr:`score_in_validation` is True; the region is ``batch['brain_mask']`` when present. Batches tagged with
+    ``pool`` (``data.aucp_holdout > 0``: the val split as ``unannotated_labelled``, then a loader of held-out
+    ``known_healthy`` images) also feed ``val/aucp``, logged in the epochs that scored such rows: the val rows keep
+    their ``val/auroc`` and ``val/loss`` exactly as without pools, and the known-healthy rows enter neither.
     """
 
     eval_protocol: str | None = "anomaly"
 
-    def __init__(self, *args: Any, scoring: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, scoring: Mapping[str, Any] | None = None, aucp_rho: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.scoring_cfg: ScoringConfig = options_from(ScoringConfig, scoring, "model.scoring")
-        self.val_auroc = BinaryAUROC()
+        self.init_aucp(aucp_rho)  # also makes self.val_auroc (a RawScoreAUROC: exact on scores of any range)
         self._val_has_anomalies = False
 
     @property
@@ -56,11 +63,32 @@ class AnomalyScoring(DiffusionModule):
         """Whether this validation batch is reconstructed and scored for ``val/auroc``."""
         return True
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        if "label" in batch and self.score_in_validation:
-            recon = self.validation_reconstruct(batch)
-            scores = score_batch(batch["image"], recon, batch.get("brain_mask"), self.scoring_cfg)["score"]
+    def log(self, name: str, value: Any, *args: Any, add_dataloader_idx: bool = False, **kwargs: Any) -> None:
+        """``LightningModule.log`` without the ``/dataloader_idx_N`` suffix: with ``aucp_holdout`` the validation
+        loaders are pools of one validation set, and ``val/loss`` keeps its name (one loader only: no effect)."""
+        super().log(name, value, *args, add_dataloader_idx=add_dataloader_idx, **kwargs)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        tagged = "pool" in batch
+        pools = pool_names(batch) if tagged else None
+        known = None if pools is None else torch.tensor([p == KNOWN_HEALTHY for p in pools],
+                                                        device=batch["image"].device)
+        if known is None or not known.any():
+            super().validation_step(batch, batch_idx)  # val/loss, as without pools
+        elif not known.all():
+            super().validation_step(_select(batch, ~known), batch_idx)
+        if not self.score_in_validation or not ("label" in batch or tagged):
+            return
+        recon = self.validation_reconstruct(batch)
+        scores = score_batch(batch["image"], recon, batch.get("brain_mask"), self.scoring_cfg)["score"]
+        if tagged:
+            self.update_aucp(batch, scores, pools)
+            lab = auroc_rows(pools, scores.device)
+            if "label" in batch and lab.any():
+                labels = batch["label"].long()
+                self.val_auroc.update(scores if lab.all() else scores[lab], labels if lab.all() else labels[lab])
+                self._val_has_anomalies = True
+        else:
             self.val_auroc.update(scores, batch["label"].long())
             self._val_has_anomalies = True
 
@@ -77,6 +105,8 @@ class AnomalyScoring(DiffusionModule):
             self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
             self.val_auroc.reset()
             self._val_has_anomalies = False
+        if self.aucp_seen():
+            self.log_aucp()
 
 
 class PartialDiffusionReconstruction(AnomalyScoring):

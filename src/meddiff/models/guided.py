@@ -257,24 +257,25 @@ class GuidedDiffusion(AnomalyScoring):
         """True on the ``val_score_batches`` validation batches chosen for translation + ``val/auroc``."""
         return self._score_now
 
-    def _scored_batches(self) -> set[int]:
+    def _scored_batches(self, dataloader_idx: int = 0) -> set[int]:
         k = self.val_score_batches
         n = None
         trainer = self._trainer if hasattr(self, "_trainer") else None
         if trainer is not None:
             nums = getattr(trainer, "num_val_batches", None)
-            if nums:
-                n = int(nums[0]) if math.isfinite(nums[0]) else None
+            if nums and dataloader_idx < len(nums):  # each validation loader (pool) spreads its own batches
+                n = int(nums[dataloader_idx]) if math.isfinite(nums[dataloader_idx]) else None
         if k <= 0:
             return set()
         if n is None or n <= k:
             return set(range(k))
         return {round(i * (n - 1) / (k - 1)) for i in range(k)} if k > 1 else {0}
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """Healthy (CN) loss on every batch; translation and ``val/auroc`` (CN vs other) on a few spread ones."""
-        self._score_now = batch_idx in self._scored_batches()
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Healthy (CN) loss on every batch; translation and ``val/auroc`` (CN vs other) on a few spread ones (of
+        each validation loader: with ``data.aucp_holdout`` the known-healthy pool's too, for ``val/aucp``)."""
+        self._score_now = batch_idx in self._scored_batches(dataloader_idx)
         try:
-            super().validation_step(batch, batch_idx)
+            super().validation_step(batch, batch_idx, dataloader_idx)
         finally:
             self._score_now = False

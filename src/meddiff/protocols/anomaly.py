@@ -625,8 +625,13 @@ class AnomalyProtocol(Protocol):
         healthy, why_not = _training_set(data, opts)
         if why_not is not None and opts.healthy_baselines():
             log.warning("Healthy-set baselines skipped: %s.", why_not)
-        selection = select_on_validation(model, data.val_dataloader() if opts.select_on_val else None, opts, device,
-                                         healthy=healthy)
+        val_loader = None
+        if opts.select_on_val:  # only then is the val split read (and recorded in splits_read)
+            # the labelled val split alone (with data.aucp_holdout > 0 val_dataloader() also yields the known-healthy
+            # pool, which has no labels to select on)
+            labelled = getattr(data, "val_labelled_dataloader", None)
+            val_loader = labelled() if callable(labelled) else data.val_dataloader()
+        selection = select_on_validation(model, val_loader, opts, device, healthy=healthy)
         selection.record["splits_read"] = data.splits_read  # what selection asked the datamodule for
         if why_not is not None and opts.healthy_baselines():
             selection.record["baselines_skipped"] = why_not
