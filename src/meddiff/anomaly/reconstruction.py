@@ -129,7 +129,7 @@ def with_precision(model_fn: ModelFn, precision: str | None, device_type: str, d
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def auto_dtype(device_type: str) -> torch.dtype | None:
     """Autocast dtype of ``precision="auto"`` on ``device_type`` (None = float32): bf16 where it is native."""
     if device_type == "cuda":
