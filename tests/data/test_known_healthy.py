@@ -97,7 +97,7 @@ def test_mnist_holdout_errors():
 
 
 def test_configs_default_to_off():
-    for name in ("mnist_splotch", "rsna_ct"):
+    for name in ("mnist_splotch", "rsna_ct", "adni_slices"):
         assert OmegaConf.load(CONFIGS / f"{name}.yaml").aucp_holdout == 0, name
 
 

@@ -18,12 +18,19 @@ file of any dimensionality, a constant volume) raises a :class:`DataError` namin
 a dataset over many volumes with ``skip_bad=True`` skips a volume that fails to load, warns once listing all
 skipped ones (file and reason) and keeps them in ``.skipped``. The slice cache is keyed by each file's size and
 mtime, so a replaced volume is sliced again.
+
+Label-free selection (``aucp_holdout: k > 0``, :mod:`meddiff.data.known_healthy`): whole CN training subjects (all
+their slices) are held out of the train split, in a seeded order, until at least ``k`` slices are; they form the
+known-healthy pool of ``val/aucp`` and are never trained on. Only subjects whose training volumes are all CN are
+candidates. The val/test splits are those without the option.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -56,6 +63,8 @@ from meddiff.data.preprocess.mri_slices import (
 )
 from meddiff.data.splits import SPLITS, split_groups_stratified
 from meddiff.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ADNISliceDataModule",
@@ -327,6 +336,20 @@ class ADNISliceDataset(Dataset):
             for e in self.volumes
         ]
 
+    def subset(self, positions: Iterable[int]) -> ADNISliceDataset:
+        """A view of the slices of the kept volumes at ``positions`` (into :attr:`volumes`, kept in this dataset's
+        order), sharing the slices in memory or the cache (nothing is loaded again); ``skipped`` is carried over."""
+        keep = sorted({int(v) for v in positions})
+        out = copy.copy(self)
+        out.volumes = [self.volumes[v] for v in keep]
+        out._meta = [self._meta[v] for v in keep]
+        out._stems = [self._stems[v] for v in keep]
+        out._memory = [self._memory[v] for v in keep] if self.cache is None else []
+        out._open = {}
+        out.skipped = list(self.skipped)
+        out._offsets = np.concatenate([[0], np.cumsum([len(m) for m in out._meta])]).astype(np.int64)
+        return out
+
     def _vr(self, index: int) -> tuple[int, int]:
         n = len(self)
         if index < 0:
@@ -451,6 +474,8 @@ class ADNISliceDataModule(SplitDataModule):
         cache_dir: slice cache root (``None``: in-memory per dataset).
         skip_bad: skip volumes that fail to load (listed in ``skipped``) instead of raising.
         return_brain_mask: include ``brain_mask`` in batches.
+        aucp_holdout: CN training slices held out (whole subjects whose training volumes are all CN, so at least
+            this many) as the known-healthy pool of ``val/aucp``; 0 = off (:mod:`meddiff.data.known_healthy`).
         val_frac, test_frac, split_seed: deprecated aliases of ``val_fraction``, ``test_fraction``, ``seed``
             (named by stored checkpoints and configs); a warning says so.
 
@@ -488,6 +513,7 @@ class ADNISliceDataModule(SplitDataModule):
         cache_dir: str | None = None,
         skip_bad: bool = True,
         return_brain_mask: bool = True,
+        aucp_holdout: int = 0,
         val_frac: float | None = None,
         test_frac: float | None = None,
         split_seed: int | None = None,
@@ -500,7 +526,7 @@ class ADNISliceDataModule(SplitDataModule):
         )
         val_fraction, test_fraction, seed = v["val_fraction"], v["test_fraction"], v["seed"]
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
-                         val_fraction=val_fraction, test_fraction=test_fraction)
+                         val_fraction=val_fraction, test_fraction=test_fraction, aucp_holdout=aucp_holdout)
         # saved under the new names only (the locals above already hold the aliases' values)
         self.save_hyperparameters(ignore=list(RENAMED_OPTIONS), logger=False)
         self.root = Path(root)
@@ -519,6 +545,8 @@ class ADNISliceDataModule(SplitDataModule):
         self.skip_bad = bool(skip_bad)
         self.return_brain_mask = bool(return_brain_mask)
         self.splits: dict[str, list[ADNIEntry]] | None = None
+        #: subjects with a non-CN volume in the train split before ``train_classes`` (never held out as healthy)
+        self._train_non_cn: set[str] = set()
         self.datasets: dict[str, ADNISliceDataset] = {}
         self.skipped: list[tuple[str, str]] = []
 
@@ -623,6 +651,7 @@ class ADNISliceDataModule(SplitDataModule):
             self._ensure_task_dir()
             entries = read_dataset_json(self.json_path, check_files=not self.skip_bad)
             splits = split_subjects(entries, self.val_fraction, self.test_fraction, self.seed)
+            self._train_non_cn = {e.subject for e in splits["train"] if e.slice_label != 1}
             if self.train_classes is not None:
                 splits["train"] = [e for e in splits["train"] if e.slice_label in self.train_classes]
             self.splits = splits
@@ -636,7 +665,38 @@ class ADNISliceDataModule(SplitDataModule):
                 f"the train split is empty (train_classes={sorted(self.train_classes or [])}); add volumes "
                 "or widen train_classes"
             )
-        return self._dataset(entries)
+        ds = self._dataset(entries)
+        if split == "train" and self.aucp_holdout:
+            ds = self._hold_out_subjects(ds)
+        return ds
+
+    def _hold_out_subjects(self, train: ADNISliceDataset) -> ADNISliceDataset:
+        """``train`` minus the held-out CN subjects (``aucp_holdout``); their slices become :attr:`known_healthy`."""
+        candidates = [v for v, e in enumerate(train.volumes)
+                      if e.slice_label == 1 and e.subject not in self._train_non_cn]
+        if not candidates:
+            raise ConfigError(
+                f"data.aucp_holdout={self.aucp_holdout}: the train split has no CN subject to hold out as the "
+                f"known-healthy pool (train_classes={sorted(self.train_classes or [])}; only subjects whose "
+                "training volumes are all CN qualify); set data.aucp_holdout=0 or add CN volumes."
+            )
+        per_volume = np.diff(train._offsets)  # slices of each kept volume
+        groups = [train.volumes[v].subject for v in candidates for _ in range(int(per_volume[v]))]
+        _, pos = self.holdout_split(len(groups), groups=groups, what="healthy (CN) training slices")
+        held = {groups[i] for i in pos}
+        pool = [v for v, e in enumerate(train.volumes) if e.subject in held]
+        known = train.subset(pool)
+        known.skipped = []  # the train split's skipped volumes stay listed with the train split
+        self.known_healthy = known
+        log.info("ADNI: %d CN slice(s) of %d train subject(s) held out as the known-healthy pool (aucp_holdout)",
+                 len(known), len(held))
+        return train.subset(v for v in range(len(train.volumes)) if train.volumes[v].subject not in held)
+
+    def build_known_healthy(self) -> ADNISliceDataset:
+        """The held-out CN subjects' slices (``aucp_holdout``), built with the train split."""
+        self.dataset("train")
+        assert self.known_healthy is not None
+        return self.known_healthy
 
     # ------------------------------------------------------------------ per-volume access
     def volumes(self, split: str) -> Volumes:
