@@ -170,6 +170,9 @@ def test_bad_inputs():
     with pytest.raises(DataError, match="one id per score"):
         detection_ci([0.1, 0.9], [0, 1], subjects=["a"], n_boot=10)
     with pytest.raises(ConfigError, match="n_boot"):
-        paired_difference([0.1, 0.9], [0.2, 0.8], [0, 1], n_boot=0)
+        paired_difference([0.1, 0.9], [0.2, 0.8], [0, 1], n_boot=-1)
+    point = paired_difference([0.1, 0.9, 0.4], [0.2, 0.8, 0.9], [0, 1, 0], n_boot=0)  # point differences, no CI
+    assert point["auroc_diff"] == pytest.approx(1.0 - 0.5) and "auroc_diff_ci" not in point
+    assert "no verdict" in margin_verdict({"baseline": "b", **point})
     with pytest.raises(DataError, match="only one class"):
         paired_difference([0.1, 0.9], [0.2, 0.8], [1, 1])

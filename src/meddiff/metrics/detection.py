@@ -313,18 +313,25 @@ def paired_difference(
     Args:
         scores_model, scores_baseline: ``[N]`` scores of the same items in the same order.
         labels: ``[N]`` 0/1; subjects: optional ``N`` ids (then subjects are resampled, see ``detection_ci``).
-        n_boot: replicates (>= 1); seed, ci: as ``image_level``.
+        n_boot: replicates (0: the point differences only, no CI); seed, ci: as ``image_level``.
 
     Returns:
         ``{"auroc_model", "auroc_baseline", "auroc_diff", "auroc_diff_ci": (lo, hi), "auprc_model",
         "auprc_baseline", "auprc_diff", "auprc_diff_ci", "frac_diff_le_0" (share of replicates where the model's
         AUROC margin is <= 0), "ci_excludes_0" (lo > 0 or hi < 0), "n", "n_pos", "n_boot", "resampled"}``
-        (+ ``"n_subjects"``).
+        (+ ``"n_subjects"``); with ``n_boot=0`` without the ``_ci``, ``frac_diff_le_0`` and ``ci_excludes_0`` keys.
     """
-    check_boot_args(n_boot, ci, minimum=1)  # a paired CI needs replicates
+    check_boot_args(n_boot, ci)
     sm, y = check_scores_labels(scores_model, labels)
     sb, _ = check_scores_labels(scores_baseline, labels)  # same length as labels, hence as the model's scores
     subj = _check_subjects(subjects, sm.size)
+    if n_boot == 0:
+        auroc_m, auroc_b = float(roc_auc_score(y, sm)), float(roc_auc_score(y, sb))
+        auprc_m, auprc_b = float(average_precision_score(y, sm)), float(average_precision_score(y, sb))
+        point: dict[str, Any] = {"auroc_model": auroc_m, "auroc_baseline": auroc_b, "auroc_diff": auroc_m - auroc_b,
+                                 "auprc_model": auprc_m, "auprc_baseline": auprc_b, "auprc_diff": auprc_m - auprc_b,
+                                 "n": int(y.size), "n_pos": int(y.sum()), "n_boot": 0}
+        return point
     diffs_auroc, diffs_ap = [], []
     for w in _weight_blocks(y, subj, n_boot, seed):
         am, pm = weighted_auroc_ap(sm, y, w)

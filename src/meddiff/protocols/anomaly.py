@@ -487,15 +487,8 @@ def _margin(scores: Mapping[str, np.ndarray], y: np.ndarray, subjects: list[str]
     base = {k: v for k, v in scores.items() if k != MODEL}
     known = {k: float(v) for k, v in val_auroc.items() if v is not None and np.isfinite(v)}
     val = known if set(known) == set(base) else None
-    if opts.n_boot >= 1:
-        m = margin_over_best_baseline(scores[MODEL], base, y, subjects=subjects, val_auroc=val,
-                                      n_boot=opts.n_boot, seed=opts.seed)
-    else:  # no bootstrap asked for: the point difference only
-        key = (lambda k: (val[k], k)) if val is not None else (lambda k: (_auroc(base[k], y), k))
-        best = max(base, key=key)
-        m = {"baseline": best, "baseline_chosen_on": "validation" if val is not None else "test",
-             "auroc_model": _auroc(scores[MODEL], y), "auroc_baseline": _auroc(base[best], y)}
-        m["auroc_diff"] = m["auroc_model"] - m["auroc_baseline"]
+    m = margin_over_best_baseline(scores[MODEL], base, y, subjects=subjects, val_auroc=val, n_boot=opts.n_boot,
+                                  seed=opts.seed)  # n_boot=0: the point difference only
     if val is not None:
         m["baseline_val_auroc"] = val
     m["verdict"] = margin_verdict(m, label=LABELS.get(m["baseline"], m["baseline"]))

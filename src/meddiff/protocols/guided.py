@@ -675,16 +675,9 @@ def margin(
     base = {k: v for k, v in scores.items() if k != "model"}
     known = {k: float(v) for k, v in (choice.get("best_val_auroc") or {}).items() if np.isfinite(v)}
     val = known if set(known) >= set(base) else None
-    if int(n_boot) >= 1:
-        val_arg = None if val is None else {k: val[k] for k in base}
-        m = margin_over_best_baseline(scores["model"], base, y, subjects=subj, val_auroc=val_arg,
-                                      n_boot=int(n_boot), seed=int(seed))
-    else:  # no bootstrap asked for: the point difference only
-        key = (lambda k: (val[k], k)) if val is not None else (lambda k: (_auroc(base[k], y), k))
-        best = max(base, key=key)
-        m = {"baseline": best, "baseline_chosen_on": "validation" if val is not None else "test",
-             "auroc_model": _auroc(scores["model"], y), "auroc_baseline": _auroc(base[best], y)}
-        m["auroc_diff"] = m["auroc_model"] - m["auroc_baseline"]
+    val_arg = None if val is None else {k: val[k] for k in base}
+    m = margin_over_best_baseline(scores["model"], base, y, subjects=subj, val_auroc=val_arg, n_boot=int(n_boot),
+                                  seed=int(seed))  # n_boot=0: the point difference only
     m["comparison"] = comparison
     if val is not None:
         m["baseline_val_auroc"] = {k: val[k] for k in base}
