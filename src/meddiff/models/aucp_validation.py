@@ -123,7 +123,6 @@ class AUCpValidation:
         self.val_aucp = RawScoreAUROC()
         self.val_auroc = RawScoreAUROC()  # raw scores of any range (BinaryAUROC would squash some batches)
         self._pool_counts = {p: 0 for p in POOLS}
-        self._labelled_pos = 0
         self._warned_pools = False
 
     def update_aucp(self, batch: Mapping[str, Any], scores: torch.Tensor, pools: list[str] | None = None) -> None:
@@ -150,7 +149,6 @@ class AUCpValidation:
         if is_lab.any():
             labels = batch["label"].to(scores.device)[is_lab].long()
             self.val_auroc.update(scores[is_lab], labels)
-            self._labelled_pos += int(labels.sum())
 
     def aucp_seen(self) -> bool:
         """Whether this validation epoch scored any image of the AUCp pools (known-healthy or unannotated)."""
@@ -181,11 +179,9 @@ class AUCpValidation:
         n_labelled = sum(self._pool_counts[p] for p in AUROC_POOLS)
         self.log_aucp()
         if n_labelled > 0:
-            both_classes = 0 < self._labelled_pos < n_labelled
-            self.log("val/auroc", self._compute(self.val_auroc) if both_classes else torch.tensor(float("nan")),
-                     prog_bar=True, sync_dist=False)
+            # computed whatever this process saw (the DDP gather is collective); NaN with one class in all of them
+            self.log("val/auroc", self._compute(self.val_auroc), prog_bar=True, sync_dist=False)
         self.val_auroc.reset()
-        self._labelled_pos = 0
 
     @staticmethod
     def _compute(metric: Metric) -> torch.Tensor:
