@@ -42,6 +42,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from meddiff.errors import ConfigError, DataError
 from meddiff.utils.io import atomic_write
+from meddiff.compat import translate_stored_config
 from meddiff.utils.safety import check_config_targets
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def stored_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
     cfg = plain_containers(ckpt[CKPT_CONFIG_KEY])
     if not isinstance(cfg, dict):
         raise DataError(f"{path}: the stored config {CKPT_CONFIG_KEY!r} is a {type(cfg).__name__}, not a mapping.")
+    translate_stored_config(cfg)  # older versions' moved targets / renamed keys -> today's, before the trust check
     check_config_targets(cfg, f"{Path(path).name}:{CKPT_CONFIG_KEY}")
     return cfg
 
