@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved  # noqa: E402
 
+from meddiff.data.modules.rsna_ct import CACHE_NAME, RSNACTDataModule, RSNADataset, RSNADicomDataset  # noqa: E402
 from meddiff.data.preprocess.cache import build_cache  # noqa: E402
-from meddiff.data.rsna_ct import CACHE_NAME, RSNACTDataModule, RSNADataset, RSNADicomDataset  # noqa: E402
 from meddiff.data.synthetic.ct import write_synthetic_rsna  # noqa: E402
 
 

@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(normalise_argv(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # no-op if configured
 
-    from meddiff.data.formats.hdf5_patches import inspect_hdf5, save_as_hdf5
-    from meddiff.data.synthetic.mri import write_synthetic_volumes
+    from meddiff.data.formats.patch_hdf5 import inspect_hdf5
+    from meddiff.data.preprocess.nifti_patches import save_as_hdf5
+    from meddiff.data.synthetic.mr_heads import write_synthetic_volumes
     from meddiff.errors import ConfigError, DataError
 
     inputs: list[str] = [s for item in (args.input or []) for s in item.split(",") if s]

@@ -18,7 +18,15 @@ from typing import Any
 __all__ = ["KEY_TRANSLATORS", "MOVED_TARGETS", "translate_stored_config"]
 
 #: old ``_target_`` -> its current dotted path (add a row when a class a config can name moves)
-MOVED_TARGETS: dict[str, str] = {}
+MOVED_TARGETS: dict[str, str] = {
+    # the data layout of issue 15: DataModules moved into meddiff.data.modules
+    "meddiff.data.mnist_splotch.MNISTSplotchDataModule": "meddiff.data.modules.mnist_splotch.MNISTSplotchDataModule",
+    "meddiff.data.rsna_ct.RSNACTDataModule": "meddiff.data.modules.rsna_ct.RSNACTDataModule",
+    "meddiff.data.hdf5_patches.HDF5PatchDataModule": "meddiff.data.modules.hdf5_patches.HDF5PatchDataModule",
+    "meddiff.data.adni_slices.ADNISliceDataModule": "meddiff.data.modules.adni.datamodule.ADNISliceDataModule",
+    "meddiff.data.image_folder.ImageFolderAnomalyDataModule":
+        "meddiff.data.modules.image_folder.ImageFolderAnomalyDataModule",
+}
 
 #: in-place rewrites of renamed option keys in a whole stored config, applied in order
 KEY_TRANSLATORS: list[Callable[[MutableMapping[str, Any]], None]] = []

@@ -12,8 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from meddiff.data.adni_slices import ADNISliceDataModule
 from meddiff.data.formats.adni_json import read_dataset_json
+from meddiff.data.modules.adni.datamodule import ADNISliceDataModule
 from meddiff.data.preprocess.mri_slices import slice_range
 from meddiff.data.synthetic.mri import write_synthetic_adni
 from meddiff.diffusion import NoiseSchedule

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import meddiff.data.formats.nifti as nifti_io
-from meddiff.data.adni_slices import ADNISliceDataModule, ADNISliceDataset, split_subjects
 from meddiff.data.formats.adni_json import ADNIEntry, read_dataset_json
+from meddiff.data.modules.adni.datamodule import ADNISliceDataModule, split_subjects
+from meddiff.data.modules.adni.dataset import ADNISliceDataset
 from meddiff.data.preprocess.mri_slices import slice_range
 from meddiff.data.synthetic.mri import write_synthetic_adni
 from meddiff.errors import ConfigError, DataError

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.data.adni_slices import ADNISliceDataModule, ADNISliceDataset
 from meddiff.data.formats.adni_json import read_dataset_json
 from meddiff.data.formats.nifti import FrameWarning
+from meddiff.data.modules.adni.datamodule import ADNISliceDataModule
+from meddiff.data.modules.adni.dataset import ADNISliceDataset
 from meddiff.data.preprocess.mri_slices import SliceSettings, VolumeSliceCache, volume_slices
 from meddiff.data.synthetic.mri import generate_volume, write_synthetic_adni
 from meddiff.errors import DataError

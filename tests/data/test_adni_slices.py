@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from meddiff.data.adni_slices import ADNISliceDataset
 from meddiff.data.formats.adni_json import entry_from_dict, read_dataset_json
 from meddiff.data.formats.nifti import FrameWarning
+from meddiff.data.modules.adni.dataset import ADNISliceDataset
 from meddiff.data.preprocess.mri_slices import SliceSettings, extract_slices, slice_range, volume_slices
 from meddiff.errors import ConfigError, DataError
 

@@ -203,7 +203,7 @@ def test_datamodule_refuses_a_synthetic_task_dir_written_with_other_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import meddiff.data.synthetic.mri as mri
-    from meddiff.data.adni_slices import ADNISliceDataModule
+    from meddiff.data.modules.adni.datamodule import ADNISliceDataModule
 
     kw = dict(root=str(tmp_path), task="t", image_size=16, synthetic=True, synthetic_shape=(20, 20, 20))
     dm = ADNISliceDataModule(**kw, synthetic_n_per_class=[2, 0, 0, 0, 2], synthetic_atrophy="matched")

@@ -22,8 +22,8 @@ from pydicom.data import get_testdata_file
 
 import meddiff.data.preprocess.rsna_slices as rsna_slices
 from meddiff.data.formats.dicom import MissingRescaleError, read_dicom
+from meddiff.data.modules.rsna_ct import RSNACTDataModule
 from meddiff.data.preprocess.cache import source_stamp
-from meddiff.data.rsna_ct import RSNACTDataModule
 from meddiff.data.synthetic.ct import write_synthetic_rsna
 from meddiff.errors import ConfigError, DataError
 

@@ -17,14 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.data.formats.hdf5_patches import (
-    FORMAT_VERSION,
-    SkippedVolumeWarning,
-    inspect_hdf5,
-    save_as_hdf5,
-)
-from meddiff.data.hdf5_patches import PatchDataset
-from meddiff.data.synthetic.mri import write_synthetic_volumes
+from meddiff.data.formats.patch_hdf5 import FORMAT_VERSION, inspect_hdf5
+from meddiff.data.modules.hdf5_patches import PatchDataset
+from meddiff.data.preprocess.nifti_patches import SkippedVolumeWarning, save_as_hdf5
+from meddiff.data.synthetic.mr_heads import write_synthetic_volumes
 from meddiff.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::meddiff.data.formats.nifti.FrameWarning")
@@ -138,7 +134,7 @@ def test_constant_volume_is_skipped_listed_and_logged(good, tmp_path, caplog, ki
     if kind == "binary":  # a mask saved as an image: the robust window of its foreground is one value
         data[:24] = 0.0
     bad = _save(tmp_path / "in" / f"{kind}.nii.gz", data)
-    with caplog.at_level(logging.WARNING, logger="meddiff.data.formats.hdf5_patches"):
+    with caplog.at_level(logging.WARNING, logger="meddiff.data.preprocess.nifti_patches"):
         with pytest.warns(SkippedVolumeWarning, match=rf"{kind}\.nii\.gz: .*{reason}"):
             out = _convert([bad, good], tmp_path / "out")
     info = inspect_hdf5(out)
@@ -181,7 +177,7 @@ def truncated(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("which", ["4d_gz", "3d_gz", "3d_raw"])
 def test_truncated_volume_is_skipped_under_skip_bad_naming_the_file(good, truncated, tmp_path, caplog, which):
     cut = truncated[which]
-    with caplog.at_level(logging.WARNING, logger="meddiff.data.formats.hdf5_patches"):
+    with caplog.at_level(logging.WARNING, logger="meddiff.data.preprocess.nifti_patches"):
         with pytest.warns(SkippedVolumeWarning, match=rf"{cut.name}: .*truncated"):
             out = _convert([cut, good], tmp_path / "out", skip_bad=True)
     info = inspect_hdf5(out)
@@ -229,7 +225,7 @@ def test_stale_temp_of_a_dead_conversion_is_removed_and_a_live_ones_kept(good, t
     unrelated = out_dir / ".keep.tmp"  # not an atomic_write name: never touched
     for p in (dead, live, unrelated):
         p.write_bytes(b"\0" * 1024)
-    with caplog.at_level(logging.WARNING, logger="meddiff.data.formats.hdf5_patches"):
+    with caplog.at_level(logging.WARNING, logger="meddiff.data.preprocess.nifti_patches"):
         _convert(good, out_dir)
     assert not dead.exists()
     assert live.exists() and unrelated.exists()
@@ -239,7 +235,7 @@ def test_stale_temp_of_a_dead_conversion_is_removed_and_a_live_ones_kept(good, t
 _HANG = """
 import sys, time
 from pathlib import Path
-import meddiff.data.formats.hdf5_patches as hp
+import meddiff.data.preprocess.nifti_patches as hp
 real = hp._extract
 def slow(*a, **k):
     Path(sys.argv[3]).touch()  # the temporary file is open and being written: tell the test

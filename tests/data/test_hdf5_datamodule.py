@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.data.formats.hdf5_patches import inspect_hdf5, save_as_hdf5
-from meddiff.data.hdf5_patches import HDF5PatchDataModule, PatchDataset, split_by_volume
-from meddiff.data.synthetic.mri import write_synthetic_volumes
+from meddiff.data.formats.patch_hdf5 import inspect_hdf5
+from meddiff.data.modules.hdf5_patches import HDF5PatchDataModule, PatchDataset, split_by_volume
+from meddiff.data.preprocess.nifti_patches import save_as_hdf5
+from meddiff.data.synthetic.mr_heads import write_synthetic_volumes
 from meddiff.errors import ConfigError, DataError
 from meddiff.patches import stitch
 

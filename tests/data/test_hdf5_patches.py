@@ -12,9 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import meddiff.data.formats.hdf5_patches as hp
-from meddiff.data.formats.hdf5_patches import SkippedVolumeWarning, inspect_hdf5, save_as_hdf5
+import meddiff.data.preprocess.nifti_patches as hp
 from meddiff.data.formats.nifti import FrameWarning, load_volume, robust_normalise
+from meddiff.data.formats.patch_hdf5 import inspect_hdf5
+from meddiff.data.preprocess.nifti_patches import SkippedVolumeWarning, save_as_hdf5
 from meddiff.errors import ConfigError, DataError
 from meddiff.patches import patch_grid, patch_starts, stitch, stitch_volumes
 

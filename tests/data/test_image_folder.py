@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from meddiff.data.formats.image_folder import read_image, scan_image_folder
-from meddiff.data.image_folder import ImageFolderAnomalyDataModule
-from meddiff.data.synthetic.image_folder import write_synthetic_image_folder
+from meddiff.data.formats.folder_layout import scan_image_folder
+from meddiff.data.formats.raster import read_image
+from meddiff.data.modules.image_folder import ImageFolderAnomalyDataModule
+from meddiff.data.synthetic.lesion_folders import write_synthetic_image_folder
 from meddiff.errors import ConfigError, DataError
 
 

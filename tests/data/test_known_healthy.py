@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from meddiff.data.known_healthy import holdout_split
-from meddiff.data.mnist_splotch import MNISTSplotchDataModule
-from meddiff.data.rsna_ct import RSNACTDataModule
+from meddiff.data.modules.mnist_splotch import MNISTSplotchDataModule
+from meddiff.data.modules.rsna_ct import RSNACTDataModule
 from meddiff.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "data"

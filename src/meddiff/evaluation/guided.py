@@ -1,6 +1,6 @@
-"""Deprecated: moved to meddiff.protocols.guided (volume loading: meddiff.data.adni_slices); kept for one release."""
+"""Deprecated: moved to meddiff.protocols.guided (volume loading: meddiff.data.modules.adni.volumes); kept for one release."""
 
-from meddiff.data.adni_slices import VolumeSource, input_volumes
+from meddiff.data.modules.adni.volumes import VolumeSource, input_volumes
 from meddiff.data.preprocess.mri_slices import VolumeData
 from meddiff.protocols.guided import (
     REDUCTIONS,

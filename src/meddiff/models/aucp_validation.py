@@ -15,7 +15,7 @@ the image's role for AUCp, and says whether its ``label`` may be read for ``val/
 - ``labelled``: a labelled validation set (``label`` 0/1), scored as ``val/auroc`` only (not in AUCp).
 
 Batches without ``pool``: rows with a ``label`` count as ``labelled``, the others as ``known_healthy``.
-``meddiff.data.known_healthy`` / ``meddiff.data.image_folder`` write these tags.
+``meddiff.data.known_healthy`` / ``meddiff.data.modules.image_folder`` write these tags.
 
 ``val/aucp`` = ROC-AUC of the scores with pool membership as the target (``meddiff.metrics.aucp``), computed with
 torchmetrics so it syncs across DDP processes. With ``aucp_rho`` (the share of healthy images in the unannotated

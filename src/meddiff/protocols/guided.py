@@ -4,7 +4,7 @@
 models with ``eval_protocol = "guided"``, e.g. :class:`meddiff.models.guided.GuidedDiffusion`).
 
 Data come through public per-volume APIs only (:class:`VolumeDataModule`: ``volumes(split)`` and
-``input_volumes(spec, label)``, e.g. :class:`meddiff.data.adni_slices.ADNISliceDataModule`). The model is never
+``input_volumes(spec, label)``, e.g. :class:`meddiff.data.ADNISliceDataModule`). The model is never
 changed: ``eval.*`` translation overrides make a copy of its ``translate`` settings, and its device and
 train/eval flags are restored after the run.
 
@@ -66,8 +66,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from meddiff.data.adni_slices import Volumes, VolumeSource
 from meddiff.data.formats.adni_json import CLASS_NAMES
+from meddiff.data.modules.adni.volumes import Volumes, VolumeSource
 from meddiff.data.preprocess.mri_slices import VolumeData
 from meddiff.errors import ConfigError, DataError
 from meddiff.protocols.base import ValidationView, evaluating, write_report

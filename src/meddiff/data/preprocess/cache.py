@@ -29,25 +29,21 @@ leaves the skip list), and a WARNING names the changed files. Stamps are not par
 changed file never leaves an orphan cache folder behind. A cache built without stamps is rebuilt once (logged).
 
 A record is a mapping with a unique string ``id`` plus any scalar fields (copied into the index). A
-``preprocess_fn`` returns either a mapping ``key -> np.ndarray`` or :class:`Processed` (arrays + scalar meta
-for the index). Raising :class:`SkipRecord` (or any exception) skips the record; skips are listed, summarised in
-a log line, and never stop the build. Floating arrays are stored as float16 by default (``float_dtype``).
+``preprocess_fn`` returns either a mapping ``key -> np.ndarray`` or ``Processed`` (arrays + scalar meta for the
+index). Raising ``SkipRecord`` (or any exception) skips the record; skips are listed, summarised in a log line, and
+never stop the build (both, and the per-chunk worker, are in :mod:`meddiff.data.preprocess.cache_chunks`). Floating arrays are stored as float16 by default (``float_dtype``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import multiprocessing as mp
 import os
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +51,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from meddiff.data.preprocess.cache_chunks import RESERVED, PreprocessFn, chunk_file, iter_chunk_results
 from meddiff.errors import ConfigError, DataError
-from meddiff.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, remove_stale_tmp
+from meddiff.utils.io import atomic_write_csv, atomic_write_text, remove_stale_tmp
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
-    "Processed",
-    "SkipRecord",
     "SliceCache",
     "build_cache",
     "cache_key",
@@ -74,26 +69,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
-_RESERVED = ("row", "ok", "kind", "reason", "chunk", "source_stamp")
 
 
-class SkipRecord(DataError):
-    """Raise from a ``preprocess_fn`` to skip a record on purpose; ``kind`` groups the summary (e.g. 'near_empty')."""
-
-    def __init__(self, reason: str, kind: str = "skipped") -> None:
-        super().__init__(reason)
-        self.kind = kind
-
-
-@dataclass
-class Processed:
-    """What a ``preprocess_fn`` may return: fixed-shape ``arrays`` plus scalar ``meta`` for the index CSV."""
-
-    arrays: dict[str, np.ndarray]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-PreprocessFn = Callable[[Mapping[str, Any]], "Processed | Mapping[str, np.ndarray]"]
 
 
 # --------------------------------------------------------------------------------------------- hashing
@@ -200,7 +177,7 @@ def _changed_sources(
     """How many records of ``chunks`` have a stamp other than the one stored in the chunk index, and examples."""
     n, examples = 0, []
     for cid in chunks:
-        path = _chunk_file(chunk_dir, cid, "index.csv")
+        path = chunk_file(chunk_dir, cid, "index.csv")
         start = cid * chunk_size
         current = {str(r["id"]): str(st) for r, st in zip(recs[start : start + chunk_size],
                                                           stamps[start : start + chunk_size])}
@@ -218,13 +195,6 @@ def _changed_sources(
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    """One array file of a chunk, written atomically and fsync'd (numeric data only: no pickles)."""
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 @contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
     """Exclusive lock so two processes never build the same cache at once (released when the process dies)."""
@@ -242,122 +212,12 @@ def _build_lock(folder: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------- building
-def _chunk_file(chunk_dir: Path, chunk_id: int, suffix: str) -> Path:
-    return chunk_dir / f"c{chunk_id:05d}.{suffix}"
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(preprocess_fn: PreprocessFn, chunk_dir: str, float_dtype: str, shapes: dict | None) -> None:
-    _WORKER.update(fn=preprocess_fn, chunk_dir=Path(chunk_dir), float_dtype=float_dtype, shapes=shapes)
-    if "torch" in sys.modules:  # one intra-op thread per worker: the pool provides the parallelism
-        sys.modules["torch"].set_num_threads(1)
-
-
-def _as_arrays(out: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    if isinstance(out, Processed):
-        arrays, meta = out.arrays, out.meta
-    elif isinstance(out, Mapping):
-        arrays, meta = out, {}
-    else:
-        raise TypeError(f"preprocess_fn must return a mapping of arrays or Processed, got {type(out).__name__}")
-    if not arrays:
-        raise TypeError("preprocess_fn returned no arrays")
-    return {str(k): np.asarray(v) for k, v in arrays.items()}, dict(meta)
-
-
-def _process_chunk(task: tuple[int, list[dict[str, Any]], list[str] | None]) -> dict[str, Any]:
-    """Run preprocess_fn over one chunk, write its array files and index CSV atomically, return a summary."""
-    chunk_id, records, stamps = task
-    fn: PreprocessFn = _WORKER["fn"]
-    chunk_dir: Path = _WORKER["chunk_dir"]
-    float_dtype = np.dtype(_WORKER["float_dtype"])
-    shapes: dict[str, tuple[tuple[int, ...], str]] | None = _WORKER["shapes"]
-
-    stacks: dict[str, list[np.ndarray]] = {}
-    rows: list[dict[str, Any]] = []
-    for j, rec in enumerate(records):
-        row = {k: v for k, v in rec.items()}
-        if stamps is not None:
-            row["source_stamp"] = stamps[j]
-        try:
-            arrays, meta = _as_arrays(fn(rec))
-            arrays = {
-                k: v.astype(float_dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()
-            }
-            spec = shapes or {k: (tuple(v.shape), v.dtype.str) for k, v in arrays.items()}
-            if set(arrays) != set(spec):
-                raise DataError(f"arrays {sorted(arrays)} differ from the expected keys {sorted(spec)}")
-            for k, v in arrays.items():
-                if tuple(v.shape) != tuple(spec[k][0]) or v.dtype.str != np.dtype(spec[k][1]).str:
-                    raise DataError(
-                        f"array {k!r} has shape {v.shape} {v.dtype}, expected {tuple(spec[k][0])} {spec[k][1]}"
-                    )
-            shapes = spec
-            for k, v in arrays.items():
-                stacks.setdefault(k, []).append(v)
-            row.update({k: v for k, v in meta.items() if k not in _RESERVED})
-            row.update(ok=True, kind="", reason="")
-        except SkipRecord as e:
-            row.update(ok=False, kind=e.kind, reason=str(e))
-        except Exception as e:  # never let one bad record stop the build; it is listed in skipped.csv
-            row.update(ok=False, kind=type(e).__name__, reason=f"{type(e).__name__}: {e}")
-        rows.append(row)
-
-    written: dict[str, list[Any]] = {}
-    if shapes is not None:
-        for k, (shape, dtype) in shapes.items():
-            arr = (
-                np.stack(stacks[k]) if stacks.get(k) else np.zeros((0, *shape), dtype=np.dtype(dtype))
-            )
-            _write_npy(_chunk_file(chunk_dir, chunk_id, f"{k}.npy"), arr)
-            written[k] = [list(shape), np.dtype(dtype).str]
-    atomic_write_csv(_chunk_file(chunk_dir, chunk_id, "index.csv"), pd.DataFrame(rows))
-    n_ok = sum(bool(r["ok"]) for r in rows)
-    return {"chunk": chunk_id, "n_records": len(rows), "n_ok": n_ok, "arrays": written}
-
-
-def _default_mp_context() -> str:
-    methods = mp.get_all_start_methods()
-    torch = sys.modules.get("torch")
-    cuda_on = bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
-    return "fork" if "fork" in methods and not cuda_on else "spawn"
-
-
-def _iter_results(
-    tasks: list[tuple[int, list[dict[str, Any]], list[str] | None]],
-    init_args: tuple,
-    num_workers: int,
-    mp_context: str | None,
-) -> Iterable[dict[str, Any]]:
-    if num_workers <= 0 or len(tasks) <= 1:
-        saved = dict(_WORKER)
-        _WORKER.update(fn=init_args[0], chunk_dir=Path(init_args[1]), float_dtype=init_args[2], shapes=init_args[3])
-        torch = sys.modules.get("torch")
-        n_threads = torch.get_num_threads() if torch is not None else None
-        if torch is not None:  # per-record ops are small: extra intra-op threads only add contention
-            torch.set_num_threads(1)
-        try:
-            for t in tasks:
-                yield _process_chunk(t)
-        finally:
-            _WORKER.clear()
-            _WORKER.update(saved)
-            if torch is not None and n_threads is not None:
-                torch.set_num_threads(n_threads)
-        return
-    ctx = mp.get_context(mp_context or _default_mp_context())
-    with ctx.Pool(min(num_workers, len(tasks)), initializer=_init_worker, initargs=init_args) as pool:
-        yield from pool.imap_unordered(_process_chunk, tasks)
-
-
 def _validate_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, r in enumerate(records):
         if "id" not in r:
             raise DataError(f"cache record {i} has no 'id' field: {dict(r)!r}; every record needs a unique id.")
-        clash = [k for k in _RESERVED if k in r]
+        clash = [k for k in RESERVED if k in r]
         if clash:
             raise DataError(f"cache record {r['id']!r} uses reserved field(s) {clash}; rename them.")
         out.append({k: v for k, v in r.items()})
@@ -394,7 +254,7 @@ def build_cache(
 
     Args:
         records: mappings with a unique ``id`` and JSON-like scalar fields; their order defines the chunks.
-        preprocess_fn: ``record -> {key: array}`` or :class:`Processed`; must be picklable when
+        preprocess_fn: ``record -> {key: array}`` or ``Processed``; must be picklable when
             ``num_workers > 0`` with the spawn start method (a module-level function or ``functools.partial``).
         cache_root, name, settings: where, and the preprocessing settings that make this cache unique.
         chunk_size: records per chunk (the unit of parallel work, of resumption and of files on disk).
@@ -447,8 +307,8 @@ def build_cache(
         done: dict[str, dict[str, Any]] = {}
         stale_chunks: list[int] = []
         for cid, summary in (manifest.get("done") or {}).items():
-            files = [_chunk_file(chunk_dir, int(cid), "index.csv")]
-            files += [_chunk_file(chunk_dir, int(cid), f"{k}.npy") for k in summary.get("arrays", {})]
+            files = [chunk_file(chunk_dir, int(cid), "index.csv")]
+            files += [chunk_file(chunk_dir, int(cid), f"{k}.npy") for k in summary.get("arrays", {})]
             if int(cid) < n_chunks and all(f.is_file() for f in files):
                 if want is not None and summary.get("stamps") != want[cid]:
                     stale_chunks.append(int(cid))
@@ -490,7 +350,7 @@ def build_cache(
         n_new = sum(len(t[1]) for t in tasks)
         with tqdm(total=len(recs), initial=len(recs) - n_new, desc=f"cache {name}", disable=not progress,
                   unit="rec", smoothing=0.1) as bar:
-            for summary in _iter_results(tasks, init_args, num_workers, mp_context):
+            for summary in iter_chunk_results(tasks, init_args, num_workers, mp_context):
                 if want is not None:  # the stamps taken before decoding: a file changed meanwhile decodes again
                     summary["stamps"] = want[str(summary["chunk"])]
                 done[str(summary["chunk"])] = summary
@@ -515,7 +375,7 @@ def _finalize(
     arrays = json.loads(specs.pop()) if specs else {}
     frames, offset = [], 0
     for cid in range(n_chunks):
-        df = pd.read_csv(_chunk_file(chunk_dir, cid, "index.csv"), dtype={"id": str}, keep_default_na=False,
+        df = pd.read_csv(chunk_file(chunk_dir, cid, "index.csv"), dtype={"id": str}, keep_default_na=False,
                          na_values=[""])
         df["ok"] = df["ok"].astype(str).str.lower().isin(["true", "1"])
         df["chunk"] = cid
@@ -609,7 +469,7 @@ class SliceCache:
     def _map(self, chunk: int, key: str) -> np.ndarray:
         m = self._maps.get((chunk, key))
         if m is None:
-            path = _chunk_file(self.path / "chunks", chunk, f"{key}.npy")
+            path = chunk_file(self.path / "chunks", chunk, f"{key}.npy")
             try:
                 m = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:

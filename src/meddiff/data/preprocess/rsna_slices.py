@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from meddiff.data.formats.dicom import MissingRescaleError, read_dicom
-from meddiff.data.preprocess.cache import Processed, SkipRecord
+from meddiff.data.preprocess.cache_chunks import Processed, SkipRecord
 from meddiff.data.preprocess.ct_windows import preprocess_hu
 from meddiff.errors import DataError
 

@@ -1,14 +1,10 @@
-"""Synthetic brain MRI phantoms written as real NIfTI files, for demos and tests.
+"""Synthetic ADNI brain MRI phantoms written as real NIfTI files in the ADNI task-dir layout, for demos and tests.
 
-Two writers share one smooth-noise generator (:func:`smooth_noise`) and one head rotation (:func:`yaw_matrix`):
-
-* :func:`write_synthetic_volumes`: generic MR-like heads (scalp, CSF, cortex, white matter, ventricles, bias
-  field) as ``<dir>/<prefix>_<i:03d>.nii.gz`` float32, RAS affine; input of the HDF5 patch pipeline.
-* :func:`write_synthetic_adni` / :func:`generate_volume`: skull-stripped T1-like brains with class-dependent
-  atrophy in the ADNI task-dir layout (seed 004), described below.
-
-The two anatomies are kept apart (not one parametrised family) so each keeps writing bit-identical files for a
-given seed, which stored demo caches and test expectations rely on.
+:func:`write_synthetic_adni` / :func:`generate_volume`: skull-stripped T1-like brains with class-dependent
+atrophy (seed 004), described below; :func:`ensure_synthetic_adni` writes a task dir once and checks that an
+existing one was written with the asked options (what a DataModule's ``prepare_data`` calls). The generic MR heads
+of the HDF5 patch pipeline are in :mod:`meddiff.data.synthetic.mr_heads` (kept apart so each writer keeps writing
+bit-identical files for a given seed, which stored demo caches and test expectations rely on).
 
 ADNI phantoms
 -------------
@@ -62,7 +58,8 @@ from typing import Any
 
 import numpy as np
 
-from meddiff.errors import ConfigError
+from meddiff.data.synthetic.fields import smooth_noise, yaw_matrix
+from meddiff.errors import ConfigError, DataError
 from meddiff.utils.io import atomic_write_text
 
 __all__ = [
@@ -72,12 +69,10 @@ __all__ = [
     "LABEL_NAMES",
     "MATCHED",
     "class_counts",
+    "ensure_synthetic_adni",
     "generate_volume",
-    "smooth_noise",
     "synthetic_options",
     "write_synthetic_adni",
-    "write_synthetic_volumes",
-    "yaw_matrix",
 ]
 
 #: sub-directory per ``slice_label`` (1..5), as in the seed's task dir layout
@@ -93,26 +88,6 @@ LABEL_NAMES: dict[int, str] = {
     4: "ventricle",
     5: "hippocampus",
 }
-
-
-def smooth_noise(
-    rng: np.random.Generator, shape: Sequence[int], sigma: float, mode: str = "reflect"
-) -> np.ndarray:
-    """Zero-mean, unit-std Gaussian random field of ``shape`` smoothed with ``sigma`` voxels (float64).
-
-    ``mode`` is the boundary rule of ``scipy.ndimage.gaussian_filter`` (``"reflect"`` for the ADNI phantoms,
-    ``"wrap"`` for the generic heads; each writer keeps its own so its files stay identical for a seed).
-    """
-    from scipy.ndimage import gaussian_filter
-
-    f = gaussian_filter(rng.standard_normal(tuple(int(s) for s in shape)), sigma=sigma, mode=mode)
-    return (f - f.mean()) / (f.std() + 1e-12)
-
-
-def yaw_matrix(angle: float) -> np.ndarray:
-    """``[3, 3]`` rotation by ``angle`` radians about the z (inferior-superior) axis."""
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -584,79 +559,38 @@ def write_synthetic_adni(
     return task_dir
 
 
-# ------------------------------------------------------------------------------ generic MR heads
-def write_synthetic_volumes(
-    directory: str | Path,
-    n: int = 4,
-    shape: tuple[int, int, int] = (96, 96, 32),
+def ensure_synthetic_adni(
+    root: str | os.PathLike[str],
+    task: str,
+    n_per_class: int | Sequence[int] | Mapping[Any, int] = 4,
+    shape: Sequence[int] = (64, 64, 64),
     seed: int = 0,
-    prefix: str = "phantom",
-    voxel_size: float = 2.0,
-) -> list[Path]:
-    """Write ``n`` brain-like MR phantoms as ``<directory>/<prefix>_<i:03d>.nii.gz`` (for demos and tests).
+    atrophy: str = "global",
+) -> Path:
+    """The synthetic task dir ``<root>/<task>``: written by :func:`write_synthetic_adni` when it has no
+    ``dataset.json``, otherwise checked against its ``synthetic.json`` (task dirs written before that file existed
+    are not checked).
 
-    Each phantom is an ellipsoid head: a bright scalp/skull shell, CSF, grey matter cortex, white matter core,
-    two ventricles, with a smooth multiplicative bias field and low-frequency tissue texture. Size, position
-    and rotation vary per volume. Intensities are MR-like (background 0, white matter ≈ 700) stored as float32
-    with a RAS affine of ``voxel_size`` mm.
-
-    Args:
-        directory: output folder (created).
-        n: number of volumes (>= 1).
-        shape: ``(X, Y, Z)`` voxels, each >= 4.
-        seed: RNG seed; the same seed writes identical files.
-
-    Returns:
-        The written paths, sorted.
+    Raises:
+        ConfigError: the existing task dir was written with other options (it would be reused silently otherwise).
+        DataError: its ``synthetic.json`` is unreadable.
     """
-    import nibabel as nib
-
-    if n < 1:
-        raise ConfigError(f"n={n} must be >= 1")
-    if len(shape) != 3 or min(shape) < 4:
-        raise ConfigError(f"shape={tuple(shape)} must be three sizes >= 4")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    X, Y, Z = (int(s) for s in shape)
-    grid = np.stack(
-        np.meshgrid(
-            np.linspace(-1, 1, X, dtype=np.float64),
-            np.linspace(-1, 1, Y, dtype=np.float64),
-            np.linspace(-1, 1, Z, dtype=np.float64),
-            indexing="ij",
-        ),
-        axis=-1,
-    )  # [X, Y, Z, 3]
-    paths: list[Path] = []
-    for i in range(n):
-        radii = np.array([0.78, 0.9, 1.1]) * rng.uniform(0.9, 1.05, size=3)
-        centre = rng.uniform(-0.05, 0.05, size=3) * np.array([1, 1, 0.3])
-        ang = rng.uniform(-0.2, 0.2)
-        rot = yaw_matrix(ang)
-        p = (grid - centre) @ rot.T
-        r = np.sqrt(((p / radii) ** 2).sum(-1))  # 1 at the scalp surface
-        # ventricles: two small ellipsoids left/right of the midline
-        v_off = rng.uniform(0.1, 0.16)
-        v_rad = np.array([0.08, 0.28, 0.25]) * rng.uniform(0.8, 1.3)
-        vent = np.zeros(r.shape, dtype=bool)
-        for side in (-1.0, 1.0):
-            q = (p - np.array([side * v_off, 0.02, 0.0])) / v_rad
-            vent |= (q**2).sum(-1) < 1.0
-        tex = smooth_noise(rng, shape, sigma=max(1.0, min(shape) / 24), mode="wrap")
-        wobble = 0.03 * smooth_noise(rng, shape, sigma=max(2.0, min(shape) / 6), mode="wrap")
-        rr = r + wobble  # irregular cortex boundary
-        vol = np.zeros(shape, dtype=np.float64)
-        vol[rr < 1.0] = 900.0  # scalp / skull
-        vol[rr < 0.92] = 60.0  # CSF / skull gap
-        vol[rr < 0.88] = 450.0 + 25.0 * tex[rr < 0.88]  # grey matter
-        vol[rr < 0.7] = 700.0 + 20.0 * tex[rr < 0.7]  # white matter
-        vol[vent & (rr < 0.7)] = 80.0  # ventricles (CSF)
-        bias = 1.0 + 0.08 * smooth_noise(rng, shape, sigma=max(3.0, min(shape) / 3), mode="wrap")
-        vol = np.clip(vol * bias, 0.0, None).astype(np.float32)
-        affine = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
-        affine[:3, 3] = -np.array(shape) * voxel_size / 2
-        out = directory / f"{prefix}_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(vol, affine), str(out))
-        paths.append(out)
-    return sorted(paths)
+    task_dir = Path(root) / task
+    if not (task_dir / "dataset.json").is_file():
+        return write_synthetic_adni(root, n_per_class, shape, seed, task=task, atrophy=atrophy)
+    record = task_dir / "synthetic.json"
+    if not record.is_file():
+        return task_dir
+    try:
+        written = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{str(record)!r} is unreadable ({exc}); delete {str(task_dir)!r} to regenerate it") from exc
+    wanted = synthetic_options(n_per_class, shape, seed, atrophy=atrophy)
+    diff = {k: (written.get(k), v) for k, v in wanted.items() if k != "generator" and written.get(k) != v}
+    if diff:
+        listing = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+        raise ConfigError(
+            f"the synthetic task dir {str(task_dir)!r} was written with other options ({listing}); "
+            "choose another data.task for these options or delete the dir to regenerate it"
+        )
+    return task_dir

@@ -13,7 +13,7 @@ Definition (for a 28x28 image ``X`` in ``[0, 1]``):
 For ``size != 28`` every length of the definition (centre range and radii) is scaled by ``size / 28`` and
 rounded, so a splotch keeps its size relative to the image; at ``size == 28`` the numbers are exactly the
 seed's. (The MNIST DataModule draws at 28 and resizes image and mask together instead, see
-``meddiff.data.mnist_splotch``.)
+``meddiff.data.modules.mnist_splotch``.)
 """
 
 from __future__ import annotations

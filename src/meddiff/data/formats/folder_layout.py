@@ -1,4 +1,6 @@
-"""Anomaly-detection image folders: the two layouts, their reader and their checks (no torch, no Lightning).
+"""Anomaly-detection image folders: the two layouts, their index and their checks (no torch, no Lightning).
+
+Pixels of one image file: :mod:`meddiff.data.formats.raster`.
 
 Layout ``brainomaly`` (Brainomaly, WACV 2024)::
 
@@ -29,11 +31,8 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from meddiff.errors import ConfigError, DataError
 
@@ -248,84 +247,3 @@ def check_subject_overlap(index: FolderIndex, allow: bool = False) -> dict[str, 
                                   "to accept it (a warning then).")
         log.warning("%s Accepted because data.allow_subject_overlap=true.", msg)
     return overlap
-
-
-# ---------------------------------------------------------------------------------------------------- pixels
-def read_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` of an image from its header (no pixel decoding where the format allows)."""
-    name = path.name.lower()
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            shape = nib.load(str(path)).shape
-            return int(shape[0]), int(shape[1])
-        if name.endswith((".tif", ".tiff")):
-            import tifffile
-
-            with tifffile.TiffFile(str(path)) as tf:
-                shape = tf.pages[0].shape
-            return int(shape[0]), int(shape[1])
-        from PIL import Image
-
-        with Image.open(path) as im:
-            w, h = im.size
-        return int(h), int(w)
-    except Exception as exc:  # corrupt or not what its extension says
-        raise DataError(f"cannot read {path}: {exc}. Replace or remove the file.") from exc
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Pixels as ``[H, W, C]`` (C = 1, 3 or 4) in the file's dtype (uint8, uint16, float32, ...)."""
-    name = path.name.lower()
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            arr = np.asanyarray(nib.load(str(path)).dataobj)
-            arr = arr.reshape(arr.shape[:2] + tuple(s for s in arr.shape[2:] if s != 1))
-        elif name.endswith((".tif", ".tiff")):
-            import tifffile
-
-            arr = tifffile.imread(str(path))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                if im.mode in ("P", "LA", "PA", "CMYK", "YCbCr", "1"):
-                    im = im.convert("RGBA" if "A" in im.mode else ("L" if im.mode in ("LA", "1") else "RGB"))
-                arr = np.asarray(im)
-    except Exception as exc:
-        raise DataError(f"cannot read {path}: {exc}. Replace or remove the file.") from exc
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
-        raise DataError(f"{path} has pixel array shape {arr.shape}; expected a 2D grayscale or RGB(A) image slice.")
-    if arr.shape[2] == 2:  # gray + alpha
-        arr = arr[:, :, :1]
-    return arr
-
-
-def scale_intensity(arr: np.ndarray, mode: str = "auto", percentiles: Iterable[float] = (1.0, 99.0)) -> np.ndarray:
-    """Pixels -> float32 in ``[-1, 1]``.
-
-    ``dtype``: integer range of the dtype (uint8 /255, uint16 /65535); ``minmax``: per image; ``percentile``: per
-    image between the given percentiles (clipped); ``auto``: ``dtype`` for uint8, ``minmax`` otherwise.
-    """
-    if mode == "auto":
-        mode = "dtype" if arr.dtype == np.uint8 else "minmax"
-    x = arr.astype(np.float32)
-    if mode == "dtype":
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ConfigError(f"data.intensity=dtype needs integer pixels, got {arr.dtype}; use minmax or percentile.")
-        info = np.iinfo(arr.dtype)
-        lo, hi = float(max(info.min, 0)), float(info.max)
-    elif mode == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-    elif mode == "percentile":
-        lo, hi = (float(v) for v in np.percentile(x, list(percentiles)))
-    else:
-        raise ConfigError(f"data.intensity={mode!r} is unknown; choose auto, dtype, minmax or percentile.")
-    if hi <= lo:
-        return np.full_like(x, -1.0)
-    return np.clip((x - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0

@@ -1,4 +1,4 @@
-"""``ImageFolderAnomalyDataModule``: Brainomaly / BMAD image folders (``meddiff.data.formats.image_folder``) as pools.
+"""``ImageFolderAnomalyDataModule``: Brainomaly / BMAD image folders (``meddiff.data.formats.folder_layout``) as pools.
 
 Pools (``pool_dataset(name)`` / ``pool_loader(name)``):
 
@@ -33,16 +33,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from meddiff.data.base import SplitDataModule, dict_loader
-from meddiff.data.formats.image_folder import (
+from meddiff.data.formats.folder_layout import (
     DEFAULT_SUBJECT_REGEX,
     FolderIndex,
     ImageRecord,
     check_subject_overlap,
-    read_image,
-    read_size,
-    scale_intensity,
     scan_image_folder,
 )
+from meddiff.data.formats.raster import read_image, read_size
+from meddiff.data.preprocess.intensity import scale_intensity
 from meddiff.data.splits import split_groups
 from meddiff.errors import ConfigError, DataError
 
@@ -149,7 +148,7 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         val_max_per_pool: at most this many images per validation pool (a fixed seeded subset), or None.
         use_masks: read BMAD ``anomaly_mask`` folders. foreground_mask: add ``brain_mask`` to items.
         cache: keep preprocessed images in memory. synthetic: kwargs of
-            ``meddiff.data.synthetic.image_folder.write_synthetic_image_folder`` to write a phantom set into
+            ``meddiff.data.synthetic.lesion_folders.write_synthetic_image_folder`` to write a phantom set into
             ``root`` when it has none (demos and tests), or None.
         batch_size, num_workers, pin_memory, seed, seeded_shuffle: ``SplitDataModule``'s.
     """
@@ -189,7 +188,7 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
     def prepare_data(self) -> None:
         """Write the synthetic phantom set into ``root`` when configured and not there yet."""
         if self.synthetic is not None:
-            from meddiff.data.synthetic.image_folder import write_synthetic_image_folder
+            from meddiff.data.synthetic.lesion_folders import write_synthetic_image_folder
 
             write_synthetic_image_folder(self.root, **self.synthetic)
 

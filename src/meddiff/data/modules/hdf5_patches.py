@@ -1,7 +1,7 @@
 """Denoising pairs from an HDF5 patch file: :class:`PatchDataset` and :class:`HDF5PatchDataModule`.
 
-The file format (writer :func:`save_as_hdf5`, validator :func:`inspect_hdf5`) is
-:mod:`meddiff.data.formats.hdf5_patches`; the patch grid and stitcher are :mod:`meddiff.patches`; the split is
+The file format (reader and validator :func:`inspect_hdf5`) is :mod:`meddiff.data.formats.patch_hdf5`, its writer
+:mod:`meddiff.data.preprocess.nifti_patches` (called from ``prepare_data``); the patch grid and stitcher are :mod:`meddiff.patches`; the split is
 :func:`meddiff.data.splits.split_groups` by subject.
 
 Batches follow ``docs/contracts.md``: ``image`` (clean) and ``cond`` (clean + Gaussian noise) ``[1, P, P]``.
@@ -20,39 +20,13 @@ import torch
 from torch.utils.data import Dataset
 
 from meddiff.data.base import SplitDataModule
-from meddiff.data.formats.hdf5_patches import (
-    FORMAT,
-    FORMAT_VERSION,
-    PatchFileInfo,
-    SkippedVolumeWarning,
-    check_patch_values,
-    collect_inputs,
-    inspect_hdf5,
-    recreate_hint,
-    save_as_hdf5,
-)
+from meddiff.data.formats.patch_hdf5 import PatchFileInfo, check_patch_values, inspect_hdf5, recreate_hint
+from meddiff.data.preprocess.nifti_patches import save_as_hdf5
 from meddiff.data.splits import SPLITS, split_groups, subject_of
-from meddiff.data.synthetic.mri import write_synthetic_volumes
+from meddiff.data.synthetic.mr_heads import write_synthetic_volumes
 from meddiff.errors import ConfigError, DataError
-from meddiff.patches import patch_grid, patch_starts, stitch, stitch_volumes
 
-__all__ = [
-    "HDF5PatchDataModule",
-    "PatchDataset",
-    "split_by_volume",
-    # deprecated re-exports (moved to meddiff.data.formats.hdf5_patches and meddiff.patches); kept for one release
-    "FORMAT",
-    "FORMAT_VERSION",
-    "PatchFileInfo",
-    "SkippedVolumeWarning",
-    "collect_inputs",
-    "inspect_hdf5",
-    "patch_grid",
-    "patch_starts",
-    "save_as_hdf5",
-    "stitch",
-    "stitch_volumes",
-]
+__all__ = ["HDF5PatchDataModule", "PatchDataset", "split_by_volume"]
 
 # per-split offset of the deterministic val/test noise seed
 _NOISE_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}

@@ -10,7 +10,7 @@ Masks (BMAD ``anomaly_mask``) are the lesion voxels of the slice.
 
 Subjects per group (disjoint, so no subject spans two splits): known-healthy, the unannotated mixed set
 (diseased + healthy), a labelled validation set and a labelled test set. Layouts
-(``meddiff.data.formats.image_folder``):
+(``meddiff.data.formats.folder_layout``):
 
 - ``brainomaly``: ``train/neg``, ``train/pos``, ``train/neg_mixed``, ``val/pos``, ``val/neg``, ``test/pos``, ``test/neg``;
 - ``bmad``: ``train/good``, ``valid/good``, ``valid/Ungood/{img,anomaly_mask}``, ``test/good``,

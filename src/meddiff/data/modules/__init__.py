@@ -1,0 +1,1 @@
+"""The DataModules, one per source (exported from :mod:`meddiff.data`)."""
