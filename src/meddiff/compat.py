@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from meddiff.errors import ConfigError
+
 __all__ = ["KEY_TRANSLATORS", "MOVED_TARGETS", "translate_stored_config"]
 
 #: old ``_target_`` -> its current dotted path (add a row when a class a config can name moves)
@@ -28,8 +30,50 @@ MOVED_TARGETS: dict[str, str] = {
         "meddiff.data.modules.image_folder.ImageFolderAnomalyDataModule",
 }
 
+#: ADNI split options of meddiff <= 0.1.0 -> today's names (the DataModule no longer accepts the old ones)
+ADNI_RENAMED_OPTIONS: dict[str, str] = {"val_frac": "val_fraction", "test_frac": "test_fraction", "split_seed": "seed"}
+#: the DataModule's defaults of those options: a stored new name at its default yields to the old one (as 0.1.0 did)
+_ADNI_DEFAULTS: dict[str, Any] = {"val_fraction": 0.1, "test_fraction": 0.2, "seed": 0}
+_ADNI_DATAMODULE = "meddiff.data.modules.adni.datamodule.ADNISliceDataModule"
+
+
+def _walk_targets(node: Any, target: str) -> list[MutableMapping[str, Any]]:
+    """Every mapping inside ``node`` whose ``_target_`` is ``target``."""
+    found: list[MutableMapping[str, Any]] = []
+    if isinstance(node, MutableMapping):
+        if node.get("_target_") == target:
+            found.append(node)
+        for value in node.values():
+            found.extend(_walk_targets(value, target))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_walk_targets(value, target))
+    return found
+
+
+def translate_adni_split_options(cfg: MutableMapping[str, Any]) -> None:
+    """``val_frac`` / ``test_frac`` / ``split_seed`` of a stored ADNI data config -> ``val_fraction`` /
+    ``test_fraction`` / ``seed`` (runs after the target rows, so it sees the current ADNI path).
+
+    As meddiff 0.1.0 did, the old key wins over a new name stored at its default (a composed config carries the
+    defaults of ``configs/data``).
+
+    Raises:
+        ConfigError: an old key and its new name at another value both stored (0.1.0 refused such a config too).
+    """
+    for node in _walk_targets(cfg, _ADNI_DATAMODULE):
+        for old, new in ADNI_RENAMED_OPTIONS.items():
+            if old not in node:
+                continue
+            value = node.pop(old)
+            if new in node and node[new] != value and node[new] != _ADNI_DEFAULTS[new]:
+                raise ConfigError(f"the stored data config has {old}={value!r} and {new}={node[new]!r}; they "
+                                  f"name one option ({old} is its old name): fix the stored config or retrain.")
+            node[new] = value
+
+
 #: in-place rewrites of renamed option keys in a whole stored config, applied in order
-KEY_TRANSLATORS: list[Callable[[MutableMapping[str, Any]], None]] = []
+KEY_TRANSLATORS: list[Callable[[MutableMapping[str, Any]], None]] = [translate_adni_split_options]
 
 
 def _retarget(node: Any) -> None:

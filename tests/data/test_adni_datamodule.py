@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -270,24 +269,32 @@ def entries_of(root: Path) -> list[ADNIEntry]:
     return read_dataset_json(root / "2d_cfg_anom_det" / "dataset.json")
 
 
-def test_deprecated_split_option_names_warn_and_mean_the_same(root: Path) -> None:
+def test_stored_configs_with_the_old_split_option_names_build_the_same_split(root: Path) -> None:
+    """0.1.0's val_frac / test_frac / split_seed are gone from the DataModule; a stored config naming them (at the
+    old path) is translated on load (meddiff.compat) and builds the same split."""
+    from hydra.utils import instantiate
+
+    from meddiff.compat import translate_stored_config
+
     new = ADNISliceDataModule(root=str(root), image_size=16, val_fraction=0.2, test_fraction=0.3, seed=4)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        old = ADNISliceDataModule(root=str(root), image_size=16, val_frac=0.2, test_frac=0.3, split_seed=4)
-    assert [str(w.message) for w in rec if w.category is FutureWarning] == [
-        "ADNISliceDataModule: deprecated option(s) 'val_frac' (use 'val_fraction'), 'test_frac' (use "
-        "'test_fraction'), 'split_seed' (use 'seed'); rename them in your config"
-    ]  # one warning, one line
+    with pytest.raises(TypeError, match="val_frac"):
+        ADNISliceDataModule(root=str(root), image_size=16, val_frac=0.2)
+    stored = {"data": {"_target_": "meddiff.data.adni_slices.ADNISliceDataModule", "root": str(root), "image_size": 16,
+                       "val_fraction": 0.1, "test_fraction": 0.2, "seed": 0,  # the composed defaults
+                       "val_frac": 0.2, "test_frac": 0.3, "split_seed": 4}}
+    translate_stored_config(stored)
+    assert stored["data"] == {"_target_": "meddiff.data.modules.adni.datamodule.ADNISliceDataModule",
+                              "root": str(root), "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.3,
+                              "seed": 4}
+    old = instantiate(stored["data"])
     assert (old.val_fraction, old.test_fraction, old.seed) == (0.2, 0.3, 4)
-    assert {k: old.hparams[k] for k in ("val_fraction", "test_fraction", "seed")} == {
-        "val_fraction": 0.2, "test_fraction": 0.3, "seed": 4
-    } and not set(old.hparams) & {"val_frac", "test_frac", "split_seed"}  # rebuilt from hparams: new names only
     assert old.split_entries() == new.split_entries()
-    with pytest.raises(ConfigError, match="disagree"), pytest.warns(FutureWarning):
-        ADNISliceDataModule(root=str(root), val_fraction=0.3, val_frac=0.2)
-    with pytest.warns(FutureWarning, match="'val_frac'"):
-        assert split_subjects(entries_of(root), val_frac=0.2, test_frac=0.3, seed=4) == new.split_entries()
+    assert not set(old.hparams) & {"val_frac", "test_frac", "split_seed"}
+    current = {"data": dict(stored["data"])}
+    assert translate_stored_config(current) == {"data": stored["data"]}  # a no-op on a current config
+    clash = {"data": {"_target_": "meddiff.data.adni_slices.ADNISliceDataModule", "val_fraction": 0.3, "val_frac": 0.2}}
+    with pytest.raises(ConfigError, match="val_frac=0.2 and val_fraction=0.3"):
+        translate_stored_config(clash)
 
 
 # ---------------------------------------------------------------------------------- per-volume access

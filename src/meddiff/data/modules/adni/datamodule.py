@@ -26,7 +26,6 @@ candidates. The val/test splits are those without the option.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,57 +46,20 @@ __all__ = ["ADNISliceDataModule", "split_subjects"]
 
 
 # --------------------------------------------------------------------------------------------- splits
-#: deprecated option name -> its name now (stored checkpoints and configs still name the old ones)
-RENAMED_OPTIONS: dict[str, str] = {"val_frac": "val_fraction", "test_frac": "test_fraction", "split_seed": "seed"}
-
-
-def _renamed(owner: str, values: dict[str, Any], defaults: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
-    """``values`` with the deprecated options in ``old`` (those not None) moved to their new names; one warning
-    lists them. A deprecated option and its new name given with different values is a :class:`ConfigError`."""
-    used = {k: v for k, v in old.items() if v is not None}
-    if not used:
-        return values
-    warnings.warn(
-        f"{owner}: deprecated option(s) "
-        + ", ".join(f"{k!r} (use {RENAMED_OPTIONS[k]!r})" for k in used)
-        + "; rename them in your config",
-        FutureWarning,
-        stacklevel=3,
-    )
-    out = dict(values)
-    for k, v in used.items():
-        new = RENAMED_OPTIONS[k]
-        if out[new] != defaults[new] and out[new] != v:
-            raise ConfigError(f"{owner}: {new}={out[new]!r} and its deprecated alias {k}={v!r} disagree; keep {new}")
-        out[new] = v
-    return out
-
-
 def split_subjects(
     entries: Sequence[ADNIEntry],
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
-    *,
-    val_frac: float | None = None,
-    test_frac: float | None = None,
 ) -> dict[str, list[ADNIEntry]]:
     """Seeded train/val/test split by subject, stratified by class (:func:`meddiff.data.splits.split_groups_stratified`).
 
     Subjects (``entry.subject``; all of a subject's volumes stay together) get the most common class of their
-    volumes; the split depends only on the set of subjects, not on json order. ``val_frac`` / ``test_frac`` are
-    deprecated aliases of ``val_fraction`` / ``test_fraction``.
+    volumes; the split depends only on the set of subjects, not on json order.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}`` entries in input order; every entry in exactly one.
     """
-    v = _renamed(
-        "split_subjects",
-        {"val_fraction": val_fraction, "test_fraction": test_fraction},
-        {"val_fraction": 0.1, "test_fraction": 0.2},
-        {"val_frac": val_frac, "test_frac": test_frac},
-    )
-    val_fraction, test_fraction = v["val_fraction"], v["test_fraction"]
     names = split_groups_stratified(
         [e.subject for e in entries], [e.slice_label for e in entries], val_fraction, test_fraction, seed
     )
@@ -143,8 +105,6 @@ class ADNISliceDataModule(SplitDataModule):
         return_brain_mask: include ``brain_mask`` in batches.
         aucp_holdout: CN training slices held out (whole subjects whose training volumes are all CN, so at least
             this many) as the known-healthy pool of ``val/aucp``; 0 = off (:mod:`meddiff.data.known_healthy`).
-        val_frac, test_frac, split_seed: deprecated aliases of ``val_fraction``, ``test_fraction``, ``seed``
-            (named by stored checkpoints and configs); a warning says so.
 
     Attributes:
         datasets: ``{split: ADNISliceDataset}`` once built; ``train_set``, ``val_set``, ``test_set`` name them.
@@ -181,21 +141,10 @@ class ADNISliceDataModule(SplitDataModule):
         skip_bad: bool = True,
         return_brain_mask: bool = True,
         aucp_holdout: int = 0,
-        val_frac: float | None = None,
-        test_frac: float | None = None,
-        split_seed: int | None = None,
     ) -> None:
-        v = _renamed(
-            type(self).__name__,
-            {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
-            {"val_fraction": 0.1, "test_fraction": 0.2, "seed": 0},
-            {"val_frac": val_frac, "test_frac": test_frac, "split_seed": split_seed},
-        )
-        val_fraction, test_fraction, seed = v["val_fraction"], v["test_fraction"], v["seed"]
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
                          val_fraction=val_fraction, test_fraction=test_fraction, aucp_holdout=aucp_holdout)
-        # saved under the new names only (the locals above already hold the aliases' values)
-        self.save_hyperparameters(ignore=list(RENAMED_OPTIONS), logger=False)
+        self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self.task = str(task)
         self.settings = SliceSettings(image_size, lo, hi, tuple(int(a) for a in axes), pct_lo, pct_hi, frame)
