@@ -52,7 +52,7 @@ def test_brainomaly_pools_labels_and_subjects(tmp_path):
     mixed = d.pool_dataset("mixed")
     item = mixed[0]
     assert "label" not in item and item["pool"] == "unannotated"  # labels of the mixed set never leave here
-    assert item["subject"] == "m1" and item["id"] == "train/pos/m1__000"
+    assert item["subject"] == "m1" and item["id"] == "train/m1__000"  # no label folder in the id
     labelled = d.pool_dataset("mixed_labelled")
     assert sorted(int(labelled[i]["label"]) for i in range(len(labelled))) == [0, 0, 1, 1]
     assert item["image"].shape == (1, 16, 16) and item["image"].dtype == torch.float32

@@ -28,9 +28,11 @@ are missing, and (:func:`check_subject_overlap`) a subject in two groups (known-
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,12 +72,15 @@ _BMAD = (
     ("test", "test/Ungood/img", 1, "test/Ungood/anomaly_mask"),
 )
 _FOLDERS = {"brainomaly": _BRAINOMALY, "bmad": _BMAD}
+#: the group each layout reads as its unannotated pool: its images are named and ordered label-blind
+UNANNOTATED_GROUP = {"brainomaly": "mixed", "bmad": "val"}
 _REQUIRED = {"brainomaly": "train/neg", "bmad": "train/good"}
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image: where it is, its group and folder label, its subject and id (``<folder>/<name>``)."""
+    """One image: where it is, its group and folder label, its subject and id (``<folder>/<name>``; in the
+    unannotated pool ``<split dir>/<name>``, see :func:`_label_blind`)."""
 
     path: Path
     group: str
@@ -224,7 +229,53 @@ def scan_image_folder(root: str | Path, layout: str = "auto", subject_regex: str
     if layout == "brainomaly" and not any(r.group == "mixed" for r in records):
         raise DataError(f"{root} has no unannotated mixed set (train/pos and/or train/neg_mixed); the coarse generator "
                         f"trains on it and AUCp scores it. {LAYOUT_HELP}")
+    records = _label_blind(records, UNANNOTATED_GROUP[layout])
+    unparsed = [r.id for r in records if r.subject == r.id]  # named as in the index (label-blind in the pool)
     return FolderIndex(root, layout, records, unparsed, has_masks)
+
+
+def _content_tag(path: Path) -> str:
+    """A short hash of a file's bytes: tells apart same-named images of two label folders without naming either."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def _label_blind(records: list[ImageRecord], group: str) -> list[ImageRecord]:
+    """``records`` with those of the unannotated ``group`` renamed and ordered so that nothing about them depends on
+    which label folder holds each image (moving files between ``train/pos`` and ``train/neg_mixed`` changes only
+    their ``label``):
+
+    - id ``<split dir>/<file name without extension>`` (``train/m1__003``), not ``<label folder>/<name>``; two
+      images of one name in different label folders get ``~<hash of the file's bytes>`` appended;
+    - an image whose name carries no subject id is its own subject under that id;
+    - ordered by (subject, id), the group placed where it sat among the others.
+
+    Raises:
+        DataError: the same image (name and bytes) in two label folders of the pool.
+    """
+    pool = [r for r in records if r.group == group]
+    if not pool:
+        return records
+    base = {id(r): f"{r.folder.split('/')[0]}/{strip_extension(r.path.name)}" for r in pool}
+    clashes = Counter(base.values())
+    blind = []
+    for r in pool:
+        rid = base[id(r)]
+        if clashes[rid] > 1:
+            rid = f"{rid}~{_content_tag(r.path)}"
+        blind.append(dataclasses.replace(r, id=rid, subject=rid if r.subject == r.id else r.subject))
+    dup = [rid for rid, n in Counter(r.id for r in blind).items() if n > 1]
+    if dup:
+        raise DataError(f"{len(dup)} image(s) of the unannotated pool are stored twice, byte for byte, in two label "
+                        f"folders (e.g. {dup[0]}); keep each image in one folder.")
+    blind.sort(key=lambda r: (r.subject, r.id))
+    first = next(i for i, r in enumerate(records) if r.group == group)
+    others = [r for r in records if r.group != group]
+    cut = sum(1 for r in records[:first] if r.group != group)
+    return others[:cut] + blind + others[cut:]
 
 
 def check_subject_overlap(index: FolderIndex, allow: bool = False) -> dict[str, list[str]]:

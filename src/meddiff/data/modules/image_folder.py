@@ -4,9 +4,13 @@ Pools (``pool_dataset(name)`` / ``pool_loader(name)``):
 
 - ``known_healthy``: known-healthy training images (``train/neg`` or ``train/good``) minus the held-out part;
 - ``known_healthy_val``: ``val_fraction`` of the known-healthy *subjects*, held out for validation (AUCp label 0);
-- ``mixed``: the unannotated pool (Brainomaly ``train/pos`` + ``train/neg_mixed``; BMAD: ``valid/``), **without
-  labels**: its items carry no ``label`` key, so nothing downstream of the loader can train or select on them;
-- ``mixed_labelled``: the same images with their folder labels, for scoring the transductive protocol only;
+- ``mixed``: the unannotated pool (Brainomaly ``train/pos`` + ``train/neg_mixed``; BMAD: ``valid/``), **label-blind
+  by construction**: its items carry no ``label`` key, their ids and subjects do not name the label folder and the
+  pool is ordered by (subject, file name) whatever folder holds an image (``formats.folder_layout``), so moving
+  files between ``train/pos`` and ``train/neg_mixed`` leaves its items, order and seeded batches bit-identical;
+  its dataset's records carry no label either (``label=-1``);
+- ``mixed_labelled``: the same images, same order, with their folder labels, for scoring the transductive protocol
+  only (or :meth:`ImageFolderAnomalyDataModule.unannotated_labels`, the id -> label map);
 - ``labelled_val``: a labelled validation set (Brainomaly ``val/pos`` + ``val/neg``, BMAD ``valid/``), if present;
 - ``test``: the labelled test set.
 
@@ -22,6 +26,7 @@ Items (dicts, ``docs/contracts.md``): ``image [C, H, W]`` float32 in ``[-1, 1]``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,6 +245,11 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
             return index.group("test")
         raise ConfigError(f"pool {name!r} is unknown; choose one of {list(POOL_NAMES)}.")
 
+    def unannotated_labels(self) -> dict[str, int]:
+        """``{id: folder label}`` of the unannotated pool (0 healthy, 1 diseased): for scoring the transductive
+        protocol only; never for training or selection."""
+        return {r.id: int(r.label) for r in self._records("mixed_labelled")}
+
     def has_pool(self, name: str) -> bool:
         """Whether the data has images for pool ``name``."""
         return len(self._records(name)) > 0
@@ -255,6 +265,9 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
             group = "val" if name == "labelled_val" or (name.startswith("mixed") and index.layout == "bmad") else \
                 ("test" if name == "test" else "")
             with_labels = name != "mixed"
+            if not with_labels:  # the unannotated pool's records keep no label either (only the image's path)
+                records = [dataclasses.replace(r, label=-1, folder=r.folder.split("/")[0], mask_path=None)
+                           for r in records]
             self._pools[name] = ImageFolderDataset(
                 records, _TAG[name], with_labels=with_labels, channels=self.channels, crop=self.crop,
                 image_size=self.image_size, intensity=self.intensity, percentiles=self.percentiles,
