@@ -120,12 +120,13 @@ def _slices(entries, cache: Path) -> torch.Tensor:  # noqa: ANN001
     return torch.stack([ds[i]["image"] for i in range(len(ds))])
 
 
-@pytest.mark.parametrize("same", ["mtime", "size"])
+@pytest.mark.parametrize("same", ["mtime", "size", "size and mtime"])
 def test_a_replaced_volume_is_sliced_again(tmp_path: Path, same: str) -> None:
-    """The cache key holds the file's size and mtime_ns: a replacement differing in only one of them is re-sliced.
+    """The cache key holds the file's size, mtime_ns and a hash of its end blocks: a replacement is re-sliced.
 
     ``same="mtime"``: a ``.nii.gz`` of another size put back with the old mtime. ``same="size"``: an uncompressed
-    ``.nii`` of the same shape and dtype (same size, new content), with a new mtime."""
+    ``.nii`` of the same shape and dtype (same size, new content), with a new mtime. ``same="size and mtime"``: that
+    ``.nii`` with the old mtime kept (``cp -p``, ``rsync -t``; issue 20)."""
     suffix = ".nii.gz" if same == "mtime" else ".nii"
     task = tmp_path / "task"
     (task / "cn").mkdir(parents=True)
@@ -142,9 +143,12 @@ def test_a_replaced_volume_is_sliced_again(tmp_path: Path, same: str) -> None:
     if same == "mtime":
         os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
         assert path.stat().st_mtime_ns == old.st_mtime_ns and new.st_size != old.st_size
-    else:
+    elif same == "size":
         os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
         assert path.stat().st_size == old.st_size and path.stat().st_mtime_ns != old.st_mtime_ns
+    else:
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
     again = _slices(entries, cache)
     fresh = torch.from_numpy(volume_slices(entries[0], SliceSettings(image_size=16)).images)
     assert not torch.equal(again, first)  # not the stale slices

@@ -1,15 +1,18 @@
 """Data faults of the RSNA CT pipeline (issue 9): each gets a clear error or a skip-and-report line.
 
 - a DICOM without RescaleIntercept is refused and listed in the cache's skip list (never decoded as HU + 1024);
-- a changed (repaired) DICOM is decoded again: the cache key covers each file's size and mtime, only the chunk
-  holding it is rebuilt, and it leaves the skip list;
+- a changed (repaired) DICOM is decoded again: the cache's stamps cover each file's size, mtime and a hash of its
+  first and last few kB (so a same-size replacement with its mtime kept is caught too), only the chunk holding it is
+  rebuilt, and it leaves the skip list;
 - temporary files of a killed cache builder are removed when the next build starts;
 - a given-but-missing data.root is a DataError naming it; phantoms go only where the config says.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +133,42 @@ def test_a_deleted_or_added_source_file_changes_its_stamp(tmp_path):
     assert source_stamp(f) == "missing"
     f.write_bytes(b"abc")
     st = f.stat()
-    assert source_stamp(f, None) == f"3:{st.st_mtime_ns}"
-    assert source_stamp(f, tmp_path / "mask.png") == f"3:{st.st_mtime_ns};missing"
+    tag = hashlib.sha256(b"abc").hexdigest()[:16]
+    assert source_stamp(f, None) == f"3:{st.st_mtime_ns}:{tag}"
+    assert source_stamp(f, tmp_path / "mask.png") == f"3:{st.st_mtime_ns}:{tag};missing"
+
+
+def test_a_same_size_replacement_with_its_mtime_kept_is_decoded_again(syn, tmp_path, monkeypatch):
+    """Issue 20: other pixels of the same byte size copied over a DICOM with its mtime kept (``cp -p``, ``rsync -t``,
+    archive extraction) must be decoded again; size + mtime alone never noticed."""
+    src, table = syn
+    root = tmp_path / "rsna"
+    subprocess.run(["cp", "-a", str(src), str(root)], check=True)
+    victim = _victim(table)
+    path = root / "stage_2_train" / f"{victim}.dcm"
+    m = _dm(root, tmp_path / "cache")
+    m.setup("fit")
+    row = int(m.cache.index.set_index("id").loc[victim, "row"])
+    before_img = m.cache.get("image", row)
+
+    ds = pydicom.dcmread(path)
+    st = path.stat()
+    pixels = ds.pixel_array
+    ds.PixelData = (pixels.max() + pixels.min() - pixels).astype(pixels.dtype).tobytes()  # same size, other image
+    ds.save_as(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime kept, as cp -p would
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+    decoded: list[str] = []
+    real = rsna_slices.read_dicom
+    monkeypatch.setattr(rsna_slices, "read_dicom", lambda p: decoded.append(Path(p).stem) or real(p))
+    again = _dm(root, tmp_path / "cache")
+    again.setup("fit")
+    assert victim in decoded and again.cache.path == m.cache.path
+    r = int(again.cache.index.set_index("id").loc[victim, "row"])
+    fresh = again.preprocessor()(next(rec for rec in again.records() if rec["id"] == victim))
+    np.testing.assert_array_equal(again.cache.get("image", r), fresh.arrays["image"])
+    assert not np.array_equal(again.cache.get("image", r), before_img)  # the new pixels, not the stale ones
 
 
 def test_a_killed_builders_temporary_files_are_removed_at_the_next_build(syn, tmp_path):

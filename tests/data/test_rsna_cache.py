@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -280,6 +281,24 @@ def test_changed_source_files_are_decoded_again_chunk_by_chunk(tmp_path, caplog)
     assert "FileNotFoundError" in gone.skipped["reason"].iloc[0]
     with pytest.raises(DataError, match="9 source stamps for 10"):
         build_cache(recs, file_preprocess, tmp_path, "f", {}, chunk_size=4, progress=False, stamps=_stamps(recs)[:9])
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small file: whole-file hash", "big file: end blocks"])
+def test_a_same_size_same_mtime_replacement_is_decoded_again(tmp_path, big):
+    recs = _file_records(tmp_path / "src", 3)
+    path = Path(recs[1]["path"])
+    pad = " " * (3 * cache_mod.STAMP_EDGE_BYTES) if big else ""
+    path.write_text(f"1{pad}\n")
+    build = lambda: build_cache(recs, file_preprocess, tmp_path, "f", {}, chunk_size=4, progress=False,  # noqa: E731
+                                stamps=_stamps(recs))
+    assert build().get("x", 1).tolist() == [1.0, 1.0]
+    st = path.stat()
+    path.write_text(f"{pad}\n7")  # same size; the changed bytes sit in the first (and last) block
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored, as cp -p / rsync -t would
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    CALLS.clear()
+    again = build()
+    assert CALLS == ["f00", "f01", "f02"] and again.get("x", 1).tolist() == [7.0, 7.0]
 
 
 def test_a_cache_built_without_stamps_is_rebuilt_once_with_them(tmp_path, caplog):

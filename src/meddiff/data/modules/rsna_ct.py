@@ -6,7 +6,7 @@ once (:class:`meddiff.data.preprocess.rsna_slices.RSNAPreprocess`) into the prep
 (:mod:`meddiff.data.preprocess.cache`, ``<cache_dir>/rsna_ct-<hash12>/``): HU with the 12-bit intercept fix, windows as channels in ``[-1, 1]``, brain
 mask from HU, crop to the brain, resize to ``image_size``. Undecodable files, and DICOMs without
 ``RescaleIntercept`` (ambiguous HU), are skipped and listed in the cache's ``skipped.csv``. Every open compares each
-source file's size and mtime with those it was decoded from: changed (e.g. repaired) files are decoded again and
+source file's size, mtime and content tag (a hash of its end blocks) with those it was decoded from: changed (e.g. repaired) files are decoded again and
 leave the skip list (:mod:`meddiff.data.preprocess.cache`). ``setup`` splits by patient (``PatientID``, falling back to ``StudyInstanceUID``),
 deterministically per seed, stratified by "has any hemorrhage", and writes/reuses ``split_file``.
 
@@ -292,7 +292,7 @@ class RSNACTDataModule(SplitDataModule):
         return self._records
 
     def source_stamps(self) -> list[str]:
-        """One stamp per record (size and mtime_ns of its DICOM and lesion mask): changed files are decoded again."""
+        """One stamp per record (size, mtime_ns and content tag of its DICOM and lesion mask): changed files are decoded again."""
         return [
             source_stamp(self.root / r["file"], self.root / r["mask_file"] if r.get("mask_file") else None)
             for r in self.records()

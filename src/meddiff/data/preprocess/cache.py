@@ -21,8 +21,9 @@ an interrupted build leaves only finished chunks behind; rerunning builds only t
 Temporary files of builders that died (``kill -9``) are removed when the next build starts
 (:func:`meddiff.utils.io.remove_stale_tmp`; a live process's are kept).
 
-Source files can change after they were decoded (a repaired DICOM, a re-download). Pass ``stamps`` (one string per
-record naming its source files' identity, e.g. :func:`source_stamp`: size and mtime_ns) and every open compares
+Source files can change after they were decoded (a repaired DICOM, a re-download, a same-size replacement copied
+with its mtime kept). Pass ``stamps`` (one string per record naming its source files' identity, e.g.
+:func:`source_stamp`: size, mtime_ns and a hash of the file's first and last few kB) and every open compares
 them with the stamps the chunks were built from: a chunk with a changed, new or vanished file is decoded again
 (only that chunk; the rest of the cache is kept), ``index.csv``/``skipped.csv`` are rewritten (a repaired file
 leaves the skip list), and a WARNING names the changed files. Stamps are not part of the folder name, so a
@@ -62,6 +63,7 @@ __all__ = [
     "cache_key",
     "cache_path",
     "records_fingerprint",
+    "content_tag",
     "settings_hash",
     "source_stamp",
 ]
@@ -131,12 +133,32 @@ def cache_path(
     return Path(cache_root) / f"{name}-{settings_hash(cache_key(settings, records, chunk_size))}"
 
 
-def source_stamp(*paths: str | os.PathLike | None) -> str:
-    """Identity of a record's source files for ``build_cache(stamps=...)``: ``size:mtime_ns`` per file.
+#: bytes hashed at each end of a source file by :func:`source_stamp` (a DICOM's header and the end of its pixels)
+STAMP_EDGE_BYTES = 8192
 
-    ``None`` entries (an optional file the record lacks) are left out; a file that does not exist stamps as
-    ``missing``, so its appearance later changes the stamp too. ``;`` joins several files. A content hash would also
-    catch a same-size rewrite within one mtime tick, but costs a full read of every file on every open.
+
+def content_tag(path: str | os.PathLike, size: int, edge: int = STAMP_EDGE_BYTES) -> str:
+    """16 hex digits of sha256 over the first and last ``edge`` bytes of a file of ``size`` bytes (the whole file
+    when it is at most ``2 * edge``). Two reads of a few kB, cheap on every open."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if size <= 2 * edge:
+            h.update(fh.read())
+        else:
+            h.update(fh.read(edge))
+            fh.seek(size - edge)
+            h.update(fh.read(edge))
+    return h.hexdigest()[:16]
+
+
+def source_stamp(*paths: str | os.PathLike | None) -> str:
+    """Identity of a record's source files for ``build_cache(stamps=...)``: ``size:mtime_ns:<content tag>`` per
+    file, the tag a hash of its first and last :data:`STAMP_EDGE_BYTES` (:func:`content_tag`).
+
+    Size and mtime alone miss a replacement by other content of the same size whose mtime was kept (``cp -p``,
+    ``rsync -t``, archive extraction); the tag catches it unless the two files agree in both end blocks. ``None``
+    entries (an optional file the record lacks) are left out; a file that does not exist stamps as ``missing``, so
+    its appearance later changes the stamp too. ``;`` joins several files.
     """
     parts = []
     for p in paths:
@@ -144,13 +166,14 @@ def source_stamp(*paths: str | os.PathLike | None) -> str:
             continue
         try:
             st = os.stat(p)
+            tag = content_tag(p, st.st_size)
         except FileNotFoundError:
             parts.append("missing")
             continue
-        except OSError as e:  # unreadable metadata: a stamp that never matches a stored one forces a decode
+        except OSError as e:  # unreadable: a stamp that never matches a stored one forces a decode
             parts.append(f"error:{type(e).__name__}")
             continue
-        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{st.st_size}:{st.st_mtime_ns}:{tag}")
     return ";".join(parts)
 
 
@@ -325,7 +348,7 @@ def build_cache(
             stale_chunks.sort()
             n_changed, examples = _changed_sources(chunk_dir, stale_chunks, recs, stamps, chunk_size)
             log.warning(
-                "cache %s: %d source file(s) changed since they were decoded (e.g. %s; stamp = size:mtime_ns); "
+                "cache %s: %d source file(s) changed since they were decoded (e.g. %s; stamp = size:mtime_ns:content tag); "
                 "decoding %d of %d chunk(s) again and rewriting the index and skip list", folder.name, n_changed,
                 "; ".join(examples) or "chunks built without stamps", len(stale_chunks), n_chunks,
             )

@@ -18,7 +18,9 @@ Per volume (:func:`volume_slices`):
 Cache (:class:`VolumeSliceCache`): each volume's slices are written once to
 ``<cache_dir>/adni_slices_<settings hash>/<volume>_<file hash>.{img,mask,meta}.npy`` (``img`` float32
 ``[N, 1, S, S]``, ``mask`` uint8 ``[N, 1, S, S]``, ``meta`` int32 ``[N, 2]`` = (axis, index)); the settings hash
-covers every setting that changes the pixels, the file hash the file's resolved path, size and mtime. Files are
+covers every setting that changes the pixels, the file hash the file's resolved path, size, mtime and a hash of its
+first and last few kB (:func:`meddiff.data.preprocess.cache.content_tag`: a same-size replacement whose mtime was
+kept is sliced again too). Files are
 written through :mod:`meddiff.utils.io` (temp name + ``os.replace``, mode 0644; ``img`` last: its presence means
 complete) and read back as read-only memmaps, so epochs, DataLoader workers and DDP ranks never re-read NIfTI.
 
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 
 from meddiff.data.formats import nifti
 from meddiff.data.formats.adni_json import ADNIEntry
+from meddiff.data.preprocess.cache import content_tag
 from meddiff.errors import ConfigError, DataError
 from meddiff.utils.io import atomic_save_npy, atomic_write_bytes
 
@@ -308,14 +311,16 @@ class VolumeSliceCache:
 
     @staticmethod
     def stem(entry: ADNIEntry) -> str:
-        """``<volume id>_<hash of the file's resolved path, size and mtime>``: a changed file gets a new stem."""
+        """``<volume id>_<hash of the file's resolved path, size, mtime and content tag>``: a changed file gets a new
+        stem (the tag: :func:`meddiff.data.preprocess.cache.content_tag`, two reads of a few kB)."""
         try:
             st = entry.path.stat()
+            tag = content_tag(entry.path, st.st_size)
         except OSError as exc:
             raise DataError(
                 f"{entry.describe()}: image file {str(entry.path)!r} not found or unreadable ({exc})"
             ) from exc
-        ident = f"{entry.path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        ident = f"{entry.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{tag}"
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", entry.volume_id)[-80:]
         return f"{safe}_{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
 

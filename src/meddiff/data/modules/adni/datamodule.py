@@ -14,8 +14,8 @@ a :class:`Volumes` of ``VolumeSource`` whose ``load()`` gives the volume's slice
 Errors: a bad ``dataset.json`` entry (missing file, label outside 1-5, 2D image, unreadable, truncated or corrupt
 file of any dimensionality, a constant volume) raises a :class:`DataError` naming the entry and the file; building
 a dataset over many volumes with ``skip_bad=True`` skips a volume that fails to load, warns once listing all
-skipped ones (file and reason) and keeps them in ``.skipped``. The slice cache is keyed by each file's size and
-mtime, so a replaced volume is sliced again.
+skipped ones (file and reason) and keeps them in ``.skipped``. The slice cache is keyed by each file's size,
+mtime and a hash of its end blocks, so a replaced volume is sliced again.
 
 Label-free selection (``aucp_holdout: k > 0``, :mod:`meddiff.data.known_healthy`): whole CN training subjects (all
 their slices) are held out of the train split, in a seeded order, until at least ``k`` slices are; they form the
