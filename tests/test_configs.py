@@ -165,7 +165,10 @@ def test_model_families_share_one_base() -> None:
     assert {p.stem for p in families} >= {"unconditional", "conditional", "guided"}
     for path in families:
         family = _read(path)
-        assert family.pop("defaults", None) == [MODEL_BASE, "_self_"], f"{path.name}: defaults: [{MODEL_BASE}, _self_]"
+        defaults = family.pop("defaults", None)
+        eval_default = [d for d in defaults or [] if isinstance(d, dict)]
+        assert defaults == [MODEL_BASE, *eval_default, "_self_"] and len(eval_default) == 1, (
+            f"{path.name}: defaults: [{MODEL_BASE}, override /eval@_global_.eval: <its protocol's options>, _self_]")
         assert family["_target_"] != "???"
         restated = [".".join(p) for p in _leaves(family) if p != ("_target_",) and _leaves_equal(base, p, family)]
         assert not restated, f"model/{path.name} restates {MODEL_BASE} values: {restated}"
@@ -179,8 +182,14 @@ def _leaves_equal(base: dict, path: tuple, family: dict) -> bool:
 
 
 def test_no_unused_model_keys() -> None:
-    # the conditional model has no anomaly reconstruction: no `recon` placeholder in its config
-    assert "recon" not in _read(CONFIGS / "model" / "conditional.yaml")
+    # one sampling vocabulary: every diffusion family nests model.sampling; none of the old spellings is left
+    old = {"recon", "val_recon", "translate", "sample_steps", "sample_seed", "num_steps", "val_num_steps",
+           "val_score_batches", "val_psnr_batches", "val_sample_steps", "timestep_spacing", "num_samples"}
+    for path in (CONFIGS / "model").glob("*.yaml"):
+        assert not old & set(_read(path)), f"model/{path.name} uses old sampling keys {sorted(old & set(_read(path)))}"
+    for path in (CONFIGS / "experiment").glob("*.yaml"):
+        model = _read(path).get("model") or {}
+        assert not old & set(model), f"experiment/{path.name} uses old model keys {sorted(old & set(model))}"
 
 
 OLD_NAMES = {"val_frac": "val_fraction", "test_frac": "test_fraction", "split_seed": "seed"}
