@@ -13,7 +13,7 @@ import argparse
 import torch
 from bench._common import interleaved
 
-from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
+from meddiff.diffusion.partial import PartialSampling, partial_reconstruct
 from meddiff.diffusion import NoiseSchedule
 from meddiff.nets import build_net
 from meddiff.patches import patch_masks
@@ -39,8 +39,8 @@ def main() -> None:
     def fn(xt, t, idx):
         return net(xt, t)
 
-    batched_cfg = ReconstructionConfig(t_start=250, patch_size=args.patch, stride=args.stride, max_batch=args.max_batch)
-    looped_cfg = ReconstructionConfig(t_start=250, patch_size=args.patch, stride=args.stride, max_batch=1)
+    batched_cfg = PartialSampling(t_start=250, patch_size=args.patch, stride=args.stride, max_batch=args.max_batch)
+    looped_cfg = PartialSampling(t_start=250, patch_size=args.patch, stride=args.stride, max_batch=1)
     # the same forward shapes the batched path runs: chunks of max_batch items, the last one smaller
     sizes = [min(args.max_batch, items - i) for i in range(0, items, args.max_batch)]
     bare_inputs = [(torch.randn(n, 1, args.size, args.size), torch.full((n,), 250)) for n in sizes]
@@ -52,8 +52,8 @@ def main() -> None:
 
     with torch.no_grad():
         times = interleaved({
-            "batched": lambda: reconstruct(fn, schedule, x, batched_cfg),
-            "one patch at a time": lambda: reconstruct(fn, schedule, x, looped_cfg),
+            "batched": lambda: partial_reconstruct(fn, schedule, x, batched_cfg),
+            "one patch at a time": lambda: partial_reconstruct(fn, schedule, x, looped_cfg),
             "bare UNet forwards": bare,
         }, rounds=3)
     print(f"{args.images} images {args.size}px, patch {args.patch} stride {args.stride}: {n_patches} patches/image, "

@@ -165,7 +165,10 @@ def test_model_families_share_one_base() -> None:
     assert {p.stem for p in families} >= {"unconditional", "conditional", "guided"}
     for path in families:
         family = _read(path)
-        assert family.pop("defaults", None) == [MODEL_BASE, "_self_"], f"{path.name}: defaults: [{MODEL_BASE}, _self_]"
+        defaults = family.pop("defaults", None)
+        eval_default = [d for d in defaults or [] if isinstance(d, dict)]
+        assert defaults == [MODEL_BASE, *eval_default, "_self_"] and len(eval_default) == 1, (
+            f"{path.name}: defaults: [{MODEL_BASE}, override /eval@_global_.eval: <its protocol's options>, _self_]")
         assert family["_target_"] != "???"
         restated = [".".join(p) for p in _leaves(family) if p != ("_target_",) and _leaves_equal(base, p, family)]
         assert not restated, f"model/{path.name} restates {MODEL_BASE} values: {restated}"
@@ -179,8 +182,14 @@ def _leaves_equal(base: dict, path: tuple, family: dict) -> bool:
 
 
 def test_no_unused_model_keys() -> None:
-    # the conditional model has no anomaly reconstruction: no `recon` placeholder in its config
-    assert "recon" not in _read(CONFIGS / "model" / "conditional.yaml")
+    # one sampling vocabulary: every diffusion family nests model.sampling; none of the old spellings is left
+    old = {"recon", "val_recon", "translate", "sample_steps", "sample_seed", "num_steps", "val_num_steps",
+           "val_score_batches", "val_psnr_batches", "val_sample_steps", "timestep_spacing", "num_samples"}
+    for path in (CONFIGS / "model").glob("*.yaml"):
+        assert not old & set(_read(path)), f"model/{path.name} uses old sampling keys {sorted(old & set(_read(path)))}"
+    for path in (CONFIGS / "experiment").glob("*.yaml"):
+        model = _read(path).get("model") or {}
+        assert not old & set(model), f"experiment/{path.name} uses old model keys {sorted(old & set(model))}"
 
 
 OLD_NAMES = {"val_frac": "val_fraction", "test_frac": "test_fraction", "split_seed": "seed"}
@@ -198,3 +207,69 @@ def test_datamodules_share_option_names() -> None:
             assert {"val_fraction", "seed", "batch_size", "num_workers"} <= set(data), name
         elif name.startswith("data/"):
             assert {"val_fraction", "test_fraction", "seed", "batch_size", "num_workers"} <= set(data), name
+
+
+# ------------------------------------------------------------------------------- model <-> eval (issue 15 item 7)
+def protocol_options_class(name: str) -> type:
+    """The options dataclass of registered protocol ``name``, found through the registry (robust to the protocols
+    moving): an ``options_class`` / ``OPTIONS`` / ``Options`` attribute of the run function's owner or module (or its
+    package's ``options`` module), else the one ``*Options`` dataclass there that no other one nests."""
+    import dataclasses
+    import importlib
+    import typing
+
+    from meddiff.protocols import get_protocol
+
+    run = get_protocol(name)
+    owners = [getattr(run, "__self__", None), run]
+    modules = [importlib.import_module(run.__module__)]
+    package = modules[0].__name__.rsplit(".", 1)[0] if not hasattr(modules[0], "__path__") else modules[0].__name__
+    for extra in (package, f"{package}.options", f"{modules[0].__name__}.options"):
+        try:
+            mod = importlib.import_module(extra)
+        except ImportError:
+            continue
+        if mod.__name__.startswith(f"meddiff.protocols.{name}") or mod is modules[0]:
+            modules.append(mod)
+    for owner in owners + modules:
+        for attr in ("options_class", "OPTIONS", "Options"):
+            cls = getattr(owner, attr, None)
+            if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+                return cls
+    found = {v for m in modules for k, v in vars(m).items() if k.endswith("Options") and isinstance(v, type)
+             and dataclasses.is_dataclass(v) and v.__module__.startswith(f"meddiff.protocols.{name}")}
+    nested = {t for cls in found for t in typing.get_type_hints(cls).values() if t in found}
+    top = found - nested
+    assert len(top) == 1, f"protocol {name!r}: cannot tell its options class among {sorted(c.__name__ for c in top)}"
+    return top.pop()
+
+
+def _model_protocol(cfg: DictConfig) -> str:
+    from hydra.utils import get_class
+
+    return get_class(cfg.model._target_).eval_protocol
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_eval_group_parses_with_its_models_protocol_options(experiment: str, tmp_path: Path) -> None:
+    """The eval group an experiment composes is read by the options class of the protocol its model names."""
+    from meddiff.utils.options import options_from
+
+    cfg = _compose("train", [f"experiment={experiment}", *_paths(tmp_path)])
+    name = _model_protocol(cfg)
+    options_from(protocol_options_class(name), OmegaConf.to_container(cfg.eval, resolve=True), "eval")
+
+
+@pytest.mark.parametrize("family", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if p.stem != MODEL_BASE))
+def test_model_family_config_carries_its_eval_default(family: str, tmp_path: Path) -> None:
+    """`model=<family>` alone (no eval=...) composes the eval group its protocol reads (e.g. model=guided ->
+    eval=guided), and a command-line eval= still wins."""
+    from meddiff.utils.options import options_from
+
+    cfg = _compose("train", [f"model={family}", *_paths(tmp_path)])
+    options_from(protocol_options_class(_model_protocol(cfg)), OmegaConf.to_container(cfg.eval, resolve=True),
+                 "eval")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        chosen = compose("train", overrides=[f"model={family}", "eval=denoise", *_paths(tmp_path)],
+                         return_hydra_config=True).hydra.runtime.choices.eval
+    assert chosen == "denoise"

@@ -39,7 +39,7 @@ def test_one_grid_for_file_patches_and_diffusion_masks():
 
 def _reference_masked_average(x0: torch.Tensor, masks: torch.Tensor, preds: list[torch.Tensor],
                               index: list[torch.Tensor]) -> torch.Tensor:
-    """pDDPM reconstruction's accumulation as written before the stitcher was shared (anomaly/reconstruction.py)."""
+    """pDDPM reconstruction's accumulation as written before the stitcher was shared (diffusion/partial.py)."""
     b, _, h, w = x0.shape
     total = torch.zeros_like(x0)
     count = torch.zeros(b, 1, h, w, dtype=x0.dtype)

@@ -17,7 +17,8 @@ from typing import Any
 
 from meddiff.errors import ConfigError
 
-__all__ = ["KEY_TRANSLATORS", "MOVED_TARGETS", "translate_stored_config"]
+__all__ = ["KEY_TRANSLATORS", "MOVED_TARGETS", "translate_adni_split_options", "translate_sampling_keys",
+           "translate_stored_config"]
 
 #: old ``_target_`` -> its current dotted path (add a row when a class a config can name moves)
 MOVED_TARGETS: dict[str, str] = {
@@ -72,8 +73,73 @@ def translate_adni_split_options(cfg: MutableMapping[str, Any]) -> None:
             node[new] = value
 
 
+
+# ---------------------------------------------------------------------------------------- model.sampling (0.1 keys)
+#: ``model.recon`` / ``model.val_recon`` field -> ``model.sampling`` field (partial-diffusion models)
+_RECON_FIELDS = {"method": "sampler", "num_steps": "steps", "n_noise": "draws"}
+#: top-level sampling keys of the conditional (denoising) model -> ``model.sampling`` field
+_CONDITIONAL_FIELDS = {"sampler": "sampler", "sample_steps": "steps", "eta": "eta", "timestep_spacing": "spacing",
+                       "clip_sample": "clip", "num_samples": "draws", "sample_seed": "seed"}
+#: top-level sampling keys of the refiner -> ``model.sampling`` field
+_REFINER_FIELDS = {"sampler": "sampler", "num_steps": "steps", "eta": "eta", "t_start": "t_start",
+                   "timestep_spacing": "spacing", "sample_seed": "seed"}
+
+
+def _renamed(section: Any, names: dict[str, str]) -> Any:
+    if not isinstance(section, MutableMapping):
+        return section
+    return {names.get(k, k): v for k, v in section.items()}
+
+
+def translate_sampling_keys(cfg: MutableMapping[str, Any]) -> None:
+    """meddiff 0.1's four spellings of sampling settings -> ``model.sampling`` / ``model.val_sampling`` /
+    ``model.val_batches`` (in place; a no-op on a current config):
+
+    - ``model.recon`` (partial diffusion) -> ``sampling`` (``method`` -> ``sampler``, ``num_steps`` -> ``steps``,
+      ``n_noise`` -> ``draws``), ``model.val_recon`` -> ``val_sampling``; ``recon: null`` (guided / conditional
+      checkpoints of 0.1) is dropped;
+    - ``model.translate`` (guided) -> ``sampling`` (``num_steps`` -> ``steps``, sampler ``ddim``),
+      ``val_score_batches`` -> ``val_batches``;
+    - ``model.{sampler, sample_steps, eta, timestep_spacing, clip_sample, num_samples, sample_seed}`` (conditional)
+      -> ``sampling``; ``val_psnr_batches`` -> ``val_batches``; ``val_sample_steps`` -> ``val_sampling`` (the DDIM,
+      eta 0, one-draw pass validation always ran);
+    - ``model.{sampler, num_steps, eta, t_start, timestep_spacing, sample_seed}`` (refiner) -> ``sampling``;
+      ``val_num_steps`` -> ``val_sampling.steps``; ``val_score_batches`` -> ``val_batches``.
+    """
+    model = cfg.get("model")
+    if not isinstance(model, MutableMapping) or "sampling" in model:
+        return
+    if "recon" in model:
+        recon = model.pop("recon")
+        if recon is not None:
+            model["sampling"] = _renamed(recon, _RECON_FIELDS)
+        if model.get("val_recon") is not None:
+            model["val_sampling"] = _renamed(model.pop("val_recon"), _RECON_FIELDS)
+        model.pop("val_recon", None)
+    if "translate" in model:
+        translate = _renamed(model.pop("translate"), {"num_steps": "steps"})
+        model["sampling"] = {"sampler": "ddim", **(translate or {})}
+        if "val_score_batches" in model:
+            model["val_batches"] = model.pop("val_score_batches")
+    elif "sample_steps" in model or "val_psnr_batches" in model or "val_sample_steps" in model:
+        model["sampling"] = {new: model.pop(old) for old, new in _CONDITIONAL_FIELDS.items() if old in model}
+        if "val_psnr_batches" in model:
+            model["val_batches"] = model.pop("val_psnr_batches")
+        if "val_sample_steps" in model:
+            model["val_sampling"] = {"sampler": "ddim", "steps": model.pop("val_sample_steps"), "eta": 0.0,
+                                     "draws": 1}
+    elif "residual_scale" in model and any(k in model for k in (*_REFINER_FIELDS, "val_num_steps")):
+        model["sampling"] = {new: model.pop(old) for old, new in _REFINER_FIELDS.items() if old in model}
+        val_steps = model.pop("val_num_steps", None)
+        if val_steps is not None:
+            model["val_sampling"] = {"steps": val_steps}
+        if "val_score_batches" in model:
+            model["val_batches"] = model.pop("val_score_batches")
+
+
 #: in-place rewrites of renamed option keys in a whole stored config, applied in order
-KEY_TRANSLATORS: list[Callable[[MutableMapping[str, Any]], None]] = [translate_adni_split_options]
+KEY_TRANSLATORS: list[Callable[[MutableMapping[str, Any]], None]] = [translate_adni_split_options,
+                                                                     translate_sampling_keys]
 
 
 def _retarget(node: Any) -> None:

@@ -2,10 +2,10 @@
 
 The experiment config (data, schedule, net, model, eval) is read back from the checkpoint, so any checkpoint
 evaluates with no other argument; ``+data.*`` / ``+model.*`` / ``+eval.*`` overrides on the command line take
-precedence (e.g. ``+data.root=/other/data`` or ``+model.recon.t_start=400``). ``+net.*`` / ``+schedule.*`` overrides
+precedence (e.g. ``+data.root=/other/data`` or ``+model.sampling.t_start=400``). ``+net.*`` / ``+schedule.*`` overrides
 must fit the trained weights: a net change whose weights do not load, and any change of the noise schedule or
 prediction type (what the weights were trained to compute), is a ConfigError naming the keys; sampling options
-(``model.recon.*``: ``t_start``, ``num_steps`` respacing, ...) are the way to change how the model is used.
+(``model.sampling.*``: ``t_start``, ``steps`` respacing, ...) are the way to change how the model is used.
 
 Checkpoints are untrusted input: they load weights-only and their stored config may instantiate only the targets of
 ``meddiff.utils.safety`` (``meddiff.utils.checkpoint``). The model's ``eval_protocol`` names the protocol
@@ -63,8 +63,8 @@ def load_from_checkpoint(ckpt_path: str | Path, overrides: DictConfig | None = N
                 f"{', '.join(f'{k}={OmegaConf.select(cfg, k, default=None)!r}' for k in not_net)} does not fit the "
                 f"weights in {path}: they were trained with {', '.join(f'{k}={trained[k]!r}' for k in not_net)}. "
                 "Under another noise schedule, prediction type or model class the network would compute something "
-                "it was never trained for. Change how it samples instead (+model.recon.t_start=..., "
-                "+model.recon.num_steps=..., +eval.t_start=[...]).")
+                "it was never trained for. Change how it samples instead (+model.sampling.t_start=..., "
+                "+model.sampling.steps=..., +eval.t_start=[...]).")
     model = hydra.utils.instantiate(cfg.model)
     try:
         model.load_state_dict(ckpt["state_dict"])

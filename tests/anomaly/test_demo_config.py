@@ -29,10 +29,10 @@ def test_demo_has_a_fixed_step_budget_and_no_time_cap():
 
 def test_demo_reconstruction_follows_the_trainer_precision_and_validates_cheaply():
     cfg = _demo("trainer.precision=32-true")
-    assert cfg.model.recon.precision == "32-true"
+    assert cfg.model.sampling.precision == "32-true"
     model = instantiate(cfg.model)
-    assert model.recon_cfg.n_noise > 1 and model.recon_cfg.precision == "32-true"
-    val = model.validation_recon_cfg()
-    assert val.n_noise == 1 and val.t_start == model.recon_cfg.t_start and val.patch_size == model.recon_cfg.patch_size
+    assert model.sampling.draws > 1 and model.sampling.precision == "32-true"
+    val = model.validation_sampling()
+    assert val.draws == 1 and val.t_start == model.sampling.t_start and val.patch_size == model.sampling.patch_size
     # the image score the demo uses is among the protocol's candidates, so validation can keep or reject it
     assert cfg.model.scoring.reduction in OmegaConf.to_container(cfg.eval.reduction)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from meddiff.anomaly import image_scores
+from meddiff.anomaly import reduce_map
 from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.errors import ConfigError
 
@@ -14,22 +14,22 @@ def test_top_k_matches_numpy_inside_the_mask():
     maps = torch.rand(6, 1, 7, 9, generator=g, dtype=torch.float64)
     mask = torch.rand(6, 1, 7, 9, generator=g) > 0.5
     for k in (1, 3, 10):
-        s = image_scores(maps, mask, reduction="top_k", k=k)
+        s = reduce_map(maps, mask, reduction="top_k", k=k)
         ref = [np.sort(maps[i][mask[i]].numpy())[::-1][:k].mean() for i in range(6)]
         np.testing.assert_allclose(s.numpy(), ref, rtol=1e-12)
     # k=1 is the max; without a mask every pixel counts
-    torch.testing.assert_close(image_scores(maps, mask, "top_k", k=1), image_scores(maps, mask, "max"))
+    torch.testing.assert_close(reduce_map(maps, mask, "top_k", k=1), reduce_map(maps, mask, "max"))
     ref = maps.flatten(1).topk(4, dim=1).values.mean(1)
-    torch.testing.assert_close(image_scores(maps, reduction="top_k", k=4), ref)
+    torch.testing.assert_close(reduce_map(maps, reduction="top_k", k=4), ref)
 
 
 def test_top_k_with_fewer_pixels_than_k_and_empty_masks():
     maps = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
     mask = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
     mask[0, 0, 0, :2] = True  # two pixels: values 0 and 1
-    s = image_scores(maps, mask, reduction="top_k", k=5)
+    s = reduce_map(maps, mask, reduction="top_k", k=5)
     assert s[0] == pytest.approx(0.5) and s[1] == 0.0  # mean of the 2 region pixels; empty -> empty_value
-    assert image_scores(maps, reduction="top_k", k=100)[1] == pytest.approx(maps[1].mean().item())  # k > H*W
+    assert reduce_map(maps, reduction="top_k", k=100)[1] == pytest.approx(maps[1].mean().item())  # k > H*W
 
 
 def test_top_k_ranks_a_small_strong_anomaly_above_widespread_mild_error():
@@ -38,16 +38,16 @@ def test_top_k_ranks_a_small_strong_anomaly_above_widespread_mild_error():
     anomaly = torch.full((1, 1, 10, 10), 0.1)
     anomaly[0, 0, 4:6, 4:7] = 0.9  # six strong pixels together
     maps = torch.cat([healthy, anomaly])
-    top = image_scores(maps, reduction="top_k", k=5)
+    top = reduce_map(maps, reduction="top_k", k=5)
     assert top[1] > top[0]
-    assert image_scores(maps, reduction="max")[0] > image_scores(maps, reduction="max")[1]  # max is fooled
-    assert image_scores(maps, reduction="mean")[0] > image_scores(maps, reduction="mean")[1]  # so is the mean
+    assert reduce_map(maps, reduction="max")[0] > reduce_map(maps, reduction="max")[1]  # max is fooled
+    assert reduce_map(maps, reduction="mean")[0] > reduce_map(maps, reduction="mean")[1]  # so is the mean
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True])
 def test_bad_k(k):
     with pytest.raises(ConfigError, match="top_k k="):
-        image_scores(torch.rand(2, 1, 4, 4), reduction="top_k", k=k)
+        reduce_map(torch.rand(2, 1, 4, 4), reduction="top_k", k=k)
 
 
 def test_scoring_config_passes_k():

@@ -161,8 +161,8 @@ def test_guided_validation_logs_val_aucp_with_the_pool(root: Path) -> None:
     torch.manual_seed(0)
     net = build_net(dict(in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, False),
                          num_res_blocks=1, norm_num_groups=8, num_head_channels=8, num_class_embeds=6))
-    model = GuidedDiffusion(net=net, schedule=NoiseSchedule(20), ema_decay=0, val_score_batches=1,
-                            translate={"t_start": 5, "num_steps": 1})
+    model = GuidedDiffusion(net=net, schedule=NoiseSchedule(20), ema_decay=0, val_batches=1,
+                            sampling={"t_start": 5, "steps": 1})
     dm = _dm(root, aucp_holdout=10, batch_size=32)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

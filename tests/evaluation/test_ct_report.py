@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from meddiff.anomaly.reconstruction import ReconstructionConfig
+from meddiff.diffusion.partial import PartialSampling as ReconstructionConfig  # the model.sampling of partial diffusion
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.errors import DataError
 from meddiff.protocols.anomaly import EvalOptions, evaluate_anomaly_detection

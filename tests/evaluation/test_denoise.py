@@ -153,7 +153,7 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     torch.manual_seed(0)
     dm = make_dm(h5)
     model = ConditionalDiffusion(net=build_net(NET), schedule=NoiseSchedule(10, beta_start=0.01, beta_end=0.5),
-                                 sample_steps=2)
+                                 sampling={"steps": 2})
     run(model, dm, small_cfg(noise_levels=[0.1, 0.2]), tmp_path, "cpu")
     for name in ("report.json", "metrics.csv", "speed.csv", "psnr_vs_noise.png", "ssim_vs_noise.png",
                  "mae_vs_noise.png", "vsi_vs_noise.png", "denoise_examples.png"):
@@ -241,7 +241,7 @@ def test_protocol_reads_data_through_the_public_api_only(h5, tmp_path):
 def test_protocol_leaves_the_model_as_it_found_it(h5, tmp_path):
     torch.manual_seed(0)
     model = ConditionalDiffusion(net=build_net(NET), schedule=NoiseSchedule(10, beta_start=0.01, beta_end=0.5),
-                                 sample_steps=2)
+                                 sampling={"steps": 2})
     model.train()
     list(model.net.modules())[2].eval()  # a mixed state must survive too
     flags = [m.training for m in model.modules()]

@@ -61,7 +61,7 @@ def make_model(net: nn.Module) -> GuidedDiffusion:
         net=net,
         schedule=schedule,
         ema_decay=0,
-        translate={"t_start": 40, "num_steps": 2, "guidance_scale": 3.0},
+        sampling={"t_start": 40, "steps": 2, "guidance_scale": 3.0},
     ).eval()
 
 

@@ -22,7 +22,7 @@ FAST = [
     "data.batch_size=32",
     "trainer.max_epochs=1",
     "trainer.check_val_every_n_epoch=1",  # the demo validates every 5th epoch: tiny runs need val/auroc at epoch 1
-    "model.recon.n_noise=1",              # the demo averages 8 noise draws: one keeps tiny runs fast
+    "model.sampling.draws=1",              # the demo averages 8 noise draws: one keeps tiny runs fast
     "eval.n_boot=20",
     "eval.median_size=[1]",
 ]

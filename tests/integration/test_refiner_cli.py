@@ -49,8 +49,8 @@ def refiner_args(tmp_path) -> list[str]:
         "net.attention_levels=[false,true]",
         "net.norm_num_groups=8",
         "net.num_head_channels=8",
-        "model.num_steps=2",
-        "model.val_num_steps=1",
+        "model.sampling.steps=2",
+        "model.val_sampling={steps:1}",
         "eval.n_boot=20",
         "eval.steps=[1,2]",
     ]

@@ -210,13 +210,13 @@ DENOISE = ["experiment=demo_denoise", "data.path=data/tiny_p16.h5", "data.synthe
            "data.synthetic_shape=[32,32,4]", "data.image_size=16", "data.stride=16", "data.val_fraction=0.25",
            "data.test_fraction=0.25", "data.batch_size=16", "net.channels=[8,16]", "net.attention_levels=[false,false]",
            "net.norm_num_groups=8", "net.num_head_channels=8", "schedule.num_train_timesteps=20",
-           "schedule.beta_start=0.005", "schedule.beta_end=0.4", "model.sample_steps=5", "model.val_sample_steps=2",
+           "schedule.beta_start=0.005", "schedule.beta_end=0.4", "model.sampling.steps=5", "model.val_sampling.steps=2",
            "trainer.max_epochs=1", "evaluate=false"]
 GUIDED = ["experiment=demo_adni", "data.synthetic_n_per_class=2", "data.synthetic_shape=[24,24,24]",
           "data.image_size=16", "data.val_fraction=0.2", "data.test_fraction=0.4", "net.channels=[8,16]",
           "net.attention_levels=[false,false]", "net.norm_num_groups=8", "net.num_head_channels=8",
-          "trainer.max_epochs=1", "model.translate.t_start=100", "model.translate.num_steps=2",
-          "model.val_score_batches=1", "logger=csv", "evaluate=false"]
+          "trainer.max_epochs=1", "model.sampling.t_start=100", "model.sampling.steps=2",
+          "model.val_batches=1", "logger=csv", "evaluate=false"]
 
 
 @pytest.mark.parametrize("args", [DENOISE, GUIDED], ids=["conditional", "guided"])

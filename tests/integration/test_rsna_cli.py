@@ -73,7 +73,7 @@ def test_pretrained_experiment_loads_a_local_unet2dmodel_and_fine_tunes_it(run, 
     weights = _tiny_pretrained(tmp_path / "unet")
     run_dir = tmp_path / "pre"
     run("meddiff.train", "experiment=rsna_pddpm_pretrained", f"net.pretrained_dir={tmp_path}/unet", "trainer=cpu",
-        *_tiny_data(tmp_path), "model.recon.max_batch=64", f"hydra.run.dir={run_dir}")
+        *_tiny_data(tmp_path), "model.sampling.max_batch=64", f"hydra.run.dir={run_dir}")
     report = _check_report(run_dir)
     assert report["reconstruction"]["t_start"] == 258
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

@@ -30,15 +30,15 @@ def wandb_records(run_dir: Path) -> list[dict]:
 
 def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast):
     sweep = tmp_path / "sweep"
-    run("meddiff.train", "-m", *fast, "logger=wandb", "model.recon.t_start=300,400,bad", f"hydra.sweep.dir={sweep}",
+    run("meddiff.train", "-m", *fast, "logger=wandb", "model.sampling.t_start=300,400,bad", f"hydra.sweep.dir={sweep}",
         env={"WANDB_API_KEY": ""})
 
     # the summary: one row per job, the swept column, the failed job as failed with its error's first line
-    df = pd.read_csv(sweep / "summary.csv", dtype={"model.recon.t_start": str})
+    df = pd.read_csv(sweep / "summary.csv", dtype={"model.sampling.t_start": str})
     assert len(df) == 3
-    assert "model.recon.t_start" in df.columns
-    assert sorted(df["model.recon.t_start"]) == ["300", "400", "bad"]
-    bad = df[df["model.recon.t_start"] == "bad"].iloc[0]
+    assert "model.sampling.t_start" in df.columns
+    assert sorted(df["model.sampling.t_start"]) == ["300", "400", "bad"]
+    bad = df[df["model.sampling.t_start"] == "bad"].iloc[0]
     assert bad["status"] == "failed" and bad["error"].startswith("ValueError: invalid literal for int()")
     ok = df[df["status"] == "ok"]
     assert len(ok) == 2 and df["status"].iloc[-1] == "failed"  # sorted: scored jobs first
@@ -54,7 +54,7 @@ def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast
         assert run_rec["display_name"] == f"demo/t_start={t_start}"
         assert run_rec["run_group"] == "demo/sweep"
         assert run_rec["job_type"] == "train"
-        assert "model.recon.t_start" in run_rec["tags"] and "demo" in run_rec["tags"]
+        assert "model.sampling.t_start" in run_rec["tags"] and "demo" in run_rec["tags"]
         assert run_rec["run_id"] == (sweep / job / "wandb_id.txt").read_text().strip()
         configs = [r["config"]["update"] for r in records if r.get("type") == "config"]
         keys = [k for c in configs for k in c if not k.startswith("_")]
@@ -65,10 +65,10 @@ def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast
 
     # compare --diff: exactly the key that differs between two jobs
     proc = run("meddiff.compare", str(sweep / "0"), str(sweep / "1"), "--diff")
-    assert "1 config keys differ" in proc.stdout and "model.recon.t_start" in proc.stdout
+    assert "1 config keys differ" in proc.stdout and "model.sampling.t_start" in proc.stdout
     from meddiff.sweeps.table import config_diff
 
-    assert list(config_diff([sweep / "0", sweep / "1"])) == ["model.recon.t_start"]
+    assert list(config_diff([sweep / "0", sweep / "1"])) == ["model.sampling.t_start"]
     # compare prints the same table and writes it
     proc = run("meddiff.compare", str(sweep), "--out", str(tmp_path / "t.csv"))
     assert len(pd.read_csv(tmp_path / "t.csv")) == 3 and "failed" in proc.stdout

@@ -1,4 +1,4 @@
-"""val/aucp for the diffusion anomaly models (AnomalyScoring): pool membership is the AUCp target, labels never
+"""val/aucp for the diffusion anomaly models (the AnomalyValidation component): pool membership is the AUCp target, labels never
 are; val/auroc and val/loss are exactly those of the same batches without pools; no val/aucp without pools."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _model(**kw) -> Recorded:
     torch.manual_seed(0)
     net = build_net(dict(in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, False),
                          num_res_blocks=1, norm_num_groups=8, num_head_channels=8))
-    return Recorded(net=net, schedule=NoiseSchedule(50), recon={"t_start": 10}, **kw).eval()
+    return Recorded(net=net, schedule=NoiseSchedule(50), sampling={"t_start": 10}, **kw).eval()
 
 
 def _images(levels) -> torch.Tensor:

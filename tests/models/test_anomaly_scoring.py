@@ -1,13 +1,13 @@
-"""Anomaly-scoring state lives with the models that score anomalies, not in the DiffusionModule base."""
+"""Anomaly scoring is a component the anomaly families hold (no mixin chain, no `log` override), not base state."""
 
 from __future__ import annotations
 
 import ast
 import inspect
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -16,17 +16,16 @@ import meddiff.models.base as base_module
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError
 from meddiff.models import (
-    AnomalyScoring,
+    CoarseGenerator,
     ConditionalDiffusion,
     DiffusionModule,
     GuidedDiffusion,
-    PartialDiffusionReconstruction,
+    RefinerDiffusion,
     UnconditionalDiffusion,
 )
 from meddiff.models.base import _index_batch
+from meddiff.models.validation import AnomalyValidation
 from meddiff.nets import build_net
-
-SCORING_STATE = ("scoring_cfg", "recon_cfg", "val_auroc")
 
 
 def _net(in_channels: int = 1, **kw) -> nn.Module:
@@ -34,26 +33,35 @@ def _net(in_channels: int = 1, **kw) -> nn.Module:
                           num_res_blocks=1, norm_num_groups=8, num_head_channels=8, **kw))
 
 
-def test_only_scoring_models_carry_scoring_state():
+def test_only_scoring_models_carry_the_anomaly_validation_component():
     s = NoiseSchedule(50)
-    cond = ConditionalDiffusion(net=_net(2), schedule=s, sample_steps=5)
-    assert not any(hasattr(cond, a) for a in SCORING_STATE) and not cond.score_in_validation
-    assert cond.eval_protocol == "denoise"
-    unc = UnconditionalDiffusion(net=_net(), schedule=s, recon={"t_start": 10}, scoring={"reduction": "max"})
-    assert isinstance(unc, PartialDiffusionReconstruction) and unc.eval_protocol == "anomaly"
-    assert unc.recon_cfg.t_start == 10 and unc.scoring_cfg.reduction == "max" and unc.score_in_validation
-    guided = GuidedDiffusion(net=_net(num_class_embeds=6), schedule=s, translate={"t_start": 20, "num_steps": 2})
-    assert isinstance(guided, AnomalyScoring) and hasattr(guided, "val_auroc") and hasattr(guided, "scoring_cfg")
-    assert not hasattr(guided, "recon_cfg")  # it translates (model.translate); no partial-diffusion settings
+    cond = ConditionalDiffusion(net=_net(2), schedule=s, sampling={"steps": 5})
+    assert not hasattr(cond, "anomaly_val") and cond.eval_protocol == "denoise"
+    unc = UnconditionalDiffusion(net=_net(), schedule=s, sampling={"t_start": 10}, scoring={"reduction": "max"})
+    assert isinstance(unc.anomaly_val, AnomalyValidation) and unc.eval_protocol == "anomaly"
+    assert unc.sampling.t_start == 10 and unc.scoring_cfg.reduction == "max"
+    guided = GuidedDiffusion(net=_net(num_class_embeds=6), schedule=s, sampling={"t_start": 20, "steps": 2})
+    assert isinstance(guided.anomaly_val, AnomalyValidation) and guided.scoring_cfg.reduction == "mean"
+    assert not hasattr(guided, "recon_cfg")  # it translates; no partial-diffusion settings
     assert DiffusionModule.eval_protocol is None  # each model class names its protocol
+
+
+@pytest.mark.parametrize("cls", [UnconditionalDiffusion, GuidedDiffusion, RefinerDiffusion, CoarseGenerator,
+                                 ConditionalDiffusion])
+def test_families_are_composed_not_chained(cls):
+    """One base each (DiffusionModule, or LightningModule for the GAN), no mixin, no override of log()."""
+    bases = [b for b in cls.__mro__ if b not in (object,) and b.__module__.startswith("meddiff.")]
+    assert bases[0] is cls and all(b in (cls, DiffusionModule) for b in bases), bases
+    assert cls.log is L.LightningModule.log
 
 
 def test_the_base_knows_no_anomaly_code_and_no_batch_keys_of_other_models():
     tree = ast.parse(Path(inspect.getfile(base_module)).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not any(m.startswith(("meddiff.anomaly", "meddiff.protocols", "torchmetrics")) for m in imported)
+    assert not any(m.startswith(("meddiff.anomaly", "meddiff.protocols", "torchmetrics", "meddiff.models.validation"))
+                   for m in imported)
     strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-    assert not {"cond", "coarse", "brain_mask", "class_label"} & strings
+    assert not {"cond", "coarse", "brain_mask", "class_label", "pool", "known_healthy"} & strings
 
 
 def test_model_fn_gathers_only_the_declared_conditioning_keys():
@@ -66,26 +74,26 @@ def test_model_fn_gathers_only_the_declared_conditioning_keys():
 
 def test_reconstruct_takes_an_explicit_config_and_never_stores_it():
     torch.manual_seed(0)
-    model = UnconditionalDiffusion(net=_net(), schedule=NoiseSchedule(50), recon={"t_start": 10}).eval()
+    model = UnconditionalDiffusion(net=_net(), schedule=NoiseSchedule(50), sampling={"t_start": 10}).eval()
     x = {"image": torch.rand(2, 1, 16, 16) * 2 - 1}
-    deeper = replace(model.recon_cfg, t_start=40)
+    deeper = replace(model.sampling, t_start=40)
     a, b = model.reconstruct(x), model.reconstruct(x, deeper)
-    assert not torch.allclose(a, b) and model.recon_cfg.t_start == 10
-    assert torch.equal(model.reconstruct(x, replace(model.recon_cfg)), a)
+    assert not torch.allclose(a, b) and model.sampling.t_start == 10
+    assert torch.equal(model.reconstruct(x, replace(model.sampling)), a)
 
 
-@pytest.mark.parametrize("cls, kw", [
-    (ConditionalDiffusion, dict(net_in=2, sample_steps=5)),
-    (GuidedDiffusion, dict(net_in=1, translate={"t_start": 20, "num_steps": 2})),
+@pytest.mark.parametrize("cls, kw, field", [
+    (ConditionalDiffusion, dict(net_in=2, sampling={"steps": 5, "t_start": 10}), "t_start"),
+    (GuidedDiffusion, dict(net_in=1, sampling={"t_start": 20, "steps": 2, "draws": 3}), "draws"),
+    (GuidedDiffusion, dict(net_in=1, sampling={"t_start": 20, "steps": 2}, val_sampling={"eta": 0.5}), "eta"),
 ])
-def test_legacy_recon_none_is_accepted_and_a_real_one_rejected(cls, kw):
+def test_sampling_fields_a_family_does_not_use_are_config_errors(cls, kw, field):
     net_in = kw.pop("net_in")
     net_kw = {"num_class_embeds": 6} if cls is GuidedDiffusion else {}
-    with pytest.warns(DeprecationWarning, match="model.recon"):
-        model = cls(net=_net(net_in, **net_kw), schedule=NoiseSchedule(50), recon=None, **kw)
-    assert not hasattr(model, "recon_cfg")
-    with pytest.raises(ConfigError, match="model.recon is not used"):
-        cls(net=_net(net_in, **net_kw), schedule=NoiseSchedule(50), recon={"t_start": 5}, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        cls(net=_net(net_in, **net_kw), schedule=NoiseSchedule(50), **kw)  # no recon: no warning
+    with pytest.raises(ConfigError, match=rf"sampling\.{field}=.* is not used by"):
+        cls(net=_net(net_in, **net_kw), schedule=NoiseSchedule(50), **kw)
+
+
+def test_old_sampling_keys_are_not_accepted_as_aliases():
+    with pytest.raises(TypeError, match="recon"):
+        UnconditionalDiffusion(net=_net(), schedule=NoiseSchedule(50), recon={"t_start": 10})

@@ -39,7 +39,7 @@ def batch(b: int = 3, size: int = 16, seed: int = 0) -> dict:
 
 
 def test_net_input_concatenates_x_t_and_cond():
-    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sample_steps=5)
+    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sampling={"steps": 5})
     b = batch()
     x_t = torch.randn_like(b["image"])
     inp = m.net_input(x_t, b)
@@ -52,7 +52,7 @@ def test_net_input_concatenates_x_t_and_cond():
 def test_reconstruct_samples_with_the_configured_sampler_conditioned_on_cond():
     oracle = CondOracle()
     sched = NoiseSchedule(30, prediction_type="sample")
-    m = ConditionalDiffusion(net=oracle, schedule=sched, ema_decay=0, sampler="ddim", sample_steps=5).eval()
+    m = ConditionalDiffusion(net=oracle, schedule=sched, ema_decay=0, sampling={"sampler": "ddim", "steps": 5}).eval()
     b = batch()
     out = m.reconstruct(b)
     # an x0 predictor that returns cond makes every step's x0 estimate = cond: the chain must end at cond
@@ -65,7 +65,7 @@ def test_reconstruct_samples_with_the_configured_sampler_conditioned_on_cond():
 
 
 def test_denoise_is_seeded_and_averages_samples():
-    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sample_steps=3, eta=1.0).eval()
+    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sampling={"steps": 3, "eta": 1.0}).eval()
     cond = batch()["cond"]
     a = m.denoise(cond, generator=torch.Generator().manual_seed(1))
     b = m.denoise(cond, generator=torch.Generator().manual_seed(1))
@@ -82,7 +82,7 @@ def test_denoise_is_seeded_and_averages_samples():
 def test_cond_skip_adds_the_noisy_image_to_the_output():
     net = tiny_net()
     m = ConditionalDiffusion(net=net, schedule=NoiseSchedule(20, prediction_type="sample"), cond_skip=True,
-                             sample_steps=5)
+                             sampling={"steps": 5})
     b = batch()
     x = m.net_input(torch.randn_like(b["image"]), b)
     t = torch.zeros(3, dtype=torch.long)
@@ -96,7 +96,7 @@ def test_cond_skip_adds_the_noisy_image_to_the_output():
 def test_training_reduces_loss_and_validation_logs_psnr():
     torch.manual_seed(0)
     m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20, prediction_type="sample"), loss="l1",
-                             cond_skip=True, ema_decay=0, val_sample_steps=2, sample_steps=5,
+                             cond_skip=True, ema_decay=0, val_sampling={"steps": 2}, sampling={"steps": 5},
                              optimizer=lambda params: torch.optim.Adam(params, lr=3e-3))
     opt = m.configure_optimizers()
     b = batch(8)
@@ -114,9 +114,9 @@ def test_training_reduces_loss_and_validation_logs_psnr():
     assert {"val/loss", "val/psnr", "val/ssim", "val/psnr_noisy"} <= set(logged)
     assert 0 < logged["val/psnr"] < 100
     logged.clear()
-    m.validation_step(b, 1)  # beyond val_psnr_batches=1: the loss only
+    m.validation_step(b, 1)  # beyond val_batches=1: the loss only
     assert set(logged) == {"val/loss"}
-    assert m.eval_protocol == "denoise" and m.score_in_validation is False
+    assert m.eval_protocol == "denoise" and not hasattr(m, "anomaly_val")
 
 
 @pytest.mark.parametrize(
@@ -124,22 +124,24 @@ def test_training_reduces_loss_and_validation_logs_psnr():
     [
         (dict(net_channels=1), r"net.in_channels=1 .*model.image_channels.*model.cond_channels.*set net.in_channels=2"),
         (dict(net_channels=3, cond_channels=1), "set net.in_channels=2"),
-        (dict(sampler="euler"), "model.sampler='euler'"),
-        (dict(sample_steps=21), "model.sample_steps=21"),
-        (dict(timestep_spacing="random"), "timestep_spacing"),
-        (dict(eta=-1.0), "model.eta"),
+        (dict(sampling={"sampler": "euler"}), "model.sampling.sampler='euler'"),
+        (dict(sampling={"steps": 21}), r"model.sampling.steps=21 is outside \[1, 20\]"),
+        (dict(sampling={"spacing": "random"}), "model.sampling.spacing"),
+        (dict(sampling={"eta": -1.0}), "model.sampling.eta"),
         (dict(cond_skip=True), "prediction_type='epsilon'"),
-        (dict(num_samples=0), "num_samples"),
+        (dict(sampling={"draws": 0}), "model.sampling.draws"),
+        (dict(sampling={"sampler": "one_step", "t_start": 5}), "model.sampling.sampler='one_step' is unknown here"),
+        (dict(val_sampling={"steps": 0}), "model.val_sampling.steps"),
     ],
 )
 def test_bad_config_raises_a_clear_config_error(kw, match):
     net = tiny_net(kw.pop("net_channels", 2))
     with pytest.raises(ConfigError, match=match):
-        ConditionalDiffusion(net=net, schedule=NoiseSchedule(20), **{"sample_steps": 5, **kw})
+        ConditionalDiffusion(net=net, schedule=NoiseSchedule(20), **{"sampling": {"steps": 5}, **kw})
 
 
 def test_cond_with_wrong_channels_is_a_data_error():
-    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sample_steps=5).eval()
+    m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sampling={"steps": 5}).eval()
     with pytest.raises(DataError, match=r"\[B, 1, H, W\]"):
         m.denoise(torch.zeros(2, 2, 16, 16))
 
@@ -157,4 +159,4 @@ def test_hydra_config_builds_the_model():
     assert cfg.net.in_channels == 2 and cfg.schedule.num_train_timesteps == 1000
     assert cfg.model.optimizer.lr == 2e-6 and cfg.schedule.prediction_type == "epsilon"
     model = instantiate(cfg.model)
-    assert isinstance(model, ConditionalDiffusion) and model.sampler == "ddim"
+    assert isinstance(model, ConditionalDiffusion) and model.sampling.sampler == "ddim" and model.val_sampling["steps"] == 25 and model.val_batches == 2

@@ -66,7 +66,7 @@ def eps_schedule(T: int = 100) -> NoiseSchedule:
 
 
 def guided(net: nn.Module, schedule: NoiseSchedule | None = None, **kw) -> GuidedDiffusion:
-    kw["translate"] = {"t_start": 60, "num_steps": 6, **kw.get("translate", {})}
+    kw["sampling"] = {"t_start": 60, "steps": 6, **kw.get("sampling", {})}
     return GuidedDiffusion(net=net, schedule=schedule or eps_schedule(), ema_decay=0, **kw)
 
 
@@ -170,10 +170,10 @@ def test_translation_with_dirac_oracle_lands_on_the_healthy_image() -> None:
     )
 
 
-def test_reconstruct_uses_model_translate_and_validation_scores_few_batches(tiny_net_cfg) -> None:
+def test_reconstruct_uses_model_sampling_and_validation_scores_few_batches(tiny_net_cfg) -> None:
     torch.manual_seed(0)
     net = build_net({**tiny_net_cfg, "num_class_embeds": 6})
-    model = guided(net, val_score_batches=1, translate={"t_start": 20, "num_steps": 2}).eval()
+    model = guided(net, val_batches=1, sampling={"t_start": 20, "steps": 2}).eval()
     model.log = lambda *a, **k: None
     batch = {
         "image": torch.rand(4, 1, 16, 16) * 2 - 1,
@@ -183,22 +183,24 @@ def test_reconstruct_uses_model_translate_and_validation_scores_few_batches(tiny
     }
     rec = model.reconstruct(batch)
     assert rec.shape == batch["image"].shape and rec.abs().max() <= 1
-    model.validation_step(batch, 0)  # scored (batch 0 of val_score_batches=1)
-    assert sum(p.numel() for p in model.val_auroc.preds) == 4  # all 4 slices were translated and scored
-    assert model._val_has_anomalies and not model.score_in_validation
+    model.validation_step(batch, 0)  # scored (batch 0 of val_batches=1)
+    assert sum(p.numel() for p in model.anomaly_val.val_auroc.preds) == 4  # all 4 slices were translated and scored
     model.on_validation_epoch_end()
     model.validation_step(batch, 1)  # loss only
-    assert not model._val_has_anomalies
+    assert not model.anomaly_val.val_auroc.preds
+    # the protocol's view of model.sampling (TranslateConfig) is a copy with the same meaning
+    assert model.translate_cfg == TranslateConfig(t_start=20, num_steps=2) and model.sampling.steps == 2
 
 
 # ------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(translate={"guidance_scale": -1.0}), "guidance_scale=-1.0"),
-        (dict(translate={"t_start": 100}), "t_start=100"),
-        (dict(translate={"target_class": 5}), "target_class=5"),
-        (dict(translate={"scale": 3}), "Unknown model.translate option"),
+        (dict(sampling={"guidance_scale": -1.0}), "guidance_scale=-1.0"),
+        (dict(sampling={"t_start": 100}), "t_start=100"),
+        (dict(sampling={"target_class": 5}), "target_class=5"),
+        (dict(sampling={"scale": 3}), "Unknown model.sampling option"),
+        (dict(sampling={"sampler": "ddpm"}), "sampler: ddim"),
         (dict(cond_drop_prob=1.5), "cond_drop_prob"),
         (dict(num_classes=4), "net.num_class_embeds=6"),
     ],

@@ -13,10 +13,11 @@ from torch import nn
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
 from meddiff.models.coarse_gan import CoarseGenerator
-from meddiff.models.refiner import RefinerDiffusion, load_coarse_generator
+from meddiff.models.frozen import load_coarse_generator
+from meddiff.models.refiner import RefinerDiffusion
 from meddiff.nets import build_net
 from meddiff.nets.gan import BrainomalyGenerator, PatchCritic
-from meddiff.utils.hydra_utils import CKPT_CONFIG_KEY
+from meddiff.utils.checkpoint import CKPT_CONFIG_KEY
 
 GEN_CFG = {"_target_": "meddiff.nets.gan.BrainomalyGenerator", "channels": 1, "conv_dim": 8, "num_down": 2,
            "num_res_blocks": 1}
@@ -45,9 +46,10 @@ def make_refiner(coarse_path, **kw) -> RefinerDiffusion:
     torch.manual_seed(1)
     sched = NoiseSchedule(100, "cosine", prediction_type=kw.pop("prediction_type", "sample"))
     kw.setdefault("residual_scale", 0.5)
-    kw.setdefault("num_steps", 3)
-    return RefinerDiffusion(tiny_unet(kw.pop("in_channels", 2)), sched, coarse_ckpt=str(coarse_path), ema_decay=0.0,
-                            **kw)
+    sampling = {"steps": kw.pop("num_steps", 3)}
+    sampling.update({k: kw.pop(k) for k in ("t_start", "sampler") if k in kw})
+    return RefinerDiffusion(tiny_unet(kw.pop("in_channels", 2)), sched, sampling=sampling, coarse_ckpt=str(coarse_path),
+                            ema_decay=0.0, **kw)
 
 
 @pytest.fixture
@@ -93,7 +95,7 @@ def test_missing_foreign_and_unsafe_coarse_checkpoints_are_clear_errors(tmp_path
                 CKPT_CONFIG_KEY: {"model": {"_target_": "x.CoarseGenerator", "generator": {"_target_": "os.system"}}}},
                evil)
     with pytest.raises(ConfigError, match="not an allowed generator"):
-        load_coarse_generator(evil)
+        load_coarse_generator(evil, CKPT_CONFIG_KEY)
 
 
 def test_run_dir_resolves_to_its_aucp_checkpoint(tmp_path):
@@ -104,7 +106,7 @@ def test_run_dir_resolves_to_its_aucp_checkpoint(tmp_path):
     last["callbacks"] = {"ModelCheckpoint{'monitor': 'val/aucp'}": {"monitor": "val/aucp",
                                                                     "best_model_path": str(ckdir / "best.ckpt")}}
     torch.save(last, ckdir / "last.ckpt")
-    _, _, info = load_coarse_generator(tmp_path / "run")
+    _, _, info = load_coarse_generator(tmp_path / "run", CKPT_CONFIG_KEY)
     assert info["rule"] == "aucp" and info["path"].endswith("best.ckpt")
 
 
@@ -191,8 +193,13 @@ def test_steps_range_and_config_errors(coarse_path):
     model = make_refiner(coarse_path)
     with pytest.raises(ConfigError, match="1-50"):
         model.refine(images(), model.coarse({"image": images()}), num_steps=51)
-    with pytest.raises(ConfigError, match="num_steps"):
+    with pytest.raises(ConfigError, match="sampling.steps"):
         make_refiner(coarse_path, num_steps=0)
+    with pytest.raises(ConfigError, match="val_sampling.steps"):
+        make_refiner(coarse_path, val_sampling={"steps": 51})
+    with pytest.raises(ConfigError, match="sampling.clip=.* is not used by the refiner"):
+        RefinerDiffusion(tiny_unet(2), NoiseSchedule(100), sampling={"steps": 3, "clip": True},
+                         coarse_ckpt=str(coarse_path), residual_scale=0.5, ema_decay=0.0)
     with pytest.raises(ConfigError, match="in_channels"):
         make_refiner(coarse_path, in_channels=1)
     with pytest.raises(ConfigError, match="residual_scale"):

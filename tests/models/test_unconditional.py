@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from meddiff.anomaly.reconstruction import ReconstructionConfig, reconstruct
+from meddiff.diffusion.partial import PartialSampling, partial_reconstruct
 from meddiff.errors import ConfigError
 from meddiff.models import UnconditionalDiffusion
 from meddiff.nets import build_net
@@ -9,7 +9,7 @@ from meddiff.patches import patch_masks
 
 
 def make_model(tiny_net_cfg, schedule, **kw):
-    kw.setdefault("recon", {"t_start": 30})
+    kw.setdefault("sampling", {"t_start": 30})
     return UnconditionalDiffusion(net=build_net(tiny_net_cfg), schedule=schedule, **kw)
 
 
@@ -70,11 +70,11 @@ def test_nan_loss_fails_fast(tiny_net_cfg, schedule):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(recon={"t_start": 100}), "t_start=100"),
-        (dict(recon={"t_start": -1}), "t_start=-1"),
+        (dict(sampling={"t_start": 100}), "t_start=100"),
+        (dict(sampling={"t_start": -1}), "t_start=-1"),
         (dict(loss="l3"), "model.loss"),
         (dict(t_range=[50, 500]), "t_range"),
-        (dict(recon={"tstart": 5}), "Unknown model.recon option"),
+        (dict(sampling={"tstart": 5}), "Unknown model.sampling option"),
         (dict(noise="pink"), "pink"),
     ],
 )
@@ -95,9 +95,9 @@ class Oracle(torch.nn.Module):
 def test_reconstruction_with_a_perfect_prior_removes_the_anomaly(schedule, method, patch):
     x = torch.zeros(3, 1, 16, 16)
     x[:, :, 5:9, 5:9] = 1.0
-    cfg = ReconstructionConfig(method=method, t_start=60, num_steps=5, patch_size=patch, stride=4 if patch else None,
-                               max_batch=7)
-    recon = reconstruct(lambda xt, t, idx: Oracle()(xt, t), schedule, x, cfg)
+    cfg = PartialSampling(sampler=method, t_start=60, steps=5, patch_size=patch, stride=4 if patch else None,
+                          max_batch=7)
+    recon = partial_reconstruct(lambda xt, t, idx: Oracle()(xt, t), schedule, x, cfg)
     assert recon.shape == x.shape
     torch.testing.assert_close(recon, torch.zeros_like(x), atol=1e-5, rtol=0)
 
@@ -109,6 +109,6 @@ def test_patched_reconstruction_batched_equals_one_patch_at_a_time(tiny_net_cfg,
         torch.nn.init.normal_(p, std=0.05)
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     fn = lambda xt, t, idx: net(xt, t)  # noqa: E731
-    a = reconstruct(fn, schedule, x, ReconstructionConfig(t_start=40, patch_size=8, stride=4, max_batch=1000))
-    b = reconstruct(fn, schedule, x, ReconstructionConfig(t_start=40, patch_size=8, stride=4, max_batch=1))
+    a = partial_reconstruct(fn, schedule, x, PartialSampling(t_start=40, patch_size=8, stride=4, max_batch=1000))
+    b = partial_reconstruct(fn, schedule, x, PartialSampling(t_start=40, patch_size=8, stride=4, max_batch=1))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -10,7 +10,7 @@ import stat
 import pytest
 import torch
 
-from meddiff.anomaly.reconstruction import ReconstructionConfig
+from meddiff.diffusion.partial import PartialSampling as ReconstructionConfig  # the model.sampling of partial diffusion
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError

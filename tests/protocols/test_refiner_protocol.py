@@ -53,7 +53,7 @@ def models(tmp_path_factory):
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref = RefinerDiffusion(net, NoiseSchedule(100, "cosine", prediction_type="sample"), coarse_ckpt=str(path),
-                           residual_scale=0.5, num_steps=2, ema_decay=0.0).eval()
+                           residual_scale=0.5, sampling={"steps": 2}, ema_decay=0.0).eval()
     return gan, ref
 
 

@@ -32,6 +32,6 @@ def test_overrides_that_do_not_fit_the_weights_are_config_errors(overrides, key)
 
 def test_fitting_overrides_apply():
     model, cfg = load_from_checkpoint(FIXTURE, OmegaConf.create(
-        {"model": {"recon": {"t_start": 300, "num_steps": 4}}, "schedule": {"prediction_type": "sample"},
+        {"model": {"sampling": {"t_start": 300, "steps": 4}}, "schedule": {"prediction_type": "sample"},
          "net": {"channels": [8, 16]}}))  # net/schedule equal to the stored ones are no change
-    assert model.recon_cfg.t_start == 300 and model.recon_cfg.num_steps == 4
+    assert model.sampling.t_start == 300 and model.sampling.steps == 4

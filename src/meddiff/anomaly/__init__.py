@@ -1,8 +1,8 @@
-"""Anomaly maps, post-processing and image scores (pure torch/scipy, no Lightning).
+"""Anomaly maps, post-processing and scores (pure torch/scipy, no Lightning, no diffusion).
 
-``reconstruction`` (healthy estimates from a diffusion model) lives here too; import it from its module
-(``meddiff.anomaly.reconstruction``) so this package stays importable without the diffusion core. The evaluation
-protocol that uses all of this is ``meddiff.protocols.anomaly``.
+``maps`` (residual maps), ``postprocess`` (median filter, erosion, small components), ``reduce`` (a map -> one score
+per image) and ``scoring`` (``ScoringConfig`` + ``score_batch``: the one scorer every model's healthy estimate goes
+through). Healthy estimates themselves come from the models (partial diffusion: ``meddiff.diffusion.partial``).
 """
 
 from meddiff.anomaly.maps import MAP_KINDS, anomaly_map, local_ssim
@@ -13,17 +13,17 @@ from meddiff.anomaly.postprocess import (
     median_filter,
     remove_small_components,
 )
-from meddiff.anomaly.scores import REDUCTIONS, image_scores
+from meddiff.anomaly.reduce import MAP_REDUCTIONS, reduce_map
 
 __all__ = [
     "MAP_KINDS",
-    "REDUCTIONS",
+    "MAP_REDUCTIONS",
     "PostProcess",
     "anomaly_map",
     "apply_mask",
     "erode_mask",
-    "image_scores",
     "local_ssim",
     "median_filter",
+    "reduce_map",
     "remove_small_components",
 ]

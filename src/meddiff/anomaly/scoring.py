@@ -8,7 +8,7 @@ import torch
 
 from meddiff.anomaly.maps import anomaly_map
 from meddiff.anomaly.postprocess import PostProcess
-from meddiff.anomaly.scores import image_scores
+from meddiff.anomaly.reduce import reduce_map
 
 
 @dataclass(frozen=True)
@@ -48,5 +48,5 @@ def score_batch(
     post = PostProcess(median_size=cfg.median_size, erode_iterations=cfg.erode_iterations)
     eroded = post.region(region)
     maps = post(anomaly_map(x, recon, kind=cfg.map), region)
-    scores = image_scores(maps, eroded, reduction=cfg.reduction, q=cfg.q, k=cfg.k)
+    scores = reduce_map(maps, eroded, reduction=cfg.reduction, q=cfg.q, k=cfg.k)
     return {"map": maps, "region": eroded, "score": scores}

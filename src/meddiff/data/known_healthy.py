@@ -9,7 +9,7 @@ With ``aucp_holdout: k > 0`` a :class:`~meddiff.data.base.SplitDataModule` holds
 - loader 1: the held-out images, tagged ``pool`` = ``known_healthy`` (AUCp label 0; any ``label`` they carry is
   ignored and they never enter ``val/auroc``).
 
-The tags are the vocabulary of :mod:`meddiff.models.aucp_validation`. Which images are held out is a pure function
+The tags are the vocabulary of :mod:`meddiff.models.validation`. Which images are held out is a pure function
 of (the training split, ``k``, the data seed): :func:`holdout_split`. Subject-level data hold out whole subjects
 (no subject both trained on and in the pool), so the pool can be slightly larger than ``k``.
 """
@@ -27,7 +27,7 @@ from meddiff.errors import ConfigError
 
 __all__ = ["KNOWN_HEALTHY", "UNANNOTATED", "UNANNOTATED_LABELLED", "PoolTagged", "check_holdout", "holdout_split"]
 
-#: pool tags (the vocabulary of meddiff.models.aucp_validation; data does not import models)
+#: pool tags (the vocabulary of meddiff.models.validation; data does not import models)
 KNOWN_HEALTHY, UNANNOTATED, UNANNOTATED_LABELLED = "known_healthy", "unannotated", "unannotated_labelled"
 
 #: rng stream of the hold-out draw: np.random.default_rng([seed, _STREAM]) (apart from every DataModule's split

@@ -7,6 +7,19 @@ random gradient lattice (drawn from the generator), all pixels are evaluated at 
 ``octaves`` layers are summed with amplitude ``persistence ** k`` and wavelength ``frequency / 2 ** k`` pixels, as
 AnoDDPM's ``rand_2d_octaves`` does. The result is normalised to zero mean and unit variance per sample so it can
 replace ``eps ~ N(0, I)`` in ``x_t = sqrt(ā_t) x0 + sqrt(1 - ā_t) eps``.
+
+Two simplex kinds, named for what they are:
+
+- ``"simplex"``: the field above, *standardised* (mean 0, std 1 per sample): meddiff's choice, SNR comparable to
+  Gaussian noise at the same timestep.
+- ``"simplex_anoddpm"``: the official AnoDDPM / pDDPM generator's *amplitude*: OpenSimplex 3D noise sampled on a 2D
+  slice, ``octaves`` layers summed with amplitude ``persistence ** k`` and wavelength ``frequency / 2 ** k`` and left
+  *raw* (not standardised). With the official settings (6 octaves, persistence 0.8, frequency 64) a 96 px field has
+  a std of about 0.45-0.65 and a per-image mean of up to about +-0.35, so at a timestep t it corrupts much less than
+  unit-variance noise: at pDDPM's t = 499 on the cosine schedule (abar = 0.49) the SNR abar / ((1 - abar) var) is
+  about 2.4-5 instead of 1 (unit-variance noise reaches that SNR at t ~ 260-360). Gradients come from OpenSimplex's 24
+  3D directions, chosen per lattice vertex from the generator (the official code hashes a random permutation; the
+  statistics are the same), and each image gets its own field (the official code repeats one field over a batch).
 """
 
 from __future__ import annotations
@@ -19,9 +32,9 @@ from torch import Tensor
 
 from meddiff.errors import ConfigError
 
-__all__ = ["NOISE_KINDS", "gaussian_like", "simplex_noise", "make_noise"]
+__all__ = ["NOISE_KINDS", "anoddpm_simplex_noise", "gaussian_like", "make_noise", "simplex_noise"]
 
-NOISE_KINDS = ("gaussian", "simplex")
+NOISE_KINDS = ("gaussian", "simplex", "simplex_anoddpm")
 
 # Skew/unskew factors of the 2D simplex grid: F2 = (sqrt(3) - 1) / 2, G2 = (3 - sqrt(3)) / 6.
 _F2 = 0.5 * (math.sqrt(3.0) - 1.0)
@@ -153,9 +166,88 @@ def simplex_noise(
     return flat.reshape(shape).to(dtype)
 
 
+# OpenSimplex 3D (Spencer 2014): skew -1/6, unskew 1/3, kernel radius^2 2, normalisation 103, 24 gradients
+_STRETCH3, _SQUISH3, _NORM3 = -1.0 / 6.0, 1.0 / 3.0, 103.0
+_GRAD3 = ((-11, 4, 4), (-4, 11, 4), (-4, 4, 11), (11, 4, 4), (4, 11, 4), (4, 4, 11), (-11, -4, 4), (-4, -11, 4),
+          (-4, -4, 11), (11, -4, 4), (4, -11, 4), (4, -4, 11), (-11, 4, -4), (-4, 11, -4), (-4, 4, -11), (11, 4, -4),
+          (4, 11, -4), (4, 4, -11), (-11, -4, -4), (-4, -11, -4), (-4, -4, -11), (11, -4, -4), (4, -11, -4),
+          (4, -4, -11))
+_OFFSETS3 = tuple((i, j, k) for i in (-1, 0, 1, 2) for j in (-1, 0, 1, 2) for k in (-1, 0, 1, 2))
+
+
+def _opensimplex3_slice(rows: Tensor, cols: Tensor, wavelength: float, n_slices: int, generator, rand_dev,
+                        compute_dtype) -> Tensor:
+    """OpenSimplex 3D noise on the plane ``z = z_0`` (``z_0`` drawn per slice), points ``(col, row) / wavelength``:
+    ``[n_slices, H*W]`` in about ``[-1, 1]``.
+
+    Every lattice vertex ``v`` (skewed integer coordinates) within reach adds ``max(0, 2 - |d|^2)^4 <g_v, d>`` with
+    ``d`` the offset from ``v`` (unskewed by ``(v_x + v_y + v_z) / 3``) and ``g_v`` one of the 24 gradients; the sum is
+    divided by 103. The vertices in reach of a point lie within ``{-1, .., 2}^3`` of its skewed cell.
+    """
+    device = rows.device
+    x = (cols.reshape(1, -1) / wavelength)
+    y = (rows.reshape(1, -1) / wavelength)
+    z = torch.rand((n_slices, 1), generator=generator, device=rand_dev, dtype=compute_dtype).to(device)
+    s = (x + y + z) * _STRETCH3
+    bx, by, bz = torch.floor(x + s), torch.floor(y + s), torch.floor(z + s)  # [n, P] skewed cell origin
+    lo = [int(b.min()) - 1 for b in (bx, by, bz)]
+    size = [int(b.max()) + 3 - m for b, m in zip((bx, by, bz), lo, strict=True)]
+    table = torch.randint(0, len(_GRAD3), (n_slices, size[0] * size[1] * size[2]), generator=generator,
+                          device=rand_dev).to(device)
+    grads = torch.tensor(_GRAD3, device=device, dtype=compute_dtype)
+    out = torch.zeros(n_slices, x.shape[1], device=device, dtype=compute_dtype)
+    for ox, oy, oz in _OFFSETS3:
+        vx, vy, vz = bx + ox, by + oy, bz + oz
+        u = (vx + vy + vz) * _SQUISH3
+        dx, dy, dz = x - (vx + u), y - (vy + u), z - (vz + u)
+        attn = (2.0 - dx * dx - dy * dy - dz * dz).clamp(min=0.0)
+        lin = ((vx.long() - lo[0]) * size[1] + (vy.long() - lo[1])) * size[2] + (vz.long() - lo[2])
+        g = grads[torch.gather(table, 1, lin)]  # [n, P, 3]
+        out += attn.pow(4) * (g[..., 0] * dx + g[..., 1] * dy + g[..., 2] * dz)
+    return out / _NORM3
+
+
+def anoddpm_simplex_noise(
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    octaves: int = 6,
+    persistence: float = 0.8,
+    frequency: float = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The official AnoDDPM / pDDPM octave simplex field of ``shape`` ``[..., H, W]``, raw (not standardised).
+
+    ``n(p) = sum_k persistence**k * opensimplex3(p / (frequency / 2**k), z_k)`` for every 2D slice (see the module
+    docstring for its amplitude and what it means for the SNR). Arguments as :func:`simplex_noise`.
+    """
+    shape = tuple(int(v) for v in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ConfigError(f"anoddpm_simplex_noise shape={shape} must be [..., H, W] with positive sizes.")
+    if int(octaves) != octaves or octaves < 1 or not persistence > 0 or not frequency > 0:
+        raise ConfigError(f"octaves={octaves}, persistence={persistence}, frequency={frequency}: need an integer "
+                          ">= 1 and two positive numbers (AnoDDPM / pDDPM: 6, 0.8, 64).")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or torch.get_default_dtype()
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    h, w = shape[-2:]
+    n_slices = math.prod(shape[:-2]) if len(shape) > 2 else 1
+    rows = torch.arange(h, device=device, dtype=compute_dtype).view(h, 1).expand(h, w)
+    cols = torch.arange(w, device=device, dtype=compute_dtype).view(1, w).expand(h, w)
+    total = torch.zeros((n_slices, h * w), device=device, dtype=compute_dtype)
+    amplitude, wavelength = 1.0, float(frequency)
+    for _ in range(int(octaves)):
+        total += amplitude * _opensimplex3_slice(rows, cols, wavelength, n_slices, generator,
+                                                 _rand_device(generator, device), compute_dtype)
+        amplitude *= persistence
+        wavelength /= 2.0
+    return total.reshape(shape).to(dtype)
+
+
 def make_noise(kind: str, like: Tensor, generator: torch.Generator | None = None, **kw) -> Tensor:
-    """Noise with the shape/dtype/device of ``like``: ``kind="gaussian"`` or ``"simplex"`` (kwargs of
-    :func:`simplex_noise`: ``octaves``, ``persistence``, ``frequency``).
+    """Noise with the shape/dtype/device of ``like``: ``kind="gaussian"``, ``"simplex"`` (standardised) or
+    ``"simplex_anoddpm"`` (the official raw amplitude); simplex kinds take ``octaves``, ``persistence``,
+    ``frequency``.
 
     Raises:
         ConfigError: unknown ``kind`` or keyword arguments the kind does not take.
@@ -166,10 +258,11 @@ def make_noise(kind: str, like: Tensor, generator: torch.Generator | None = None
                 f"gaussian noise takes no options, got {sorted(kw)}; drop them or use kind='simplex'."
             )
         return gaussian_like(like, generator=generator)
-    if kind == "simplex":
+    if kind in ("simplex", "simplex_anoddpm"):
         allowed = {"octaves", "persistence", "frequency"}
         extra = set(kw) - allowed
         if extra:
             raise ConfigError(f"simplex noise options {sorted(extra)} are unknown; valid: {sorted(allowed)}.")
-        return simplex_noise(like.shape, generator=generator, device=like.device, dtype=like.dtype, **kw)
+        fn = simplex_noise if kind == "simplex" else anoddpm_simplex_noise
+        return fn(like.shape, generator=generator, device=like.device, dtype=like.dtype, **kw)
     raise ConfigError(f"noise kind={kind!r} is not supported; choose one of {list(NOISE_KINDS)}.")

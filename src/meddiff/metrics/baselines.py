@@ -62,7 +62,7 @@ def mean_intensity_score(
         images: ``[B, C, H, W]`` in ``[-1, 1]``.
         mask: optional bool ``[B, 1, H, W]`` or ``[B, C, H, W]`` region (e.g. the brain mask).
         empty_value: score of an image whose mask is empty; -1.0 (black, the least anomalous score, as
-            ``meddiff.anomaly.image_scores`` gives such images its lowest score 0) so metrics stay defined;
+            ``meddiff.anomaly.reduce_map`` gives such images its lowest score 0) so metrics stay defined;
             pass ``float("nan")`` to spot and drop them instead.
 
     Returns:

@@ -8,17 +8,21 @@ healthy validation loss. Subclasses override only what differs:
 - ``conditioning_keys``: the batch entries ``model_fn`` gathers per item (e.g. ``("cond",)``);
 - ``class_labels(batch, train)``: class ids for guided models;
 - ``loss_region(x0)``: where the loss counts (patched DDPM: one patch);
-- ``reconstruct(batch)``: the healthy / denoised estimate ``[B, C, H, W] in [-1, 1]``.
+- ``reconstruct(batch, sampling=None)``: the healthy / denoised estimate ``[B, C, H, W] in [-1, 1]``;
+- ``check_sampling(cfg, where)``: the family's own limits on ``model.sampling`` (fields it does not use, ranges).
 
-Anomaly scoring (reconstruction and scoring configs, validation AUROC) lives with the models that score anomalies:
-``meddiff.models.anomaly``. All diffusion math comes from ``meddiff.diffusion``.
+How a model samples is one vocabulary for every family: ``model.sampling`` (a
+:class:`~meddiff.diffusion.sampling.SamplingConfig`, or the family's subclass named by ``sampling_class``) and
+``model.val_sampling`` (fields changed for the cheaper per-epoch validation pass). Anomaly validation (scoring, AUCp
+pools, which batches) is a component the anomaly families hold (``meddiff.models.validation``). All diffusion math
+comes from ``meddiff.diffusion``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -26,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from meddiff.diffusion import NoiseSchedule, make_noise
+from meddiff.diffusion.sampling import SamplingConfig
 from meddiff.errors import ConfigError
 from meddiff.models.ema import EMA
+from meddiff.utils.options import as_dict, options_from
 
 LOSSES = ("l1", "l2", "huber")
 
@@ -46,6 +52,10 @@ class DiffusionModule(L.LightningModule):
         noise: ``gaussian`` or ``simplex``.
         ema_decay: EMA decay of the weights (0 disables EMA).
         compile: ``torch.compile`` the net for training.
+        sampling: ``sampling_class`` fields (``model.sampling``), over the family's ``sampling_defaults``.
+        val_sampling: fields of ``sampling`` changed for the per-epoch validation pass only (None = as is).
+        val_batches: validation batches sampled/scored per loader (None = all, 0 = loss only; see
+            :func:`meddiff.models.validation.chosen_batches`).
     """
 
     #: the evaluation protocol ``meddiff.eval`` runs: a name in ``meddiff.protocols`` (``anomaly``, ``denoise``,
@@ -53,6 +63,9 @@ class DiffusionModule(L.LightningModule):
     eval_protocol: str | None = None
     #: batch entries holding per-image conditioning, gathered per item by ``model_fn`` (e.g. ``("cond",)``)
     conditioning_keys: tuple[str, ...] = ()
+    #: the family's sampling config class and its defaults (``model.sampling`` overrides them)
+    sampling_class: ClassVar[type[SamplingConfig]] = SamplingConfig
+    sampling_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -66,6 +79,9 @@ class DiffusionModule(L.LightningModule):
         noise: str = "gaussian",
         ema_decay: float = 0.999,
         compile: bool = False,
+        sampling: Mapping[str, Any] | None = None,
+        val_sampling: Mapping[str, Any] | None = None,
+        val_batches: int | None = None,
     ) -> None:
         super().__init__()
         # plain values only: checkpoints stay loadable with torch.load(weights_only=True); the full experiment
@@ -87,6 +103,18 @@ class DiffusionModule(L.LightningModule):
         if not 0 <= t_min < t_max <= T:
             raise ConfigError(f"model.t_range=[{t_min}, {t_max}] must satisfy 0 <= t_min < t_max <= T={T}.")
         self.t_min, self.t_max = t_min, t_max
+        self.sampling = options_from(self.sampling_class, {**self.sampling_defaults, **as_dict(sampling)},
+                                     "model.sampling").validate(T)
+        if val_sampling is not None and not isinstance(val_sampling, Mapping):
+            raise ConfigError(f"model.val_sampling={val_sampling!r} must be a mapping of model.sampling fields, e.g. "
+                              "{draws: 1}, or null.")
+        self.val_sampling: dict[str, Any] = as_dict(val_sampling)
+        self.validation_sampling().validate(T, "model.val_sampling")
+        if val_batches is not None and (isinstance(val_batches, bool) or int(val_batches) != val_batches
+                                        or int(val_batches) < 0):
+            raise ConfigError(f"model.val_batches={val_batches!r} must be an integer >= 0 (0 = loss only) or null "
+                              "(all).")
+        self.val_batches = None if val_batches is None else int(val_batches)
 
     # ------------------------------------------------------------------ hooks subclasses override
     def net_input(self, x_t: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -101,9 +129,27 @@ class DiffusionModule(L.LightningModule):
         """Bool ``[B, 1, H, W]`` where the sample is noised and the loss counts; None = everywhere."""
         return None
 
-    def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The model's estimate for ``batch`` (healthy or denoised): ``[B, C, H, W] in [-1, 1]``."""
+    def reconstruct(self, batch: Mapping[str, Any], sampling: SamplingConfig | None = None) -> torch.Tensor:
+        """The model's estimate for ``batch`` (healthy or denoised): ``[B, C, H, W] in [-1, 1]``. ``sampling``
+        (default ``model.sampling``) is used as given and never stored: a protocol passes a changed copy."""
         raise NotImplementedError(f"{type(self).__name__} does not define reconstruct(batch).")
+
+    def check_sampling(self, cfg: SamplingConfig, where: str) -> None:
+        """The family's own limits on a sampling config (``ConfigError`` naming ``where``); none in the base."""
+
+    # ------------------------------------------------------------------ sampling
+    def validation_sampling(self) -> SamplingConfig:
+        """``model.sampling`` with the ``model.val_sampling`` changes (read at call time)."""
+        return self.sampling.with_changes(self.val_sampling)
+
+    def check_both_samplings(self) -> None:
+        """:meth:`check_sampling` on ``model.sampling`` and the validation config (families call it once built)."""
+        self.check_sampling(self.sampling, "model.sampling")
+        self.check_sampling(self.validation_sampling(), "model.val_sampling")
+
+    def validation_reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The estimate validation scores: :meth:`reconstruct` with :meth:`validation_sampling`."""
+        return self.reconstruct(batch, self.validation_sampling())
 
     # ------------------------------------------------------------------ shared machinery
     @property
@@ -174,20 +220,24 @@ class DiffusionModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.net)
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """``val/loss`` on the healthy rows (``label == 0``, or all rows without labels), seeded per batch."""
-        x0 = batch["image"]
-        gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
-        healthy = _healthy_rows(batch)
-        if healthy.any():
-            sub = _select(batch, healthy)
-            loss = self.diffusion_loss(sub, generator=gen)
-            self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=int(healthy.sum()))
+        self.log_val_loss(batch, batch_idx, healthy_rows(batch))
 
-    @property
-    def score_in_validation(self) -> bool:
-        """Whether validation reconstructs and scores anomalies (True in ``meddiff.models.anomaly.AnomalyScoring``)."""
-        return False
+    def log_val_loss(self, batch: Mapping[str, Any], batch_idx: int, rows: torch.Tensor) -> None:
+        """``val/loss`` on the rows ``rows`` (bool ``[B]``) of ``batch``, noise seeded by the batch index; the name
+        has no ``/dataloader_idx_N`` suffix (several validation loaders are pools of one validation set)."""
+        if rows.any():
+            gen = torch.Generator(device=batch["image"].device).manual_seed(1000 + batch_idx)
+            loss = self.diffusion_loss(select_rows(batch, rows), generator=gen)
+            self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=int(rows.sum()),
+                     add_dataloader_idx=False)
+
+    def num_val_batches(self, dataloader_idx: int = 0) -> float | None:
+        """Batches of validation loader ``dataloader_idx`` as the trainer counts them (None without a trainer)."""
+        trainer = getattr(self, "_trainer", None)
+        nums = getattr(trainer, "num_val_batches", None) if trainer is not None else None
+        return float(nums[dataloader_idx]) if nums and dataloader_idx < len(nums) else None
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         return self.reconstruct(batch)
@@ -218,14 +268,15 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int = 500, tot
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _healthy_rows(batch: Mapping[str, Any]) -> torch.Tensor:
+def healthy_rows(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Bool ``[B]``: rows with ``label == 0`` (all rows when the batch has no ``label``)."""
     x0 = batch["image"]
     if "label" not in batch:
         return torch.ones(x0.shape[0], dtype=torch.bool, device=x0.device)
     return batch["label"] == 0
 
 
-def _select(batch: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+def select_rows(batch: Mapping[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     """Rows of a dict batch (tensors indexed, lists filtered)."""
     out: dict[str, Any] = {}
     idx = rows.nonzero().flatten()

@@ -19,7 +19,8 @@ Note on ``trainer.max_steps``: Lightning counts every optimizer step in manual o
 Training batches come from two pools: ``{"known_healthy": batch_B, "mixed": batch_A}`` (an
 ``ImageFolderAnomalyDataModule`` with ``train_pools=[known_healthy, mixed]``). ``reconstruct(batch)`` returns the
 healthy estimate, so the one anomaly scorer (``meddiff.anomaly.scoring``) makes this a complete detector; its
-validation logs ``val/aucp`` (label-free selection) and, with a labelled validation pool, ``val/auroc``.
+validation (the anomaly-validation component ``meddiff.models.validation``) logs ``val/aucp`` (label-free selection) and,
+with a labelled validation pool, ``val/auroc``.
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.errors import ConfigError, DataError
-from meddiff.models.aucp_validation import KNOWN_HEALTHY, AUCpValidation, pool_names
-from meddiff.utils.options import options_from
+from meddiff.models.validation import KNOWN_HEALTHY, AnomalyValidation, pool_names
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     return ((grad.float().flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
-class CoarseGenerator(AUCpValidation, L.LightningModule):
+class CoarseGenerator(L.LightningModule):
     """Brainomaly's WGAN-GP generator/critic pair as a LightningModule (manual optimisation).
 
     Args:
@@ -122,13 +121,13 @@ class CoarseGenerator(AUCpValidation, L.LightningModule):
             raise ConfigError(f"model.decay_iters={decay_iters} exceeds model.num_iters={num_iters}.")
         if float(lambda_gp) < 0 or float(lambda_id) < 0:
             raise ConfigError(f"model.lambda_gp={lambda_gp} and model.lambda_id={lambda_id} must be >= 0.")
-        self.scoring_cfg: ScoringConfig = options_from(ScoringConfig, scoring, "model.scoring")
+        self.anomaly_val = AnomalyValidation(scoring, aucp_rho, label_free=True)
         # plain values only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {"lr": float(lr), "betas": list(betas), "lambda_gp": float(lambda_gp), "lambda_id": float(lambda_id),
              "n_critic": int(n_critic), "num_iters": None if num_iters is None else int(num_iters),
              "decay_iters": None if decay_iters is None else int(decay_iters),
-             "scoring": self.scoring_cfg.as_dict(), "aucp_rho": aucp_rho},
+             "scoring": self.anomaly_val.scoring.as_dict(), "aucp_rho": aucp_rho},
             logger=False,
         )
         self.generator, self.critic = generator, critic
@@ -138,7 +137,11 @@ class CoarseGenerator(AUCpValidation, L.LightningModule):
         self.decay_iters = None if decay_iters is None else int(decay_iters)
         # iterations done (critic updates): saved in checkpoints, so the LR schedule and the G cadence resume exactly
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
-        self.init_aucp(aucp_rho)
+
+    # protocol-facing: kept until protocols switch to model.sampling
+    @property
+    def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
+        return self.anomaly_val.scoring
 
     # ------------------------------------------------------------------ the healthy estimate
     def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -237,8 +240,7 @@ class CoarseGenerator(AUCpValidation, L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         x = batch["image"]
         healthy = self.reconstruct(batch)
-        scores = score_batch(x.float(), healthy.float(), batch.get("brain_mask"), self.scoring_cfg)["score"]
-        self.update_pools(batch, scores)
+        self.anomaly_val.update(batch, self.anomaly_val.scores(batch, healthy))
         known = torch.tensor([p == KNOWN_HEALTHY for p in pool_names(batch)], device=x.device)
         if known.any():
             l1 = (healthy[known].float() - x[known].float()).abs().mean()
@@ -246,7 +248,7 @@ class CoarseGenerator(AUCpValidation, L.LightningModule):
                      add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_pools()
+        self.anomaly_val.log_epoch(self.log)
 
 
 def _check_finite(loss: torch.Tensor, which: str, it: int) -> None:

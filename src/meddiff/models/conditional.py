@@ -4,8 +4,8 @@ Training is the base class's denoising loss with ``net_input = cat([x_t, cond], 
 noisy sample of the diffusion chain and the noisy observation side by side and predicts eps / x0 / v (the
 schedule's ``prediction_type``). The denoised estimate is a sample of ``p(x0 | cond)``: start from pure noise
 ``x_T ~ N(0, I)`` and run the reverse chain (full DDPM chain, or DDIM with ``n`` respaced steps and ``eta``) with
-every network call conditioned on ``cond``. All diffusion math comes from ``meddiff.diffusion``
-(``make_timesteps`` + ``sample``).
+every network call conditioned on ``cond``; ``model.sampling`` says which (sampler, steps, spacing, eta, clip, seed,
+draws). All diffusion math comes from ``meddiff.diffusion`` (``make_timesteps`` + ``sample``).
 
 Shapes: ``image`` (clean, training target) ``[B, C, H, W]`` and ``cond`` (noisy) ``[B, C', H, W]``, both in
 ``[-1, 1]`` (``cond`` may exceed it by the noise); the net must take ``C + C'`` input channels.
@@ -14,16 +14,18 @@ Shapes: ``image`` (clean, training target) ``[B, C, H, W]`` and ``cond`` (noisy)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from meddiff.diffusion import SAMPLERS, SPACINGS, make_noise, make_timesteps, sample
+from meddiff.diffusion import SAMPLERS, make_noise, make_timesteps, sample
+from meddiff.diffusion.sampling import SamplingConfig
 from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.image_quality import image_scores
-from meddiff.models.anomaly import drop_legacy_recon
 from meddiff.models.base import DiffusionModule
+from meddiff.models.validation import chosen_batches
 
 
 class CondSkip(nn.Module):
@@ -55,50 +57,33 @@ def net_in_channels(net: nn.Module) -> int | None:
 class ConditionalDiffusion(DiffusionModule):
     """Concatenation-conditioned DDPM whose ``reconstruct`` denoises ``batch['cond']``.
 
-    Args (besides :class:`~meddiff.models.base.DiffusionModule`'s):
+    Args (besides :class:`~meddiff.models.base.DiffusionModule`'s; ``sampling``: how :meth:`reconstruct` samples,
+    ``sampler`` ddim | ddpm, ``steps`` (None = the full chain), ``spacing``, ``eta``, ``clip`` (``True`` = clamp each
+    step's x0 estimate to [-1, 1]), ``seed``, ``draws`` (independent samples averaged: towards the posterior mean,
+    higher PSNR, smoother images); ``val_sampling``: the fast validation denoising (``val/psnr``, ``val/ssim``,
+    ``val/psnr_noisy``) on the first ``val_batches`` batches, 0 = ``val/loss`` only):
         image_channels: channels ``C`` of the clean image (what is diffused and sampled).
         cond_channels: channels ``C'`` of ``batch['cond']``; ``net.in_channels`` must be ``C + C'``.
-        sampler: ``"ddim"`` or ``"ddpm"`` for :meth:`reconstruct`.
-        sample_steps: reverse steps (``make_timesteps`` respacing); ``None`` = every timestep (the full chain).
-        eta: DDIM stochasticity (0 = deterministic, 1 = DDPM-like variance).
-        timestep_spacing: ``leading`` | ``trailing`` | ``linspace`` (see ``meddiff.diffusion.make_timesteps``).
-        clip_sample: clamp the x0 estimate of every step to ``[-c, c]`` (``True`` = 1.0, ``None`` = off).
-        num_samples: average this many independent samples per input (1 = the plain posterior sample; more
-            approaches the posterior mean: higher PSNR, smoother images, ``num_samples`` times the cost).
-        sample_seed: seed of the starting noise and step noise (reproducible denoising).
         cond_skip: add ``cond`` to the network output (:class:`CondSkip`), so that with x0 prediction
             (``schedule.prediction_type: sample``) the net learns only the correction to the noisy image; this
             converges much faster (an extension of the seed, off by default). Needs x0 prediction and
             ``cond_channels == image_channels``.
-        val_psnr_batches: validation batches on which a fast DDIM denoising is scored (``val/psnr``,
-            ``val/ssim``, and the noisy input's ``val/psnr_noisy`` for reference); 0 logs ``val/loss`` only.
-        val_sample_steps: DDIM steps of that validation denoising.
     """
 
     eval_protocol = "denoise"
     conditioning_keys = ("cond",)
+    sampling_defaults = {"sampler": "ddim", "steps": 50, "spacing": "leading", "clip": True}
 
     def __init__(
         self,
         *args: Any,
         image_channels: int = 1,
         cond_channels: int = 1,
-        sampler: str = "ddim",
-        sample_steps: int | None = 50,
-        eta: float = 0.0,
-        timestep_spacing: str = "leading",
-        clip_sample: float | bool | None = True,
-        num_samples: int = 1,
-        sample_seed: int = 0,
         cond_skip: bool = False,
-        val_psnr_batches: int = 1,
-        val_sample_steps: int = 10,
+        val_batches: int | None = 1,
         **kwargs: Any,
     ) -> None:
-        drop_legacy_recon(kwargs, "ConditionalDiffusion", "denoising samples from pure noise: see model.sampler, "
-                          "model.sample_steps")
-        super().__init__(*args, **kwargs)
-        T = self.schedule.num_train_timesteps
+        super().__init__(*args, val_batches=val_batches, **kwargs)
         if int(image_channels) < 1 or int(cond_channels) < 1:
             raise ConfigError(
                 f"model.image_channels={image_channels} and model.cond_channels={cond_channels} must be >= 1."
@@ -112,25 +97,7 @@ class ConditionalDiffusion(DiffusionModule):
                 f"model.image_channels) concatenated with cond ({self.cond_channels}, model.cond_channels) = {want} "
                 f"channels; set net.in_channels={want}."
             )
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"model.sampler={sampler!r} is unknown; choose one of {list(SAMPLERS)}.")
-        if timestep_spacing not in SPACINGS:
-            raise ConfigError(
-                f"model.timestep_spacing={timestep_spacing!r} is unknown; choose one of {list(SPACINGS)}."
-            )
-        if sample_steps is not None and not 1 <= int(sample_steps) <= T:
-            raise ConfigError(
-                f"model.sample_steps={sample_steps} is outside [1, {T}] (T = schedule.num_train_timesteps); "
-                "use e.g. 50 for DDIM or null for the full chain."
-            )
-        if not 1 <= int(val_sample_steps) <= T:
-            raise ConfigError(f"model.val_sample_steps={val_sample_steps} is outside [1, {T}].")
-        if not float(eta) >= 0:
-            raise ConfigError(f"model.eta={eta} must be >= 0 (0 = deterministic DDIM).")
-        if int(num_samples) < 1 or int(val_psnr_batches) < 0:
-            raise ConfigError(
-                f"model.num_samples={num_samples} must be >= 1 and model.val_psnr_batches={val_psnr_batches} >= 0."
-            )
+        self.check_both_samplings()
         if cond_skip and self.schedule.prediction_type != "sample":
             raise ConfigError(
                 f"model.cond_skip=true adds the noisy image to the network output, which only makes sense for x0 "
@@ -144,15 +111,12 @@ class ConditionalDiffusion(DiffusionModule):
             )
         self.cond_skip = bool(cond_skip)
         self._skips: dict[int, CondSkip] = {}
-        self.sampler = sampler
-        self.sample_steps = None if sample_steps is None else int(sample_steps)
-        self.eta = float(eta)
-        self.timestep_spacing = timestep_spacing
-        self.clip_sample = clip_sample
-        self.num_samples = int(num_samples)
-        self.sample_seed = int(sample_seed)
-        self.val_psnr_batches = int(val_psnr_batches)
-        self.val_sample_steps = int(val_sample_steps)
+
+    def check_sampling(self, cfg: SamplingConfig, where: str) -> None:
+        if cfg.sampler not in SAMPLERS:
+            raise ConfigError(f"{where}.sampler={cfg.sampler!r} is unknown here; choose one of {list(SAMPLERS)}.")
+        cfg.require_unset(("t_start", "precision", "noise"), "the conditional denoiser (it samples from pure "
+                          "Gaussian noise at T)", where)
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -192,10 +156,32 @@ class ConditionalDiffusion(DiffusionModule):
     # ------------------------------------------------------------------ denoising
     def timesteps(self, steps: int | None | str = "config") -> torch.Tensor:
         """Descending timesteps of a reverse chain (configured spacing); ``steps=None`` is every timestep."""
-        n = self.sample_steps if steps == "config" else steps
+        n = self.sampling.steps if steps == "config" else steps
         T = self.schedule.num_train_timesteps
-        return make_timesteps(T, T if n is None else int(n), self.timestep_spacing)
+        return make_timesteps(T, T if n is None else int(n), self.sampling.spacing)
 
+    @torch.no_grad()
+    def sample_posterior(self, cond: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+                         progress: bool = False) -> torch.Tensor:
+        """Denoise ``cond [B, C', H, W]`` by sampling ``p(x0 | cond)`` from pure noise at ``T`` with ``cfg``
+        (``cfg.draws`` samples averaged); EMA weights in eval mode. Returns ``[B, C, H, W]`` clamped to [-1, 1]."""
+        batch = {"cond": cond}
+        self._cond(batch)
+        ts = self.timesteps(cfg.steps)
+        if generator is None:
+            generator = torch.Generator(device=cond.device).manual_seed(cfg.seed)
+        b, _, h, w = cond.shape
+        shape_like = torch.empty(b, self.image_channels, h, w, device=cond.device, dtype=cond.dtype)
+        fn = self.model_fn(batch)
+        acc = torch.zeros_like(shape_like)
+        for _ in range(cfg.draws):
+            x_T = make_noise("gaussian", shape_like, generator=generator)
+            x0 = sample(fn, self.schedule, x_T, ts, sampler=cfg.sampler, eta=cfg.eta, generator=generator,
+                        clip_sample=cfg.clip, progress=progress)
+            acc += x0.clamp(-1.0, 1.0)
+        return acc / cfg.draws
+
+    # protocol-facing: kept until protocols switch to model.sampling
     @torch.no_grad()
     def denoise(
         self,
@@ -207,48 +193,37 @@ class ConditionalDiffusion(DiffusionModule):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Denoise ``cond [B, C', H, W]`` by sampling ``p(x0 | cond)`` from pure noise at ``T``.
+        """:meth:`sample_posterior` with ``model.sampling`` changed by the given arguments (``steps="config"`` keeps
+        the configured steps, ``steps=None`` = full chain; ``num_samples`` = ``draws``)."""
+        changes: dict[str, Any] = {}
+        if sampler is not None:
+            changes["sampler"] = sampler
+        if steps != "config":
+            changes["steps"] = steps
+        if eta is not None:
+            changes["eta"] = float(eta)
+        if num_samples is not None:
+            changes["draws"] = int(num_samples)
+        cfg = replace(self.sampling, **changes).validate(self.schedule.num_train_timesteps, "sampling")
+        self.check_sampling(cfg, "sampling")
+        return self.sample_posterior(cond, cfg, generator=generator, progress=progress)
 
-        Unset arguments take the model's configured values (``steps="config"``; ``steps=None`` = full chain).
-        Uses the EMA weights when the module is in eval mode. Returns ``[B, C, H, W]`` clamped to ``[-1, 1]``.
-        """
-        sampler = sampler or self.sampler
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"sampler={sampler!r} is unknown; choose one of {list(SAMPLERS)}.")
-        eta = self.eta if eta is None else float(eta)
-        k = self.num_samples if num_samples is None else int(num_samples)
-        if k < 1:
-            raise ConfigError(f"num_samples={k} must be >= 1.")
-        batch = {"cond": cond}
-        self._cond(batch)
-        ts = self.timesteps(steps)
-        if generator is None:
-            generator = torch.Generator(device=cond.device).manual_seed(self.sample_seed)
-        b, _, h, w = cond.shape
-        shape_like = torch.empty(b, self.image_channels, h, w, device=cond.device, dtype=cond.dtype)
-        fn = self.model_fn(batch)
-        acc = torch.zeros_like(shape_like)
-        for _ in range(k):
-            x_T = make_noise("gaussian", shape_like, generator=generator)
-            x0 = sample(fn, self.schedule, x_T, ts, sampler=sampler, eta=eta, generator=generator,
-                        clip_sample=self.clip_sample, progress=progress)
-            acc += x0.clamp(-1.0, 1.0)
-        return acc / k
-
-    def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Denoised estimate of ``batch['cond']`` with the configured sampler: ``[B, C, H, W]`` in ``[-1, 1]``."""
-        return self.denoise(self._cond(batch))
+    def reconstruct(self, batch: Mapping[str, Any], sampling: SamplingConfig | None = None) -> torch.Tensor:
+        """Denoised estimate of ``batch['cond']`` with ``sampling`` (default ``model.sampling``): ``[B, C, H, W]`` in
+        ``[-1, 1]``."""
+        return self.sample_posterior(self._cond(batch), self.sampling if sampling is None else sampling)
 
     # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """``val/loss`` (base) and, on the first ``val_psnr_batches`` batches, ``val/psnr`` of a fast DDIM pass."""
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """``val/loss`` (base) and, on the first ``val_batches`` batches, ``val/psnr`` of the ``val_sampling`` pass."""
         super().validation_step(batch, batch_idx)
-        if batch_idx >= self.val_psnr_batches or "image" not in batch:
+        chosen = chosen_batches(self.val_batches, self.num_val_batches(dataloader_idx), spread=False)
+        if (chosen is not None and batch_idx not in chosen) or "image" not in batch:
             return
         x0 = batch["image"]
-        gen = torch.Generator(device=x0.device).manual_seed(self.sample_seed + batch_idx)
-        pred = self.denoise(batch["cond"], sampler="ddim", steps=self.val_sample_steps, eta=0.0, num_samples=1,
-                            generator=gen)
+        cfg = self.validation_sampling()
+        gen = torch.Generator(device=x0.device).manual_seed(cfg.seed + batch_idx)
+        pred = self.sample_posterior(self._cond(batch), cfg, generator=gen)
         s = image_scores(x0, pred, dynamic_range=2.0, max_psnr=100.0)
         noisy = image_scores(x0, batch["cond"].clamp(-1, 1), dynamic_range=2.0, max_psnr=100.0)
         n = x0.shape[0]

@@ -7,7 +7,7 @@ both ``eps(x_t, t, c)`` and ``eps(x_t, t, null)``.
 Healthy counterfactual (``reconstruct`` / :meth:`GuidedDiffusion.healthy_counterfactual`), the FIELD-NOTES recipe:
 
 1. ``x_{t_start}``: deterministic DDIM inversion of the input with the null class over the ascending respaced
-   list ``make_partial_timesteps(t_start, num_steps)`` reversed (``translate.invert=true``), or
+   list ``make_partial_timesteps(t_start, steps)`` reversed (``sampling.invert=true``), or
    ``q_sample(x0, t_start, noise)`` (``invert=false``, SDEdit-style);
 2. DDIM (eta=0) from ``t_start`` down to 0 over the same list with the guided output
    ``cfg_combine(out_null, out_healthy, w)`` = ``out_null + w (out_healthy - out_null)``; both branches run in one
@@ -29,26 +29,54 @@ from torch import nn
 
 from meddiff.diffusion import cfg_combine, ddim_invert, make_partial_timesteps, sample
 from meddiff.diffusion.noise import gaussian_like
+from meddiff.diffusion.sampling import SamplingConfig
 from meddiff.errors import ConfigError, DataError
-from meddiff.models.anomaly import AnomalyScoring, drop_legacy_recon
-from meddiff.utils.options import options_from
+from meddiff.models.base import DiffusionModule
+from meddiff.models.validation import AnomalyValidation
 
-__all__ = ["GuidedDiffusion", "TranslateConfig", "net_num_class_embeds"]
+__all__ = ["GuidedDiffusion", "GuidedSampling", "TranslateConfig", "net_num_class_embeds"]
+
+#: ``model.sampling`` fields a guided translation does not use (DDIM, eta 0, one deterministic pass)
+_UNUSED = ("eta", "spacing", "clip", "draws", "precision", "noise")
 
 
 @dataclass
-class TranslateConfig:
-    """How a slice is translated toward the healthy class (``model.translate``; ``eval.*`` can override).
+class GuidedSampling(SamplingConfig):
+    """``model.sampling`` of a guided model: DDIM from ``t_start`` over ``steps`` plus the guidance fields.
 
-    Attributes:
-        t_start: inversion / noising depth, a timestep in ``[0, T)`` (FIELD-NOTES: 25-75 % of the chain).
-        num_steps: DDIM steps between ``t_start`` and 0 (the same respaced list inverts and denoises);
-            ``None`` = every timestep.
+    Attributes (besides ``t_start`` (inversion / noising depth, FIELD-NOTES: 25-75 % of the chain), ``steps`` (DDIM
+    steps between ``t_start`` and 0; the same respaced list inverts and denoises; None = every timestep) and ``seed``
+    (of the ``q_sample`` noise when ``invert=False``)):
         guidance_scale: ``w >= 0``; 0 = unconditional, 1 = plain conditional, > 1 extrapolates toward healthy.
         invert: DDIM-invert with the null class (True) or noise with ``q_sample`` (False).
         target_class: class to translate toward (0 = CN).
-        seed: seed of the ``q_sample`` noise when ``invert=False``.
     """
+
+    steps: int | None = 50
+    t_start: int | None = 500
+    guidance_scale: float = 3.0
+    invert: bool = True
+    target_class: int = 0
+
+    def validate(self, num_train_timesteps: int | None = None, where: str = "model.sampling") -> GuidedSampling:
+        super().validate(num_train_timesteps, where)
+        _check_guidance(self.guidance_scale, f"{where}.guidance_scale")
+        if self.sampler != "ddim" or self.t_start is None:
+            raise ConfigError(f"{where}: a guided translation runs DDIM from a depth; set sampler: ddim and an "
+                              f"integer t_start (got sampler={self.sampler!r}, t_start={self.t_start!r}).")
+        return self
+
+
+def _check_guidance(w: Any, name: str) -> None:
+    if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+        raise ConfigError(f"{name}={w!r} must be a finite number >= 0 (0 = unconditional, 1 = conditional, "
+                          "~3 = the seed's healthy translation).")
+
+
+# protocol-facing: kept until protocols switch to model.sampling
+@dataclass
+class TranslateConfig:
+    """The guided protocol's view of ``model.sampling`` (``num_steps`` = ``steps``); see :class:`GuidedSampling`."""
 
     t_start: int = 500
     num_steps: int | None = 50
@@ -58,32 +86,17 @@ class TranslateConfig:
     seed: int = 0
 
     def validate(self, num_train_timesteps: int | None = None, num_classes: int | None = None) -> TranslateConfig:
-        """Raise ``ConfigError`` naming the bad option; returns ``self``.
-
-        ``t_start`` is checked against the schedule's length and ``target_class`` against the classes when those are
-        given (``options_from`` calls this with neither; the model calls it with both).
-        """
-        w = self.guidance_scale
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ConfigError(
-                f"guidance_scale={w!r} must be a finite number >= 0 (0 = unconditional, 1 = conditional, "
-                "~3 = the seed's healthy translation)."
-            )
+        """Raise ``ConfigError`` naming the bad option; returns ``self`` (checked as a :class:`GuidedSampling`)."""
+        _check_guidance(self.guidance_scale, "guidance_scale")
         if num_train_timesteps is not None:
             T = int(num_train_timesteps)
-            if (
-                isinstance(self.t_start, bool)
-                or int(self.t_start) != self.t_start
-                or not 0 <= int(self.t_start) < T
-            ):
+            if isinstance(self.t_start, bool) or int(self.t_start) != self.t_start or not 0 <= int(self.t_start) < T:
                 raise ConfigError(
                     f"t_start={self.t_start!r} is outside [0, {T}); pick an integer inversion depth, e.g. {T // 2}."
                 )
             make_partial_timesteps(int(self.t_start), self.num_steps)  # validates num_steps
         if num_classes is not None and not 0 <= int(self.target_class) < num_classes:
-            raise ConfigError(
-                f"target_class={self.target_class!r} is outside [0, {num_classes}); 0 is CN (healthy)."
-            )
+            raise ConfigError(f"target_class={self.target_class!r} is outside [0, {num_classes}); 0 is CN (healthy).")
         return self
 
     def with_overrides(self, **changes: Any) -> TranslateConfig:
@@ -93,6 +106,11 @@ class TranslateConfig:
         if unknown:
             raise ConfigError(f"Unknown translate option(s) {unknown}; valid options are {sorted(known)}.")
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def of(cls, s: GuidedSampling) -> TranslateConfig:
+        return cls(t_start=int(s.t_start), num_steps=s.steps, guidance_scale=s.guidance_scale, invert=s.invert,
+                   target_class=s.target_class, seed=s.seed)
 
 
 def net_num_class_embeds(net: nn.Module) -> int | None:
@@ -111,36 +129,37 @@ def net_num_class_embeds(net: nn.Module) -> int | None:
     return None
 
 
-class GuidedDiffusion(AnomalyScoring):
+class GuidedDiffusion(DiffusionModule):
     """Class-conditional DDPM with a null class, translated toward healthy with classifier-free guidance.
 
-    Args:
-        *args, **kwargs: :class:`~meddiff.models.anomaly.AnomalyScoring` arguments (net, schedule, optimizer,
-            scoring, ...).
-            The net must be built with ``num_class_embeds = num_classes + 1`` (the last index is the null class).
+    Args (besides :class:`~meddiff.models.base.DiffusionModule`'s; ``sampling`` holds :class:`GuidedSampling`
+    fields, ``val_batches`` validation batches spread evenly over each loader are translated and scored for
+    ``val/auroc``, label CN vs other; 0 = loss only):
+        The net must be built with ``num_class_embeds = num_classes + 1`` (the last index is the null class).
         num_classes: number of real classes (5 for ADNI: CN, EMCI, MCI, LMCI, AD).
         cond_drop_prob: probability in ``[0, 1]`` that a training label is replaced by the null class.
-        translate: :class:`TranslateConfig` fields.
-        val_score_batches: validation batches (spread evenly over the loader) that are translated and scored for
-            ``val/auroc`` (label CN vs other); 0 = loss only.
+        scoring: :class:`~meddiff.anomaly.scoring.ScoringConfig` fields of ``val/auroc`` and the protocol.
+        aucp_rho: share of healthy images in the unannotated pool, if known (``val/aucp_debiased``).
 
     Batches carry ``image [B, 1, H, W] in [-1, 1]`` and ``class_label`` int64 ``[B]`` in ``[0, num_classes)``;
     for ``val/auroc`` also ``label`` (0 CN / 1 other) and optionally ``brain_mask``.
     """
 
     eval_protocol: str = "guided"
+    sampling_class = GuidedSampling
 
     def __init__(
         self,
         *args: Any,
         num_classes: int = 5,
         cond_drop_prob: float = 0.2,
-        translate: Mapping[str, Any] | None = None,
-        val_score_batches: int = 4,
+        val_batches: int | None = 4,
+        scoring: Mapping[str, Any] | None = None,
+        aucp_rho: float | None = None,
         **kwargs: Any,
     ) -> None:
-        drop_legacy_recon(kwargs, "GuidedDiffusion", "the healthy counterfactual is set by model.translate")
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, val_batches=val_batches, **kwargs)
+        self.anomaly_val = AnomalyValidation(scoring, aucp_rho)
         if isinstance(num_classes, bool) or int(num_classes) < 1:
             raise ConfigError(f"model.num_classes={num_classes!r} must be an integer >= 1 (5 for ADNI).")
         self.num_classes = int(num_classes)
@@ -156,12 +175,24 @@ class GuidedDiffusion(AnomalyScoring):
                 f"model.cond_drop_prob={cond_drop_prob!r} must be in [0, 1] (FIELD-NOTES: 0.1-0.35)."
             )
         self.cond_drop_prob = p
-        self.translate_cfg: TranslateConfig = options_from(TranslateConfig, translate, "model.translate")
-        self.translate_cfg.validate(self.schedule.num_train_timesteps, self.num_classes)
-        if int(val_score_batches) < 0:
-            raise ConfigError(f"model.val_score_batches={val_score_batches!r} must be >= 0.")
-        self.val_score_batches = int(val_score_batches)
-        self._score_now = False
+        self.check_both_samplings()
+
+    def check_sampling(self, cfg: SamplingConfig, where: str) -> None:
+        cfg.require_unset(_UNUSED, "a guided translation (DDIM, eta 0, one pass)", where)
+        if not 0 <= int(cfg.target_class) < self.num_classes:
+            raise ConfigError(f"{where}.target_class={cfg.target_class!r} is outside [0, {self.num_classes}); 0 is "
+                              "CN (healthy).")
+
+    # protocol-facing: kept until protocols switch to model.sampling
+    @property
+    def translate_cfg(self) -> TranslateConfig:
+        """``model.sampling`` as the guided protocol's :class:`TranslateConfig` (a fresh copy each time)."""
+        return TranslateConfig.of(self.sampling)
+
+    # protocol-facing: kept until protocols switch to model.sampling
+    @property
+    def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
+        return self.anomaly_val.scoring
 
     @property
     def null_class(self) -> int:
@@ -227,13 +258,16 @@ class GuidedDiffusion(AnomalyScoring):
     def healthy_counterfactual(
         self,
         x0: torch.Tensor,
-        cfg: TranslateConfig | None = None,
+        cfg: TranslateConfig | GuidedSampling | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Translate ``x0 [B, C, H, W] in [-1, 1]`` toward ``cfg.target_class``; returns ``[B, C, H, W]`` in [-1, 1].
 
-        ``cfg`` defaults to ``model.translate``; it is validated here (``guidance_scale < 0`` -> ConfigError).
+        ``cfg`` defaults to ``model.sampling``; it is validated here (``guidance_scale < 0`` -> ConfigError).
         """
+        if isinstance(cfg, GuidedSampling):
+            self.check_sampling(cfg.validate(self.schedule.num_train_timesteps), "sampling")
+            cfg = TranslateConfig.of(cfg)
         cfg = (cfg or self.translate_cfg).validate(self.schedule.num_train_timesteps, self.num_classes)
         steps = make_partial_timesteps(int(cfg.t_start), cfg.num_steps)  # descending, starts at t_start
         if cfg.invert:
@@ -247,35 +281,16 @@ class GuidedDiffusion(AnomalyScoring):
         out = sample(fn, self.schedule, x_t, steps, sampler="ddim", eta=0.0)
         return out.clamp(-1.0, 1.0)
 
-    def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Healthy counterfactual of ``batch['image']`` with ``model.translate``: ``[B, C, H, W] in [-1, 1]``."""
-        return self.healthy_counterfactual(batch["image"])
+    def reconstruct(self, batch: Mapping[str, Any], sampling: GuidedSampling | None = None) -> torch.Tensor:
+        """Healthy counterfactual of ``batch['image']`` with ``sampling`` (default ``model.sampling``):
+        ``[B, C, H, W] in [-1, 1]``."""
+        return self.healthy_counterfactual(batch["image"], sampling)
 
     # ------------------------------------------------------------------ validation
-    @property
-    def score_in_validation(self) -> bool:
-        """True on the ``val_score_batches`` validation batches chosen for translation + ``val/auroc``."""
-        return self._score_now
-
-    def _scored_batches(self, dataloader_idx: int = 0) -> set[int]:
-        k = self.val_score_batches
-        n = None
-        trainer = self._trainer if hasattr(self, "_trainer") else None
-        if trainer is not None:
-            nums = getattr(trainer, "num_val_batches", None)
-            if nums and dataloader_idx < len(nums):  # each validation loader (pool) spreads its own batches
-                n = int(nums[dataloader_idx]) if math.isfinite(nums[dataloader_idx]) else None
-        if k <= 0:
-            return set()
-        if n is None or n <= k:
-            return set(range(k))
-        return {round(i * (n - 1) / (k - 1)) for i in range(k)} if k > 1 else {0}
-
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Healthy (CN) loss on every batch; translation and ``val/auroc`` (CN vs other) on a few spread ones (of
-        each validation loader: with ``data.aucp_holdout`` the known-healthy pool's too, for ``val/aucp``)."""
-        self._score_now = batch_idx in self._scored_batches(dataloader_idx)
-        try:
-            super().validation_step(batch, batch_idx, dataloader_idx)
-        finally:
-            self._score_now = False
+        """Healthy (CN) loss on every batch; translation and ``val/auroc`` (CN vs other) on ``val_batches`` batches
+        spread over each validation loader (with ``data.aucp_holdout`` the known-healthy pool's too: ``val/aucp``)."""
+        self.anomaly_val.step(self, batch, batch_idx, dataloader_idx, spread=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.anomaly_val.log_epoch(self.log)

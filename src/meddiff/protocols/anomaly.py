@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from meddiff.anomaly.reconstruction import ReconstructionConfig
+from meddiff.diffusion.partial import PartialSampling as ReconstructionConfig  # the model.sampling of partial diffusion
 from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.errors import ConfigError
 from meddiff.metrics.baselines import (

@@ -17,7 +17,7 @@ Pools (``pool_dataset(name)`` / ``pool_loader(name)``):
 Lightning splits: ``train`` = ``known_healthy`` (with ``train_pools=[known_healthy, mixed]`` the training loader is
 ``{"known_healthy": loader, "mixed": loader}``, cycled to the longer one, for the coarse GAN); ``val`` = a list of
 loaders ``[known_healthy_val, mixed, labelled_val]`` (those that exist), each item tagged ``pool`` =
-``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.aucp_validation``); ``test`` = ``test``.
+``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.validation``); ``test`` = ``test``.
 
 Items (dicts, ``docs/contracts.md``): ``image [C, H, W]`` float32 in ``[-1, 1]``, ``id``, ``subject``, ``pool``,
 ``label`` (int64, only where labels may be seen), ``mask`` (bool ``[1, H, W]``, BMAD labelled pools with masks),
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 POOL_NAMES = ("known_healthy", "known_healthy_val", "mixed", "mixed_labelled", "labelled_val", "test")
 TRAIN_POOLS = ("known_healthy", "mixed")
-#: the ``pool`` tag items carry (the vocabulary of meddiff.models.aucp_validation)
+#: the ``pool`` tag items carry (the vocabulary of meddiff.models.validation)
 _TAG = {"known_healthy": "known_healthy", "known_healthy_val": "known_healthy", "mixed": "unannotated",
         "mixed_labelled": "labelled", "labelled_val": "labelled", "test": "labelled"}
 

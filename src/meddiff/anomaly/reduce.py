@@ -1,6 +1,6 @@
-"""Image-level anomaly scores: one number per image from its anomaly map, reduced inside a region.
+"""One anomaly score per image: its anomaly map reduced inside a region.
 
-``image_scores(maps [B, C, H, W], mask=None, reduction="mean"|"max"|"percentile"|"top_k", q=99, k=5) -> [B]``.
+``reduce_map(maps [B, C, H, W], mask=None, reduction="mean"|"max"|"percentile"|"top_k", q=99, k=5) -> [B]``.
 Percentiles use linear interpolation between order statistics (numpy's default ``method="linear"``). ``top_k`` is the
 mean of the ``k`` largest values in the region (all of them when it has fewer than ``k`` pixels): between ``max``
 (``k=1``) and a high percentile, it keeps a small anomaly's few strong pixels without trusting a single one.
@@ -15,10 +15,10 @@ import torch
 from meddiff.anomaly.postprocess import as_bool, check_4d, check_mask_for
 from meddiff.errors import ConfigError
 
-REDUCTIONS = ("mean", "max", "percentile", "top_k")
+MAP_REDUCTIONS = ("mean", "max", "percentile", "top_k")
 
 
-def image_scores(
+def reduce_map(
     maps: torch.Tensor,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -43,8 +43,8 @@ def image_scores(
         ConfigError: unknown ``reduction``, ``q`` outside ``[0, 100]`` or ``k`` not an integer >= 1.
         DataError: maps not 4D or mask shape not matching.
     """
-    if reduction not in REDUCTIONS:
-        raise ConfigError(f"unknown score reduction {reduction!r}; choose one of {list(REDUCTIONS)}.")
+    if reduction not in MAP_REDUCTIONS:
+        raise ConfigError(f"unknown score reduction {reduction!r}; choose one of {list(MAP_REDUCTIONS)}.")
     if not 0.0 <= float(q) <= 100.0:
         raise ConfigError(f"percentile q={q} must be in [0, 100] (e.g. 99).")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

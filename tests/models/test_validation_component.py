@@ -12,13 +12,15 @@ from sklearn.metrics import roc_auc_score
 
 from meddiff.errors import ConfigError
 from meddiff.metrics.aucp import aucp, debiased_auc
-from meddiff.models.aucp_validation import AUCpValidation
+from meddiff.models.validation import AnomalyValidation, chosen_batches
 
 
-class Logged(AUCpValidation):
+class Logged(AnomalyValidation):
+    """The component as the label-free families use it, logging into a dict."""
+
     def __init__(self, rho=None):
+        super().__init__(aucp_rho=rho, label_free=True)
         self.logged: dict[str, float] = {}
-        self.init_aucp(rho)
 
     def log(self, name, value, **kw):
         self.logged[name] = float(value)
@@ -33,8 +35,8 @@ def batch(scores, pool, labels=None):
 
 def run(m: Logged, *batches) -> dict[str, float]:
     for b, s in batches:
-        m.update_pools(b, s)
-    m.log_pools()
+        m.update(b, s)
+    m.log_epoch(m.log)
     return dict(m.logged)
 
 
@@ -94,11 +96,11 @@ def test_missing_pool_is_nan_with_a_warning(caplog):
 
 def test_batches_without_pools_and_bad_pools():
     m = Logged()
-    m.update_pools({"image": torch.zeros(2, 1, 2, 2), "label": torch.tensor([0, 1])}, torch.tensor([0.1, 0.9]))
-    m.update_pools({"image": torch.zeros(1, 1, 2, 2)}, torch.tensor([0.5]))  # no label: known healthy
+    m.update({"image": torch.zeros(2, 1, 2, 2), "label": torch.tensor([0, 1])}, torch.tensor([0.1, 0.9]))
+    m.update({"image": torch.zeros(1, 1, 2, 2)}, torch.tensor([0.5]))  # no label: known healthy
     assert m._pool_counts == {"known_healthy": 1, "unannotated": 0, "labelled": 2, "unannotated_labelled": 0}
     with pytest.raises(ConfigError, match="pool"):
-        m.update_pools({"image": torch.zeros(1, 1, 2, 2), "pool": ["test"]}, torch.tensor([0.5]))
+        m.update({"image": torch.zeros(1, 1, 2, 2), "pool": ["test"]}, torch.tensor([0.5]))
     with pytest.raises(ConfigError, match="aucp_rho"):
         Logged(rho=1.0)
 
@@ -119,3 +121,13 @@ def test_unannotated_labelled_rows_are_aucp_positives_and_scored_for_val_auroc()
                   batch(u, "unannotated_labelled", labels=[1 - v for v in y]))
     assert flipped["val/aucp"] == out["val/aucp"]  # labels never enter AUCp
     assert flipped["val/auroc"] == pytest.approx(1 - out["val/auroc"])  # known-healthy labels never enter val/auroc
+
+
+def test_which_batches_policy():
+    assert chosen_batches(None, 10, spread=True) is None  # all
+    assert chosen_batches(0, 10, spread=False) == set()  # loss only
+    assert chosen_batches(3, 10, spread=False) == {0, 1, 2}  # the first ones
+    assert chosen_batches(3, 10, spread=True) == {0, 4, 9}  # spread evenly, first and last included
+    assert chosen_batches(1, 10, spread=True) == {0}
+    assert chosen_batches(4, None, spread=True) == {0, 1, 2, 3} == chosen_batches(4, 3, spread=True)
+    assert chosen_batches(2, float("inf"), spread=True) == {0, 1}
