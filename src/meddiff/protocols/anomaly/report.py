@@ -16,6 +16,8 @@ from meddiff.protocols.common import (
     print_baseline_costs,
 )
 
+from .addons import addon_for
+
 __all__ = ["PIXEL_INTENSITY", "print_report", "summary", "write_outputs"]
 
 #: the pixel-level key of the mean-intensity baseline (``report["pixel"]``; its image-level key is MEAN_INTENSITY)
@@ -117,8 +119,6 @@ def print_report(report: dict[str, Any]) -> None:
 def write_outputs(report: dict[str, Any], figures: Mapping[str, Any], out_dir: Path) -> None:
     """``roc.png``, ``anomaly_grid.png``, the printed table and each add-on's outputs (e.g. CT subtypes)."""
     from meddiff.viz.figures import save_anomaly_grid, save_roc_pr
-
-    from .addons import addon_for
 
     save_roc_pr(out_dir / "roc.png", figures["curves"])
     ex = figures["examples"]

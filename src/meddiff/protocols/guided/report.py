@@ -26,6 +26,7 @@ from meddiff.protocols.common import (
 )
 
 from .options import GuidedEvalOptions
+from .select import volume_scores
 from .translate import VolumeResult
 
 __all__ = ["assemble_report", "write_figures", "write_outputs"]
@@ -143,8 +144,6 @@ def assemble_report(model: Any, results: Sequence[VolumeResult], selection: Any,
                     metrics_skipped: dict[str, str], skipped: list[dict[str, str]]) -> Outcome:
     """The JSON-ready report (``summary`` floats) and, for :func:`write_outputs`, the rows of the CSV tables, the
     results (figures) and the ROC curves."""
-    from .test import volume_scores
-
     choice, tcfg = selection.choice, selection.translate
     base_keys = list(selection.baselines.reconstruct)
     rows = _slice_rows(results)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,8 @@ from meddiff.protocols.common import MEAN_INTENSITY, build_healthy_baselines
 from .options import REDUCTIONS, GuidedEvalOptions
 from .translate import HealthyBaselines, VolumeResult, interleave_cap, translate_many
 
-__all__ = ["GuidedSelection", "choose_on_validation", "healthy_baselines", "reduce_slices", "select_on_validation"]
+__all__ = ["GuidedSelection", "choose_on_validation", "healthy_baselines", "reduce_slices", "select_on_validation",
+           "volume_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +191,15 @@ class GuidedSelection:
     baselines: HealthyBaselines
     choice: dict[str, Any]
     skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def volume_scores(results: Sequence[VolumeResult], choice: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Volume scores ``[V]`` of the model and every baseline, each reduced with its choice from validation."""
+    out = {
+        "model": np.array([reduce_slices(r.score, choice["model_reduction"]) for r in results]),
+        MEAN_INTENSITY: float(choice["baseline_sign"])
+        * np.array([reduce_slices(r.baseline, choice["baseline_reduction"]) for r in results]),
+    }
+    for key, rec in (choice.get("baselines") or {}).items():
+        out[key] = np.array([reduce_slices(r.baselines[key], rec["reduction"]) for r in results])
+    return out

@@ -11,15 +11,15 @@ import numpy as np
 import torch
 
 from meddiff.protocols.base import Outcome
-from meddiff.protocols.common import LABELS, MEAN_INTENSITY, auroc_margin
+from meddiff.protocols.common import LABELS, auroc_margin
 
 from .interfaces import CLASS_NAMES
 from .options import GuidedEvalOptions
 from .report import assemble_report
-from .select import GuidedSelection, reduce_slices
+from .select import GuidedSelection, volume_scores
 from .translate import OptionalMetrics, VolumeResult, interleave_cap, translate_many
 
-__all__ = ["classification", "evaluate_on_test", "margin", "volume_scores"]
+__all__ = ["classification", "evaluate_on_test", "margin"]
 
 
 def evaluate_on_test(model: Any, datamodule: Any, opts: GuidedEvalOptions, selection: GuidedSelection,
@@ -88,18 +88,6 @@ def classification(
 def _subject(r: VolumeResult) -> str:
     """The subject of a volume (``VolumeSource.subject`` when the source has one, else its volume id)."""
     return str(r.source.subject or r.source.volume_id)
-
-
-def volume_scores(results: Sequence[VolumeResult], choice: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Volume scores ``[V]`` of the model and every baseline, each reduced with its choice from validation."""
-    out = {
-        "model": np.array([reduce_slices(r.score, choice["model_reduction"]) for r in results]),
-        MEAN_INTENSITY: float(choice["baseline_sign"])
-        * np.array([reduce_slices(r.baseline, choice["baseline_reduction"]) for r in results]),
-    }
-    for key, rec in (choice.get("baselines") or {}).items():
-        out[key] = np.array([reduce_slices(r.baselines[key], rec["reduction"]) for r in results])
-    return out
 
 
 def margin(
