@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from meddiff.errors import ConfigError
-from meddiff.protocols.base import Outcome, Protocol, ValidationView, evaluating, missing_members
+from meddiff.protocols.base import Outcome, Protocol, ValidationView, chosen_on, evaluating, missing_members
 
 from .interfaces import AnomalyData, AnomalyModel
 from .options import EvalOptions
@@ -53,7 +53,10 @@ class AnomalyProtocol(Protocol):
             labelled = getattr(data, "val_labelled_dataloader", None)
             val_loader = labelled() if callable(labelled) else data.val_dataloader()
         selection = select_on_validation(model, val_loader, opts, device, healthy=healthy)
-        selection.record["splits_read"] = data.splits_read  # what selection asked the datamodule for
+        # what the settings were chosen on, from what selection asked the datamodule for
+        compared = selection.record["chosen_on"] == "validation"
+        selection.record["chosen_on"] = chosen_on(data.splits_read, compared, "config")
+        selection.record["splits_read"] = data.splits_read
         if why_not is not None and opts.healthy_baselines():
             selection.record["baselines_skipped"] = why_not
         return selection
