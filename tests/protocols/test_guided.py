@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -15,9 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from meddiff.data.adni_slices import ADNISliceDataModule, Volumes, VolumeSource
+from meddiff.data import ADNISliceDataModule
 from meddiff.data.formats.adni_json import CLASS_NAMES
-from meddiff.data.preprocess.mri_slices import VolumeData
 from meddiff.data.synthetic.mri import write_synthetic_adni
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
@@ -26,6 +26,35 @@ from meddiff.models.guided import GuidedDiffusion
 from meddiff.protocols import guided as ev
 
 FAST = {"n_boot": 50, "volume_plots": True, "batch_size": 64}
+
+
+# the protocol reads volumes through its interfaces (protocols/guided/interfaces.py): these stand-ins provide them
+@dataclasses.dataclass
+class VolumeData:
+    images: torch.Tensor
+    masks: torch.Tensor
+    axes: np.ndarray
+    indices: np.ndarray
+
+
+@dataclasses.dataclass
+class VolumeSource:
+    volume_id: str
+    slice_label: int | None
+    load: Callable[[], VolumeData]
+    name: str = ""
+    subject: str | None = None
+
+    @property
+    def class_name(self) -> str:
+        return CLASS_NAMES[self.slice_label - 1] if self.slice_label else "?"
+
+
+@dataclasses.dataclass
+class Volumes:
+    sources: list[VolumeSource]
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    batch: bool = True
 
 
 class ZeroEps(nn.Module):
