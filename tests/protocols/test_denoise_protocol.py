@@ -116,6 +116,10 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     bar = saved["quality_bar"]["0.1"]
     assert {"best_ddim_le_50", "ddim_within_0.5db_of_ddpm", "best_classical", "margin_psnr", "margin_vsi"} <= set(bar)
     assert bar["chosen_on"] == "validation" and bar["model_method"] == "ddpm"
+    # the supervised U-Net is fitted on the training pairs, every other choice made on validation
+    assert saved["selection"]["splits_read"] == ["train", "val"] and saved["supervised"]["chosen_on"] == "train"
+    assert saved["selection"]["choices"]["supervised_weights"]["chosen_on"] == "train"
+    assert saved["selection"]["choices"]["nlm_h_factor@0.2"]["chosen_on"] == "validation"
     sup = bar["margins"]["supervised"]["ssim"]  # the learned baseline gets its own paired margin
     assert sup["baseline"] == "supervised" and sup["diff_ci"][0] <= sup["diff"] <= sup["diff_ci"][1]
     assert list(saved["validation"]) == ["0.1"] and saved["validation"]["0.1"]["n_patches"] == 6
@@ -338,3 +342,10 @@ def test_every_choice_and_verdict_is_made_on_validation(h5, tmp_path):
     assert mae["diff"] == pytest.approx(res["noisy"]["mae"] - res["ddpm"]["mae"]) and mae["diff"] > 0
     # the test patches were read once: each selected patch exactly once at the one level
     assert sorted(data.test_reads) == list(range(rep["n_patches"]))
+    # every choice is recorded with its value and what it was chosen on, derived from the splits selection read
+    record = rep["selection"]
+    assert record["splits_read"] == ["val"] and record["chosen_on"] == "validation"
+    assert {c["chosen_on"] for c in record["choices"].values()} == {"validation"}
+    assert {k: c["value"] for k, c in record["choices"].items()} == {
+        "nlm_h_factor@0.1": 0.2, "best_ddim_le_50@0.1": "ddim_3", "model_method@0.1": "ddpm",
+        "best_classical@0.1": "noisy"}
