@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from meddiff.protocols.common import console as common_console
 from meddiff.protocols.denoise.options import DDIM_BUDGET, DDIM_TOLERANCE_DB
 from meddiff.protocols.denoise.outputs import reference_level
 
 
 def print_report(report: dict[str, Any]) -> None:
     """Rich tables: metrics per noise level and method; speed of every method; the choices and paired margins."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = common_console()
     bm3d = report.get("bm3d", {})
     for lkey, res in report["results"].items():
         note = ""

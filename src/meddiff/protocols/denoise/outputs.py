@@ -7,39 +7,31 @@ volume, ``[H, W, slices]``). All written atomically.
 
 from __future__ import annotations
 
-import csv
 import gzip
-import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from meddiff.protocols.common import write_csv
 from meddiff.protocols.denoise.options import METRICS
-from meddiff.utils.io import atomic_write, atomic_write_bytes, atomic_write_text
+from meddiff.utils.io import atomic_write, atomic_write_bytes
 
 Kept = dict[str, dict[tuple[int, int], dict[str, np.ndarray]]]  # level -> (volume, slice) -> name -> [H, W]
 
 
 def write_tables(report: dict[str, Any], out_dir: Path) -> None:
-    """``metrics.csv`` (``noise_std,method,<metric>,<metric>_std,...``) and ``speed.csv``."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
+    """``metrics.csv`` (``noise_std,method,<metric>,<metric>_std,...,n_patches,n_slices``) and ``speed.csv``, with
+    the common CSV writer (``meddiff.protocols.common.write_csv``)."""
     cols = [*(c for k in METRICS for c in (k, f"{k}_std")), *(f"slice_{k}" for k in METRICS), "sec_per_patch"]
-    w.writerow(["noise_std", "method", *cols, "n_patches", "n_slices"])
-    for lkey, res in report["results"].items():
-        for m, row in res.items():
-            w.writerow([lkey, m, *(f"{row[c]:.6f}" for c in cols), row["n_patches"], row["n_slices"]])
-    atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["noise_std", "method", "steps", "sec_per_patch", "n_patches", "psnr", "ssim", "vsi"])
-    for r in report["speed"]:
-        w.writerow([f"{r['noise_std']:g}", r["method"], "" if r["steps"] is None else r["steps"],
-                    f"{r['sec_per_patch']:.6f}", r["n_patches"], f"{r['psnr']:.4f}", f"{r['ssim']:.5f}",
-                    f"{r['vsi']:.5f}"])
-    atomic_write_text(out_dir / "speed.csv", buf.getvalue())
+    rows = [{"noise_std": lkey, "method": m, **row} for lkey, res in report["results"].items()
+            for m, row in res.items()]
+    write_csv(out_dir / "metrics.csv", rows, ["noise_std", "method", *cols, "n_patches", "n_slices"])
+    speed = [{**r, "noise_std": f"{r['noise_std']:g}", "steps": "" if r["steps"] is None else r["steps"]}
+             for r in report["speed"]]
+    write_csv(out_dir / "speed.csv", speed,
+              ["noise_std", "method", "steps", "sec_per_patch", "n_patches", "psnr", "ssim", "vsi"])
 
 
 def reference_level(report: dict[str, Any]) -> str:

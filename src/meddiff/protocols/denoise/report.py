@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meddiff.metrics.paired import paired_mean_difference
+from meddiff.protocols.common import mean_margin, summary_floats
 from meddiff.protocols.denoise.interfaces import DenoiseData
 from meddiff.protocols.denoise.options import HIGHER_IS_BETTER, METRICS, DenoiseEvalOptions, is_diffusion
 from meddiff.protocols.denoise.select import DenoiseSelection, LevelChoice
@@ -131,7 +131,7 @@ def quality_entry(choice: LevelChoice, test: LevelScores, opts: DenoiseEvalOptio
     for name, base in (("best_classical", classical), ("supervised", "supervised" if "supervised" in means else None)):
         if model_m is None or base is None:
             continue
-        margins[name] = {k: paired_margin(test, model_m, base, k, opts) for k in METRICS}
+        margins[name] = {k: paired_margin(test, model_m, base, k, opts, means[base][k]) for k in METRICS}
     entry["margins"] = margins
     for k, m in margins.get("best_classical", {}).items():
         if "diff" in m:
@@ -141,14 +141,16 @@ def quality_entry(choice: LevelChoice, test: LevelScores, opts: DenoiseEvalOptio
     return entry
 
 
-def paired_margin(test: LevelScores, model_m: str, base: str, metric: str, opts: DenoiseEvalOptions
-                  ) -> dict[str, Any]:
+def paired_margin(test: LevelScores, model_m: str, base: str, metric: str, opts: DenoiseEvalOptions,
+                  val_mean: float | None = None) -> dict[str, Any]:
     """Paired bootstrap CI of the mean per-slice margin of ``model_m`` over ``base`` in ``metric`` (model better > 0).
 
-    A slice's value is the mean of the metric over its patches (the patch metrics of the tables; stitched slices
-    would average the independent noise of overlapping patches). Only the test slices where both have a value
-    count (a capped BM3D: its slices). Volumes are resampled with all their slices when the slices come from more
-    than one volume.
+    ``base`` was chosen on validation (:func:`~meddiff.protocols.denoise.select.bar_choices`); the margin is the
+    common one (:func:`meddiff.protocols.common.mean_margin`, with ``base`` the only candidate and ``val_mean`` its
+    validation mean), so it carries ``baseline_chosen_on`` and a ``verdict``. A slice's value is the mean of the
+    metric over its patches (the patch metrics of the tables; stitched slices would average the independent noise
+    of overlapping patches). Only the test slices where both have a value count (a capped BM3D: its slices).
+    Volumes are resampled with all their slices when the slices come from more than one volume.
     """
     a, b = test.per_slice[model_m][metric], test.per_slice[base][metric]
     ok = np.isfinite(a) & np.isfinite(b)
@@ -159,8 +161,9 @@ def paired_margin(test: LevelScores, model_m: str, base: str, metric: str, opts:
         return out
     vols = [test.slices[i][0] for i in np.flatnonzero(ok)]
     subjects = vols if len(set(vols)) > 1 else None
-    x, y = (a[ok], b[ok]) if HIGHER_IS_BETTER[metric] else (b[ok], a[ok])
-    out.update(paired_mean_difference(x, y, subjects, n_boot=opts.n_boot, seed=opts.seed))
+    out.update(mean_margin(a[ok], {base: b[ok]}, {base: val_mean}, subjects,
+                           higher_is_better=HIGHER_IS_BETTER[metric], n_boot=opts.n_boot, seed=opts.seed,
+                           what=f"{metric.upper()} margin of {model_m}"))
     out["diff_ci"] = list(out["diff_ci"])
     out["by"] = "volume" if subjects is not None else "slice"
     return out
@@ -168,13 +171,13 @@ def paired_margin(test: LevelScores, model_m: str, base: str, metric: str, opts:
 
 def summary(results: dict[str, dict[str, dict[str, float]]], quality: dict[str, Any]) -> dict[str, float]:
     """Flat floats: ``"<metric>/<method>@<level>"`` of every table cell, ``"bar/<key>@<level>"`` of the bar."""
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for lkey, res in results.items():
         for m, row in res.items():
             for k in (*METRICS, "sec_per_patch"):
-                out[f"{k}/{m}@{lkey}"] = float(row[k])
+                out[f"{k}/{m}@{lkey}"] = row[k]
     for lkey, entry in quality.items():
         for k, v in entry.items():
             if isinstance(v, (bool, int, float)):
-                out[f"bar/{k}@{lkey}"] = float(v)
-    return out
+                out[f"bar/{k}@{lkey}"] = v
+    return summary_floats(out)
