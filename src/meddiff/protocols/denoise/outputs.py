@@ -21,13 +21,17 @@ from meddiff.utils.io import atomic_write, atomic_write_bytes
 Kept = dict[str, dict[tuple[int, int], dict[str, np.ndarray]]]  # level -> (volume, slice) -> name -> [H, W]
 
 
-def write_tables(report: dict[str, Any], out_dir: Path) -> None:
-    """``metrics.csv`` (``noise_std,method,<metric>,<metric>_std,...,n_patches,n_slices``) and ``speed.csv``, with
-    the common CSV writer (``meddiff.protocols.common.write_csv``)."""
+def write_metrics_table(report: dict[str, Any], out_dir: Path) -> None:
+    """``metrics.csv``: one row per level and method (``noise_std,method,<metric>,<metric>_std,...,slice_<metric>,
+    ...,sec_per_patch,n_patches,n_slices``), with the common CSV writer (``meddiff.protocols.common.write_csv``)."""
     cols = [*(c for k in METRICS for c in (k, f"{k}_std")), *(f"slice_{k}" for k in METRICS), "sec_per_patch"]
     rows = [{"noise_std": lkey, "method": m, **row} for lkey, res in report["results"].items()
             for m, row in res.items()]
     write_csv(out_dir / "metrics.csv", rows, ["noise_std", "method", *cols, "n_patches", "n_slices"])
+
+
+def write_speed_table(report: dict[str, Any], out_dir: Path) -> None:
+    """``speed.csv``: seconds per patch and quality of every method at every level."""
     speed = [{**r, "noise_std": f"{r['noise_std']:g}", "steps": "" if r["steps"] is None else r["steps"]}
              for r in report["speed"]]
     write_csv(out_dir / "speed.csv", speed,

@@ -13,7 +13,12 @@ from meddiff.protocols.base import Outcome, Protocol, ValidationView, evaluating
 from meddiff.protocols.denoise.console import print_report
 from meddiff.protocols.denoise.interfaces import DenoiseData, check_data, check_model
 from meddiff.protocols.denoise.options import DenoiseEvalOptions
-from meddiff.protocols.denoise.outputs import write_figures, write_images, write_tables
+from meddiff.protocols.denoise.outputs import (
+    write_figures,
+    write_images,
+    write_metrics_table,
+    write_speed_table,
+)
 from meddiff.protocols.denoise.report import build_report
 from meddiff.protocols.denoise.select import DenoiseSelection, select_on_validation
 from meddiff.protocols.denoise.test import run_test_pass
@@ -29,17 +34,24 @@ class DenoiseProtocol(Protocol):
         #: where the supervised baseline is cached unless ``eval.supervised.cache_dir`` says otherwise
         self.baseline_dir = Path("baselines")
 
-    def run(self, model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
-            device: str | torch.device | None = "cpu") -> dict[str, Any]:
-        """The skeleton's run after checking model and data, with ``model`` in eval mode on ``device`` throughout
-        (its train/eval flags and device are restored afterwards)."""
-        opts = self.parse(eval_cfg)
+    def check(self, model: Any, datamodule: Any, opts: DenoiseEvalOptions) -> None:
+        """ConfigError when the model cannot ``denoise`` or the datamodule lacks :class:`DenoiseData`."""
         check_model(model)
         check_data(datamodule)
+
+    def run(self, model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
+            device: str | torch.device | None = "cpu") -> dict[str, Any]:
+        """The skeleton's run after :meth:`check`, with ``model`` in eval mode on ``device`` throughout (its
+        train/eval flags and device restored afterwards); then ``metrics.csv`` becomes the per-method table (the
+        skeleton writes the summary's ``metric,value`` rows; the same numbers are in ``report.json``)."""
+        opts = self.parse(eval_cfg)
+        self.check(model, datamodule, opts)
         self.baseline_dir = Path(out_dir) / "baselines"
         device = torch.device(device if device is not None else "cpu")
         with evaluating(model, device):
-            return super().run(model, datamodule, opts, out_dir, device)
+            report = super().run(model, datamodule, opts, out_dir, device)
+        write_metrics_table(report, Path(out_dir))
+        return report
 
     def select(self, model: Any, data: ValidationView, opts: DenoiseEvalOptions, device: torch.device
                ) -> DenoiseSelection:
@@ -53,7 +65,7 @@ class DenoiseProtocol(Protocol):
 
     def write(self, outcome: Outcome, out_dir: Path) -> None:
         report, opts, kept = outcome.report, outcome.figures["opts"], outcome.figures["kept"]
-        write_tables(report, out_dir)  # the per-method table replaces the skeleton's metric,value metrics.csv
+        write_speed_table(report, out_dir)
         names = ["clean", *report["methods"]]
         write_images(kept, names, out_dir, opts.write_tiff, opts.write_nifti)
         if opts.figures:
