@@ -7,6 +7,7 @@ Images are ``[B, C, P, P]`` floats in ``[-1, 1]``; every method's output is clip
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def sync(device: torch.device) -> None:
 class MethodContext:
     """What applying a method needs at one noise level (``h_factor`` is set once chosen on validation)."""
 
-    model: object
+    model: Any  # provides DenoiseModel
     opts: DenoiseEvalOptions
     level: float
     li: int  # index of the level: part of the samplers' seeds

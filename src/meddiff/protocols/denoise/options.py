@@ -128,3 +128,11 @@ def is_diffusion(method: str) -> bool:
 def ddim_by_steps(methods: Sequence[str]) -> list[str]:
     """The DDIM methods of ``methods``, fewest steps first."""
     return sorted((m for m in methods if m.startswith("ddim_")), key=lambda m: int(m.split("_")[1]))
+
+
+def bm3d_status(opts: DenoiseEvalOptions, use_bm3d: bool) -> str:
+    """``used`` / why BM3D is absent (an optional extra) or disabled."""
+    if use_bm3d:
+        return "used"
+    return ("absent: optional extra bm3d not installed (pip install meddiff[denoise])" if opts.bm3d
+            else "disabled (eval.bm3d=false)")

@@ -42,6 +42,7 @@ from meddiff.protocols.denoise.options import (
     HIGHER_IS_BETTER,
     METRICS,
     DenoiseEvalOptions,
+    bm3d_status,
     ddim_by_steps,
     method_names,
     trained_noise_levels,
@@ -103,8 +104,10 @@ def select_on_validation(model: Any, data: ValidationView, opts: DenoiseEvalOpti
     levels = opts.noise_levels or trained
     use_bm3d = opts.bm3d and denoisers.available()
     if not use_bm3d:
-        log.warning("BM3D %s", bm3d_status(opts))
+        log.warning("BM3D %s", bm3d_status(opts, use_bm3d))
     methods = method_names(opts, use_bm3d)
+    # each choice reads through a view of the view: its splits_read is what that choice read (the outer view
+    # records everything selection read, and both refuse the test split)
     sup_model, sup_info = fit_supervised(model, ValidationView(data), opts, device, baseline_dir)
     sel = DenoiseSelection(T, trained, [float(x) for x in levels], methods, use_bm3d, {}, sup_model, sup_info)
     for li, level in enumerate(sel.levels):
@@ -113,14 +116,6 @@ def select_on_validation(model: Any, data: ValidationView, opts: DenoiseEvalOpti
                                                           methods if sel.in_bar(level) else [])
     sel.splits_read = data.splits_read
     return sel
-
-
-def bm3d_status(opts: DenoiseEvalOptions) -> str:
-    """``used`` / why BM3D is absent (an optional extra) or disabled."""
-    if opts.bm3d and denoisers.available():
-        return "used"
-    return ("absent: optional extra bm3d not installed (pip install meddiff[denoise])" if opts.bm3d
-            else "disabled (eval.bm3d=false)")
 
 
 def fit_supervised(model: Any, data: ValidationView, opts: DenoiseEvalOptions, device: torch.device,

@@ -31,8 +31,8 @@ from meddiff.protocols.denoise.methods import (
     scores,
     sync,
 )
-from meddiff.protocols.denoise.options import METRICS, DenoiseEvalOptions, is_diffusion
-from meddiff.protocols.denoise.select import DenoiseSelection, bm3d_status
+from meddiff.protocols.denoise.options import METRICS, DenoiseEvalOptions, bm3d_status, is_diffusion
+from meddiff.protocols.denoise.select import DenoiseSelection
 
 Key = tuple[int, int]  # (volume, slice)
 
@@ -163,7 +163,7 @@ def run_test_pass(datamodule: DenoiseData, sel: DenoiseSelection, opts: DenoiseE
     keep_idx = np.unique(np.linspace(0, len(slice_keys) - 1, min(opts.n_slices_out, len(slice_keys))).round())
     keep = {slice_keys[int(i)] for i in keep_idx} if opts.n_slices_out > 0 else set()
     bm3d_slices = spread_keys(slice_keys, opts.bm3d_max_slices) if sel.use_bm3d else []
-    bm3d_info: dict[str, Any] = {"status": bm3d_status(opts)}
+    bm3d_info: dict[str, Any] = {"status": bm3d_status(opts, sel.use_bm3d)}
     if sel.use_bm3d:
         bm3d_info.update(sigma=opts.bm3d_sigma, profile=opts.bm3d_profile, n_slices=len(bm3d_slices),
                          of_slices=len(slice_keys), slices=[list(k) for k in bm3d_slices])
