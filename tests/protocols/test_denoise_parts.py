@@ -75,3 +75,39 @@ def test_near_ties_on_validation_go_to_the_cheaper_candidate():
     means["ddim_50"]["psnr"] = 30.1
     assert best(means, ["ddim_10", "ddim_25", "ddim_50"]) == "ddim_50"
     assert best({"a": {"mae": 0.2}, "b": {"mae": 0.1}}, ["a", "b"], "mae") == "b"  # lower is better
+
+
+def _fakes():
+    """``tests/protocols/fakes_denoise.py``, loaded by path (tests are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fakes_denoise", Path(__file__).with_name("fakes_denoise.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_on_the_fakes_every_level_reads_each_test_patch_once_after_choosing_on_validation(tmp_path):
+    from meddiff.protocols import get_protocol
+
+    model, data, cfg = _fakes().make(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = get_protocol("denoise")(model, data, {**cfg, "noise_levels": [0.1, 0.2]}, tmp_path / "out", "cpu")
+    # selection read train (the supervised U-Net's pairs) and val; the test split once per level, after it
+    assert [s for s, _ in data.reads] == ["train", "train", "val", "val", "test", "test"]
+    assert data.reads[-2:] == [("test", 0.1), ("test", 0.2)]
+    assert sorted(data.items_read["test"]) == sorted(2 * list(range(rep["n_patches"])))
+    assert len(data.items_read["val"]) == 2 * cfg["val_patches"]  # the validation patches at each level
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    record = rep["selection"]
+    assert record["splits_read"] == ["train", "val"] and record["chosen_on"] == "validation"
+    assert record["choices"]["supervised_weights"]["chosen_on"] == "train"
+    assert {c["chosen_on"] for k, c in record["choices"].items() if k != "supervised_weights"} == {"validation"}
+    assert set(record["choices"]) == {"supervised_weights", "nlm_h_factor@0.1", "nlm_h_factor@0.2",
+                                      "best_ddim_le_50@0.1", "model_method@0.1", "best_classical@0.1"}
+    margin = rep["quality_bar"]["0.1"]["margins"]["best_classical"]["psnr"]
+    assert margin["baseline_chosen_on"] == "validation" and margin["by"] == "volume"
+    assert all(isinstance(v, float) for v in rep["summary"].values())
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert (tmp_path / "out" / "metrics.csv").read_text().startswith("noise_std,method,psnr")
