@@ -110,4 +110,5 @@ def test_on_the_fakes_every_level_reads_each_test_patch_once_after_choosing_on_v
     assert margin["baseline_chosen_on"] == "validation" and margin["by"] == "volume"
     assert all(isinstance(v, float) for v in rep["summary"].values())
     assert (tmp_path / "out" / "report.json").is_file()
-    assert (tmp_path / "out" / "metrics.csv").read_text().startswith("noise_std,method,psnr")
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("noise_std,method,psnr")
+    assert rep["splits_read"] == {"select": ["train", "val"], "test": ["test"]}  # recorded by the skeleton

@@ -103,7 +103,7 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     model = ConditionalDiffusion(net=build_net(NET), schedule=NoiseSchedule(10, beta_start=0.01, beta_end=0.5),
                                  sample_steps=2)
     run(model, dm, small_cfg(noise_levels=[0.1, 0.2]), tmp_path, "cpu")
-    for name in ("report.json", "metrics.csv", "speed.csv", "psnr_vs_noise.png", "ssim_vs_noise.png",
+    for name in ("report.json", "metrics.csv", "results.csv", "speed.csv", "psnr_vs_noise.png", "ssim_vs_noise.png",
                  "mae_vs_noise.png", "vsi_vs_noise.png", "denoise_examples.png"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -131,8 +131,10 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     assert speed == [("noisy", None), ("nlm", None), ("supervised", None), ("ddim_2", 2), ("ddim_3", 3), ("ddpm", 10)]
     assert all(r["sec_per_patch"] > 0 for r in saved["speed"] if r["method"] != "noisy")
     assert saved["sampler_spread"]["0.1"]["ddpm"] > 0  # an untrained model: samples depend on the sampler
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    rows = (tmp_path / "results.csv").read_text().splitlines()  # one row per level and method
     assert len(rows) == 1 + 2 * 6 and rows[0].startswith("noise_std,method,psnr") and ",vsi," in rows[0]
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()  # the skeleton's: one row per summary value
+    assert rows[0] == "metric,value" and len(rows) == 1 + len(saved["summary"])
     # higher noise: the noisy input gets worse
     assert saved["results"]["0.2"]["noisy"]["psnr"] < saved["results"]["0.1"]["noisy"]["psnr"] - 3
 

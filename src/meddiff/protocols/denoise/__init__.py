@@ -40,11 +40,11 @@ The steps, one file each:
   ``report["selection"]`` lists every choice with what it was chosen on and the splits selection read;
 - :mod:`.outputs` / :mod:`.console`: the files and the rich tables.
 
-Outputs in ``out_dir``: ``report.json`` (``summary`` = flat floats), ``metrics.csv`` (one row per level and
-method), ``speed.csv``, ``{psnr,ssim,mae,vsi}_vs_noise.png``, ``denoise_examples.png``, and for ``n_slices_out``
+Outputs in ``out_dir``: ``report.json`` (``summary`` = flat floats), ``metrics.csv`` (the skeleton's ``metric,value``
+rows of the summary), ``results.csv`` (one row per level and method), ``speed.csv``, ``{psnr,ssim,mae,vsi}_vs_noise.png``, ``denoise_examples.png``, and for ``n_slices_out``
 slices per noise level ``images/sigma<level>/`` TIFF hyperstacks and NIfTI stacks; all written atomically.
 
-The model is never changed: it is put in eval mode on ``device`` for the run and restored afterwards.
+The model is never changed: the skeleton puts it in eval mode on ``device`` for the run and restores it afterwards.
 """
 
 from meddiff.protocols.denoise.console import print_report

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from meddiff.errors import ConfigError
+from meddiff.protocols.base import missing_members
 
 
 class DenoiseData(Protocol):
@@ -52,12 +53,9 @@ class DenoiseModel(Protocol):
         ...
 
 
-DATA_API: tuple[str, ...] = ("noise_std", "noisy_dataset", "split_names", "train_dataloader")
-
-
 def check_data(datamodule: Any) -> None:
     """ConfigError naming what a DataModule must provide (:class:`DenoiseData`) when ``datamodule`` lacks it."""
-    missing = [name for name in DATA_API if not hasattr(datamodule, name)]
+    missing = missing_members(datamodule, DenoiseData)
     if missing:
         raise ConfigError(
             f"the denoise protocol reads its data through noise_std, noisy_dataset(split, noise_std), split_names() "
@@ -68,7 +66,9 @@ def check_data(datamodule: Any) -> None:
 
 def check_model(model: Any) -> None:
     """ConfigError when ``model`` cannot denoise (:class:`DenoiseModel`)."""
-    if not hasattr(model, "denoise"):
+    missing = missing_members(model, DenoiseModel)
+    if missing:
         raise ConfigError(
-            f"{type(model).__name__} has no denoise(); the denoise protocol needs a ConditionalDiffusion model."
+            f"{type(model).__name__} lacks {missing} (see meddiff.protocols.denoise.DenoiseModel); the denoise "
+            "protocol needs a model with denoise() and schedule, e.g. ConditionalDiffusion (model=conditional)."
         )

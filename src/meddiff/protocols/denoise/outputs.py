@@ -1,4 +1,5 @@
-"""Files of the denoise report beyond ``report.json``: ``metrics.csv`` (one row per level and method),
+"""Files of the denoise report beyond ``report.json`` and ``metrics.csv`` (the skeleton's: ``metric,value`` rows of
+the summary): ``results.csv`` (one row per level and method),
 ``speed.csv``, ``{psnr,ssim,mae,vsi}_vs_noise.png``, ``denoise_examples.png`` and, for the kept slices of every
 level, ``images/sigma<level>/`` TIFF hyperstacks (one per slice, pages = clean, noisy, each method; ImageJ labels;
 a method that did not run on a slice, e.g. a capped BM3D, is NaN there) and NIfTI stacks (one per method and
@@ -21,13 +22,13 @@ from meddiff.utils.io import atomic_write, atomic_write_bytes
 Kept = dict[str, dict[tuple[int, int], dict[str, np.ndarray]]]  # level -> (volume, slice) -> name -> [H, W]
 
 
-def write_metrics_table(report: dict[str, Any], out_dir: Path) -> None:
-    """``metrics.csv``: one row per level and method (``noise_std,method,<metric>,<metric>_std,...,slice_<metric>,
+def write_results_table(report: dict[str, Any], out_dir: Path) -> None:
+    """``results.csv``: one row per level and method (``noise_std,method,<metric>,<metric>_std,...,slice_<metric>,
     ...,sec_per_patch,n_patches,n_slices``), with the common CSV writer (``meddiff.protocols.common.write_csv``)."""
     cols = [*(c for k in METRICS for c in (k, f"{k}_std")), *(f"slice_{k}" for k in METRICS), "sec_per_patch"]
     rows = [{"noise_std": lkey, "method": m, **row} for lkey, res in report["results"].items()
             for m, row in res.items()]
-    write_csv(out_dir / "metrics.csv", rows, ["noise_std", "method", *cols, "n_patches", "n_slices"])
+    write_csv(out_dir / "results.csv", rows, ["noise_std", "method", *cols, "n_patches", "n_slices"])
 
 
 def write_speed_table(report: dict[str, Any], out_dir: Path) -> None:

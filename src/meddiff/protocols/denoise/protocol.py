@@ -1,6 +1,8 @@
-"""The denoise protocol on the shared skeleton (:class:`meddiff.protocols.base.Protocol`): options -> select on
-validation (:mod:`.select`) -> the test pass once (:mod:`.test`) -> the report (:mod:`.report`), written by the
-skeleton, plus tables, figures and images (:mod:`.outputs`) and the console tables (:mod:`.console`)."""
+"""The denoise protocol on the shared skeleton (:class:`meddiff.protocols.base.Protocol`): options -> check the
+interfaces (:mod:`.interfaces`) -> select on validation (:mod:`.select`) -> the test pass once (:mod:`.test`) ->
+the report (:mod:`.report`); the skeleton runs these inside ``evaluating()`` and writes ``report.json`` and
+``metrics.csv``; :meth:`DenoiseProtocol.write` adds tables, figures and images (:mod:`.outputs`) and the console
+tables (:mod:`.console`)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,14 @@ from typing import Any
 
 import torch
 
-from meddiff.protocols.base import Outcome, Protocol, ValidationView, evaluating
+from meddiff.protocols.base import Outcome, Protocol, ValidationView
 from meddiff.protocols.denoise.console import print_report
 from meddiff.protocols.denoise.interfaces import DenoiseData, check_data, check_model
 from meddiff.protocols.denoise.options import DenoiseEvalOptions
 from meddiff.protocols.denoise.outputs import (
     write_figures,
     write_images,
-    write_metrics_table,
+    write_results_table,
     write_speed_table,
 )
 from meddiff.protocols.denoise.report import build_report
@@ -40,18 +42,11 @@ class DenoiseProtocol(Protocol):
         check_data(datamodule)
 
     def run(self, model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
-            device: str | torch.device | None = "cpu") -> dict[str, Any]:
-        """The skeleton's run after :meth:`check`, with ``model`` in eval mode on ``device`` throughout (its
-        train/eval flags and device restored afterwards); then ``metrics.csv`` becomes the per-method table (the
-        skeleton writes the summary's ``metric,value`` rows; the same numbers are in ``report.json``)."""
-        opts = self.parse(eval_cfg)
-        self.check(model, datamodule, opts)
+            device: str | torch.device | None = None) -> dict[str, Any]:
+        """The skeleton's run; the supervised baseline is cached in ``<out_dir>/baselines`` (unless
+        ``eval.supervised.cache_dir`` says otherwise)."""
         self.baseline_dir = Path(out_dir) / "baselines"
-        device = torch.device(device if device is not None else "cpu")
-        with evaluating(model, device):
-            report = super().run(model, datamodule, opts, out_dir, device)
-        write_metrics_table(report, Path(out_dir))
-        return report
+        return super().run(model, datamodule, eval_cfg, out_dir, device)
 
     def select(self, model: Any, data: ValidationView, opts: DenoiseEvalOptions, device: torch.device
                ) -> DenoiseSelection:
@@ -65,6 +60,7 @@ class DenoiseProtocol(Protocol):
 
     def write(self, outcome: Outcome, out_dir: Path) -> None:
         report, opts, kept = outcome.report, outcome.figures["opts"], outcome.figures["kept"]
+        write_results_table(report, out_dir)
         write_speed_table(report, out_dir)
         names = ["clean", *report["methods"]]
         write_images(kept, names, out_dir, opts.write_tiff, opts.write_nifti)

@@ -131,7 +131,8 @@ def quality_entry(choice: LevelChoice, test: LevelScores, opts: DenoiseEvalOptio
     for name, base in (("best_classical", classical), ("supervised", "supervised" if "supervised" in means else None)):
         if model_m is None or base is None:
             continue
-        margins[name] = {k: paired_margin(test, model_m, base, k, opts, means[base][k]) for k in METRICS}
+        # the baseline was chosen by validation PSNR: that mean is what its chosen_on rests on, for every metric
+        margins[name] = {k: paired_margin(test, model_m, base, k, opts, means[base]["psnr"]) for k in METRICS}
     entry["margins"] = margins
     for k, m in margins.get("best_classical", {}).items():
         if "diff" in m:
@@ -146,8 +147,8 @@ def paired_margin(test: LevelScores, model_m: str, base: str, metric: str, opts:
     """Paired bootstrap CI of the mean per-slice margin of ``model_m`` over ``base`` in ``metric`` (model better > 0).
 
     ``base`` was chosen on validation (:func:`~meddiff.protocols.denoise.select.bar_choices`); the margin is the
-    common one (:func:`meddiff.protocols.common.mean_margin`, with ``base`` the only candidate and ``val_mean`` its
-    validation mean), so it carries ``baseline_chosen_on`` and a ``verdict``. A slice's value is the mean of the
+    common one (:func:`meddiff.protocols.common.mean_margin`, with ``base`` the only candidate and ``val_mean`` the
+    validation PSNR it was chosen by), so it carries ``baseline_chosen_on`` and a ``verdict``. A slice's value is the mean of the
     metric over its patches (the patch metrics of the tables; stitched slices would average the independent noise
     of overlapping patches). Only the test slices where both have a value count (a capped BM3D: its slices).
     Volumes are resampled with all their slices when the slices come from more than one volume.
