@@ -1,7 +1,7 @@
 """Supervised U-Net denoiser: the learned baseline of the denoise protocol (CDM4MI compares against it).
 
 A plain training loop and an ``nn.Module``, not a LightningModule: it lives beside the protocol that uses it
-(:mod:`meddiff.protocols.denoise`).
+(:mod:`meddiff.protocols.denoise`, which fits it in its selection step).
 
 The same UNet family as the diffusion model, called at a fixed ``t = 0`` (its time embedding is then a constant)
 on the noisy image only, trained with L1 or L2 on the clean image: ``clean^ = cond + net(cond, 0)`` (residual,

@@ -1,5 +1,6 @@
-"""Denoising protocol: slice selection, NLM and BM3D baselines, metrics plumbing, outputs, supervised cache, errors,
-and the choices and verdicts that must be made on validation (with a validation split that disagrees with test)."""
+"""Denoising protocol, end to end on small HDF5 patch data: metrics plumbing, NLM and BM3D baselines, outputs,
+supervised cache, errors, and the choices and verdicts that must be made on validation (with a validation split
+that disagrees with test)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,7 @@ from meddiff.metrics.image_quality import image_scores
 from meddiff.models.conditional import ConditionalDiffusion
 from meddiff.nets import build_net
 from meddiff.patches import stitch
-from meddiff.protocols.denoise import (
-    DenoiseEvalOptions,
-    nlm_denoise,
-    run,
-    select_slices,
-    trained_noise_levels,
-)
-from meddiff.utils.options import options_from
+from meddiff.protocols.denoise import nlm_denoise, run
 
 NET = dict(in_channels=2, out_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
            norm_num_groups=8, num_head_channels=8)
@@ -68,52 +62,6 @@ class NoisyOracle(torch.nn.Module):
     def denoise(self, cond, sampler=None, steps=None, eta=None, num_samples=None, generator=None, progress=False):
         self.calls.append((sampler, steps))
         return cond.clamp(-1, 1)
-
-
-def test_select_slices_takes_whole_slices_evenly_spread():
-    coords = np.array([(v, s, y, 0) for v in range(3) for s in range(5) for y in range(4)])
-    assert len(select_slices(coords, None)) == 60
-    pos = select_slices(coords, 8)
-    picked = coords[pos]
-    keys = {(int(v), int(s)) for v, s in picked[:, :2]}
-    assert keys == {(0, 3), (2, 1)}  # middle slices of two equal bins of the 15, each complete
-    assert len(pos) == 8
-    pos = select_slices(coords, 13)  # 3 whole slices fit; never a partial one
-    assert len(pos) == 12 and {(int(v), int(s)) for v, s in coords[pos][:, :2]} == {(0, 2), (1, 2), (2, 2)}
-    one = np.array([(0, 0, y, 0) for y in range(10)])
-    assert select_slices(one, 4).tolist() == [0, 1, 2, 3]
-    uneven = np.array([(0, s, y, 0) for s in range(6) for y in range(1 if s in (0, 5) else 5)])
-    pos = select_slices(uneven, 12)  # the most evenly spread whole slices that fit: 4 of the 6 (12 patches)
-    assert len(pos) == 12 and {int(s) for s in uneven[pos][:, 1]} == {0, 2, 3, 5}
-
-
-def test_nlm_removes_noise_and_trained_levels():
-    g = np.random.default_rng(0)
-    clean = -np.ones((2, 1, 32, 32), np.float32)
-    clean[:, :, 8:24, 8:24] = 0.5
-    noisy = clean + 0.1 * g.standard_normal(clean.shape).astype(np.float32)
-    den = nlm_denoise(noisy, 0.1, 0.8)
-    c, n, d = (torch.from_numpy(a) for a in (clean, np.clip(noisy, -1, 1), den))
-    assert image_scores(c, d)["psnr"].mean() > image_scores(c, n)["psnr"].mean() + 6
-    assert trained_noise_levels(0.1) == [0.1]
-    assert trained_noise_levels([0.05, 0.15]) == [0.05, 0.1, 0.15]
-
-
-def _opts(cfg):
-    return options_from(DenoiseEvalOptions, cfg, "eval")
-
-
-def test_options_reject_bad_values():
-    with pytest.raises(ConfigError, match="ddim_stepz"):
-        _opts({"ddim_stepz": [5]})
-    with pytest.raises(ConfigError, match="eval.supervised option.*step"):
-        _opts({"supervised": {"step": 5}})
-    with pytest.raises(ConfigError, match="no diffusion method"):
-        _opts({"ddpm": False, "ddim_steps": []})
-    with pytest.raises(ConfigError, match="eval.mask"):
-        _opts({"mask": "brain"})
-    with pytest.raises(ConfigError, match="noise_levels"):
-        _opts({"noise_levels": [-0.1]})
 
 
 def test_methods_are_scored_on_the_same_patches_with_the_given_dynamic_range(h5, tmp_path):
@@ -155,7 +103,7 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     model = ConditionalDiffusion(net=build_net(NET), schedule=NoiseSchedule(10, beta_start=0.01, beta_end=0.5),
                                  sampling={"steps": 2})
     run(model, dm, small_cfg(noise_levels=[0.1, 0.2]), tmp_path, "cpu")
-    for name in ("report.json", "metrics.csv", "speed.csv", "psnr_vs_noise.png", "ssim_vs_noise.png",
+    for name in ("report.json", "metrics.csv", "results.csv", "speed.csv", "psnr_vs_noise.png", "ssim_vs_noise.png",
                  "mae_vs_noise.png", "vsi_vs_noise.png", "denoise_examples.png"):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -168,6 +116,10 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     bar = saved["quality_bar"]["0.1"]
     assert {"best_ddim_le_50", "ddim_within_0.5db_of_ddpm", "best_classical", "margin_psnr", "margin_vsi"} <= set(bar)
     assert bar["chosen_on"] == "validation" and bar["model_method"] == "ddpm"
+    # the supervised U-Net is fitted on the training pairs, every other choice made on validation
+    assert saved["selection"]["splits_read"] == ["train", "val"] and saved["supervised"]["chosen_on"] == "train"
+    assert saved["selection"]["choices"]["supervised_weights"]["chosen_on"] == "train"
+    assert saved["selection"]["choices"]["nlm_h_factor@0.2"]["chosen_on"] == "validation"
     sup = bar["margins"]["supervised"]["ssim"]  # the learned baseline gets its own paired margin
     assert sup["baseline"] == "supervised" and sup["diff_ci"][0] <= sup["diff"] <= sup["diff_ci"][1]
     assert list(saved["validation"]) == ["0.1"] and saved["validation"]["0.1"]["n_patches"] == 6
@@ -179,8 +131,10 @@ def test_run_writes_report_tables_figures_and_images(h5, tmp_path):
     assert speed == [("noisy", None), ("nlm", None), ("supervised", None), ("ddim_2", 2), ("ddim_3", 3), ("ddpm", 10)]
     assert all(r["sec_per_patch"] > 0 for r in saved["speed"] if r["method"] != "noisy")
     assert saved["sampler_spread"]["0.1"]["ddpm"] > 0  # an untrained model: samples depend on the sampler
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    rows = (tmp_path / "results.csv").read_text().splitlines()  # one row per level and method
     assert len(rows) == 1 + 2 * 6 and rows[0].startswith("noise_std,method,psnr") and ",vsi," in rows[0]
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()  # the skeleton's: one row per summary value
+    assert rows[0] == "metric,value" and len(rows) == 1 + len(saved["summary"])
     # higher noise: the noisy input gets worse
     assert saved["results"]["0.2"]["noisy"]["psnr"] < saved["results"]["0.1"]["noisy"]["psnr"] - 3
 
@@ -308,16 +262,6 @@ def test_bm3d_absent_is_reported_not_fatal(h5, tmp_path, monkeypatch, capsys):
     assert "absent: optional extra bm3d" in capsys.readouterr().out
 
 
-def test_new_options_reject_bad_values():
-    with pytest.raises(ConfigError, match="bm3d_sigma"):
-        _opts({"bm3d_sigma": "guess"})
-    with pytest.raises(ConfigError, match="bm3d_max_slices"):
-        _opts({"bm3d_max_slices": 0})
-    with pytest.raises(ConfigError, match="val_patches"):
-        _opts({"val_patches": 0})
-    assert _opts({"nlm_val_patches": 7}).val_patches == 7  # the old name still loads older checkpoints' configs
-
-
 # ------------------------------------------------------------------------------------------------ on validation
 class ValDisagreesWithTest:
     """A DataModule whose validation patches carry no noise, while test patches carry the full level.
@@ -400,13 +344,10 @@ def test_every_choice_and_verdict_is_made_on_validation(h5, tmp_path):
     assert mae["diff"] == pytest.approx(res["noisy"]["mae"] - res["ddpm"]["mae"]) and mae["diff"] > 0
     # the test patches were read once: each selected patch exactly once at the one level
     assert sorted(data.test_reads) == list(range(rep["n_patches"]))
-
-
-def test_near_ties_on_validation_go_to_the_cheaper_candidate():
-    from meddiff.protocols.denoise import _best
-
-    means = {"ddim_10": {"psnr": 30.0}, "ddim_50": {"psnr": 30.0002}, "ddim_25": {"psnr": float("nan")}}
-    assert _best(means, ["ddim_10", "ddim_25", "ddim_50"]) == "ddim_10"  # float noise does not pick the sampler
-    means["ddim_50"]["psnr"] = 30.1
-    assert _best(means, ["ddim_10", "ddim_25", "ddim_50"]) == "ddim_50"
-    assert _best({"a": {"mae": 0.2}, "b": {"mae": 0.1}}, ["a", "b"], "mae") == "b"  # lower is better
+    # every choice is recorded with its value and what it was chosen on, derived from the splits selection read
+    record = rep["selection"]
+    assert record["splits_read"] == ["val"] and record["chosen_on"] == "validation"
+    assert {c["chosen_on"] for c in record["choices"].values()} == {"validation"}
+    assert {k: c["value"] for k, c in record["choices"].items()} == {
+        "nlm_h_factor@0.1": 0.2, "best_ddim_le_50@0.1": "ddim_3", "model_method@0.1": "ddpm",
+        "best_classical@0.1": "noisy"}
