@@ -50,21 +50,23 @@ from tqdm.auto import tqdm
 from meddiff.anomaly.reconstruction import ReconstructionConfig
 from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.errors import ConfigError
-from meddiff.metrics.baselines import (
-    MAX_REFERENCE,
-    MeanHealthy,
-    NearestHealthy,
-    intensity_map,
-    mean_intensity_score,
-)
-from meddiff.metrics.detection import (
-    aggregate_by_subject,
-    detection_ci,
-    margin_over_best_baseline,
-    margin_verdict,
-)
+from meddiff.metrics.baselines import MAX_REFERENCE, intensity_map, mean_intensity_score
+from meddiff.metrics.detection import aggregate_by_subject, detection_ci
 from meddiff.metrics.pixel import PixelAccumulator, choose_threshold
 from meddiff.protocols.base import Outcome, Protocol, ValidationView
+from meddiff.protocols.common import (
+    HEALTHY_BASELINES,
+    LABELS,
+    MEAN_INTENSITY,
+    MODEL,
+    SHORT,
+    auroc_margin,
+    build_healthy_baselines,
+    check_healthy_baselines,
+    load_healthy_reference,
+    margin_summary,
+    print_baseline_costs,
+)
 from meddiff.utils.cpu import cpu_report
 
 __all__ = ["AnomalyProtocol", "AnomalySelection", "BaselineChoice", "EvalOptions", "evaluate_anomaly_detection",
@@ -73,16 +75,8 @@ __all__ = ["AnomalyProtocol", "AnomalySelection", "BaselineChoice", "EvalOptions
 log = logging.getLogger(__name__)
 MAP_MAX = {"l1": 2.0, "l2": 4.0, "ssim": 2.0}
 
-MODEL = "model"
-#: the mean-intensity baseline: its image-level key (``report["image"]``) and pixel-level key (``report["pixel"]``)
-MEAN_INTENSITY, PIXEL_INTENSITY = "baseline_mean_intensity", "baseline_intensity"
-#: ``eval.baselines`` names -> report keys of the healthy-set baselines (image and pixel level)
-HEALTHY_BASELINES = {"nearest_healthy": "baseline_nearest_healthy_image", "mean_healthy": "baseline_mean_healthy_image"}
-#: report key -> short name in ``summary`` keys and human label in tables and figures
-SHORT = {MEAN_INTENSITY: "mean_intensity", "baseline_nearest_healthy_image": "nearest_healthy",
-         "baseline_mean_healthy_image": "mean_healthy"}
-LABELS = {MODEL: "model", MEAN_INTENSITY: "mean intensity", "baseline_nearest_healthy_image": "nearest healthy image",
-          "baseline_mean_healthy_image": "mean healthy image"}
+#: the pixel-level key of the mean-intensity baseline (``report["pixel"]``; its image-level key is MEAN_INTENSITY)
+PIXEL_INTENSITY = "baseline_intensity"
 
 
 @dataclass
@@ -111,16 +105,8 @@ class EvalOptions:
 
     def healthy_baselines(self) -> list[str]:
         """The requested healthy-set baselines (``eval.baselines``), checked."""
-        names = [] if self.baselines is None else [str(b) for b in _listify(self.baselines)]
-        unknown = sorted(set(names) - set(HEALTHY_BASELINES))
-        if unknown:
-            raise ConfigError(f"eval.baselines has unknown baseline(s) {unknown}; choose from "
-                              f"{sorted(HEALTHY_BASELINES)} ([] = mean intensity only).")
-        if isinstance(self.baseline_max_items, bool) or not isinstance(self.baseline_max_items, int) \
-                or self.baseline_max_items < 1:
-            raise ConfigError(f"eval.baseline_max_items={self.baseline_max_items!r} must be a positive integer "
-                              f"(default {MAX_REFERENCE}).")
-        return [n for n in HEALTHY_BASELINES if n in names]
+        names = None if self.baselines is None else [str(b) for b in _listify(self.baselines)]
+        return check_healthy_baselines(names, self.baseline_max_items)
 
 
 def _listify(v: Any) -> list:
@@ -324,20 +310,14 @@ def _healthy_baselines(healthy: Any, opts: EvalOptions, device: torch.device,
     kinds = opts.healthy_baselines()
     if not kinds or healthy is None:
         return {}
-    nn = NearestHealthy.from_dataset(healthy, max_items=opts.baseline_max_items, seed=opts.seed, device=device)
-    out: dict[str, BaselineChoice] = {}
-    if "nearest_healthy" in kinds:
-        out[HEALTHY_BASELINES["nearest_healthy"]] = BaselineChoice(
-            lambda b: nn.reconstruct(b["image"].float(), b.get("brain_mask")), nn.cost, default)
-    if "mean_healthy" in kinds:
-        mh = MeanHealthy.from_images(nn.reference.float().reshape(-1, *nn.shape))
-        mh.cost.n_healthy_total = nn.cost.n_healthy_total
-        if "nearest_healthy" not in kinds:  # loading the images was for this baseline alone
-            mh.cost.fit_seconds += nn.cost.fit_seconds
-        mh.mean = mh.mean.to(device)
-        out[HEALTHY_BASELINES["mean_healthy"]] = BaselineChoice(lambda b: mh.reconstruct(b["image"].float()),
-                                                                mh.cost, default)
-    return out
+    ref, n_total, seconds = load_healthy_reference(healthy, opts.baseline_max_items, opts.seed)
+    built = build_healthy_baselines(ref, kinds, device, n_healthy_total=n_total, fit_seconds=seconds)
+    return {key: BaselineChoice(_batch_fn(b.reconstruct), b.cost, default) for key, b in built.items()}
+
+
+def _batch_fn(reconstruct: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> ReconFn:
+    """A baseline's ``reconstruct(x, region)`` as a batch -> healthy estimate function."""
+    return lambda b: reconstruct(b["image"].float(), b.get("brain_mask"))
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -485,14 +465,7 @@ def _margin(scores: Mapping[str, np.ndarray], y: np.ndarray, subjects: list[str]
             val_auroc: Mapping[str, float | None], opts: EvalOptions) -> dict[str, Any]:
     """Paired CI of "model - best baseline" image AUROC; the best by validation AUROC when every baseline has one."""
     base = {k: v for k, v in scores.items() if k != MODEL}
-    known = {k: float(v) for k, v in val_auroc.items() if v is not None and np.isfinite(v)}
-    val = known if set(known) == set(base) else None
-    m = margin_over_best_baseline(scores[MODEL], base, y, subjects=subjects, val_auroc=val, n_boot=opts.n_boot,
-                                  seed=opts.seed)  # n_boot=0: the point difference only
-    if val is not None:
-        m["baseline_val_auroc"] = val
-    m["verdict"] = margin_verdict(m, label=LABELS.get(m["baseline"], m["baseline"]))
-    return m
+    return auroc_margin(scores[MODEL], base, y, val_auroc, subjects=subjects, n_boot=opts.n_boot, seed=opts.seed)
 
 
 def evaluate_on_test(
@@ -708,8 +681,7 @@ def print_report(report: dict[str, Any]) -> None:
     rt = report.get("runtime")
     if rt:
         console.print(f"precision {rt.get('precision')}, {rt.get('torch_threads')} torch thread(s) on {rt.get('device')}")
-    for name, cost in (report.get("baselines_cost") or {}).items():
-        console.print(f"{LABELS.get(name, name)}: {cost['seconds']:.2f} s ({cost['scanned']})")
+    print_baseline_costs(report.get("baselines_cost"), LABELS, console)
 
 
 def _matching_pixel_acc(accs: Mapping[int, PixelAccumulator], candidates: list[ScoringConfig],
@@ -743,11 +715,5 @@ def _summary(report: dict[str, Any]) -> dict[str, float]:
             s[f"{SHORT[name]}_pixel_auprc"] = report["pixel"][name]["auprc"]
             if "dice_at_val_threshold" in report["pixel"][name]:
                 s[f"{SHORT[name]}_pixel_dice"] = report["pixel"][name]["dice_at_val_threshold"]
-    m = report.get("margin_over_best_baseline")
-    if m:
-        s["best_baseline_image_auroc"] = m["auroc_baseline"]
-        s["margin_image_auroc"] = m["auroc_diff"]
-        if "auroc_diff_ci" in m:
-            s["margin_image_auroc_ci_lo"], s["margin_image_auroc_ci_hi"] = (float(v) for v in m["auroc_diff_ci"])
-            s["model_beats_best_baseline"] = float(m["auroc_diff_ci"][0] > 0)
+    s.update(margin_summary(report.get("margin_over_best_baseline"), "image_auroc"))
     return s

@@ -71,7 +71,17 @@ from meddiff.data.formats.adni_json import CLASS_NAMES
 from meddiff.data.preprocess.mri_slices import VolumeData
 from meddiff.errors import ConfigError, DataError
 from meddiff.protocols.base import ValidationView, evaluating, write_report
-from meddiff.utils.io import atomic_write_csv
+from meddiff.protocols.common import (
+    LABELS,
+    MEAN_INTENSITY,
+    auroc_margin,
+    build_healthy_baselines,
+    check_healthy_baselines,
+    margin_summary,
+    print_baseline_costs,
+    print_summary,
+    write_csv,
+)
 from meddiff.utils.options import options_from
 
 log = logging.getLogger(__name__)
@@ -96,18 +106,6 @@ __all__ = [
 
 #: slice -> volume score reductions tried on validation
 REDUCTIONS: tuple[str, ...] = ("mean", "median", "p90", "max")
-#: report key of the mean-intensity baseline
-MEAN_INTENSITY = "baseline_mean_intensity"
-#: ``eval.baselines`` names -> report keys of the healthy-set baselines
-HEALTHY_BASELINES = {
-    "nearest_healthy": "baseline_nearest_healthy_image",
-    "mean_healthy": "baseline_mean_healthy_image",
-}
-LABELS = {
-    MEAN_INTENSITY: "mean intensity",
-    "baseline_nearest_healthy_image": "nearest healthy image",
-    "baseline_mean_healthy_image": "mean healthy image",
-}
 
 
 class MetricSkippedWarning(UserWarning):
@@ -180,15 +178,7 @@ class GuidedEvalOptions:
             raise ConfigError(f"eval.n_boot={self.n_boot!r} must be an integer >= 0.")
         names = [self.baselines] if isinstance(self.baselines, str) else list(self.baselines or ())
         self.baselines = tuple(str(b) for b in names)
-        unknown = [b for b in self.baselines if b not in HEALTHY_BASELINES]
-        if unknown:
-            raise ConfigError(
-                f"eval.baselines has unknown baseline(s) {unknown}; choose from {list(HEALTHY_BASELINES)} "
-                "(or [] for the mean-intensity baseline only)."
-            )
-        m = self.baseline_max_items
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ConfigError(f"eval.baseline_max_items={m!r} must be a positive integer (e.g. 5000).")
+        check_healthy_baselines(self.baselines, self.baseline_max_items)
 
     def translate_overrides(self) -> dict[str, Any]:
         """The ``model.translate`` overrides (None = keep the model's value)."""
@@ -250,7 +240,7 @@ def healthy_baselines(data: Any, opts: GuidedEvalOptions, device: torch.device) 
     ``ceil(max / n_cn_volumes)`` slices (one volume in memory at a time), then a seeded subset of the pool if it is
     still larger. No training volumes (e.g. ``eval.input`` without the training data): no baselines, ``note`` says so.
     """
-    from meddiff.metrics.baselines import MeanHealthy, NearestHealthy, reference_subset
+    from meddiff.metrics.baselines import reference_subset
 
     if not opts.baselines:
         return HealthyBaselines(note="eval.baselines is empty")
@@ -273,22 +263,9 @@ def healthy_baselines(data: Any, opts: GuidedEvalOptions, device: torch.device) 
     ref = torch.cat(images)
     if ref.shape[0] > int(opts.baseline_max_items):
         ref = ref[reference_subset(int(ref.shape[0]), int(opts.baseline_max_items), int(opts.seed))]
-    fit = time.perf_counter() - t0
-    out = HealthyBaselines()
-    if "nearest_healthy" in opts.baselines:
-        nn_ = NearestHealthy(ref, n_healthy_total=n_total, device=device, fit_seconds=fit)
-        key = HEALTHY_BASELINES["nearest_healthy"]
-        out.reconstruct[key] = lambda x, m: nn_.reconstruct(x, m)
-        out.cost[key] = nn_.cost
-    if "mean_healthy" in opts.baselines:
-        mh = MeanHealthy.from_images(ref)
-        mh.mean = mh.mean.to(device)
-        mh.cost.n_healthy_total = n_total
-        mh.cost.fit_seconds += fit
-        key = HEALTHY_BASELINES["mean_healthy"]
-        out.reconstruct[key] = lambda x, m: mh.reconstruct(x)
-        out.cost[key] = mh.cost
-    return out
+    built = build_healthy_baselines(ref, list(opts.baselines), device, n_healthy_total=n_total,
+                                    fit_seconds=time.perf_counter() - t0)
+    return HealthyBaselines({k: b.reconstruct for k, b in built.items()}, {k: b.cost for k, b in built.items()})
 
 
 # ------------------------------------------------------------------------------------------ optional metrics
@@ -656,8 +633,6 @@ def margin(
 ) -> dict[str, Any] | None:
     """Paired CI of "model - best baseline" volume AUROC, AD vs CN (any non-CN vs CN when there is no AD volume);
     the best baseline by validation AUROC when every baseline has one. None without both classes on test."""
-    from meddiff.metrics.detection import margin_over_best_baseline, margin_verdict
-
     values = volume_scores(test, choice)
     subjects = np.array([_subject(r) for r in test])
     found = None
@@ -673,30 +648,15 @@ def margin(
     scores = {k: _binary(test, v, pos)[0][ok] for k, v in values.items()}
     y, subj = y[ok], list(_binary(test, subjects, pos)[0][ok])
     base = {k: v for k, v in scores.items() if k != "model"}
-    known = {k: float(v) for k, v in (choice.get("best_val_auroc") or {}).items() if np.isfinite(v)}
-    val = known if set(known) >= set(base) else None
-    val_arg = None if val is None else {k: val[k] for k in base}
-    m = margin_over_best_baseline(scores["model"], base, y, subjects=subj, val_auroc=val_arg, n_boot=int(n_boot),
-                                  seed=int(seed))  # n_boot=0: the point difference only
-    m["comparison"] = comparison
-    if val is not None:
-        m["baseline_val_auroc"] = {k: val[k] for k in base}
-    m["verdict"] = margin_verdict(m, what=f"{m['comparison'].replace('_vs_', ' vs ')} volume AUROC margin",
-                                label=LABELS.get(m["baseline"], m["baseline"]))
-    return m
+    m = auroc_margin(scores["model"], base, y, choice.get("best_val_auroc"), subjects=subj, n_boot=n_boot, seed=seed,
+                     what=f"{comparison.replace('_vs_', ' vs ')} volume AUROC margin")
+    return {**m, "comparison": comparison}
 
 
 # ------------------------------------------------------------------------------------------ outputs
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-100:] or "volume"
 
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], header: Sequence[str]) -> None:
-    """``rows`` as CSV with columns ``header`` (others dropped), floats as ``%.6g``, written atomically."""
-    import pandas as pd
-
-    atomic_write_csv(path, pd.DataFrame(list(rows), columns=list(header)), float_format="%.6g", na_rep="nan")
 
 
 def _finite_mean(v: np.ndarray) -> float:
@@ -892,9 +852,9 @@ def run(
     rows = _slice_rows(results)
     metric_cols = [k for k in ("ssim", "psnr", "ms_ssim", "vsi", "lpips") if any(k in r.metrics for r in results)]
     header = ["volume", "class", "id", "axis", "index", *metric_cols, "score", "mean_intensity", *base_keys]
-    _write_csv(out_dir / "slice_metrics.csv", rows, header)
+    write_csv(out_dir / "slice_metrics.csv", rows, header)
     outliers = sorted((r for r in rows if r["ssim"] < float(opts.ssim_outlier)), key=lambda r: r["ssim"])
-    _write_csv(out_dir / "outlier_slices.csv", outliers, header)
+    write_csv(out_dir / "outlier_slices.csv", outliers, header)
     volumes: dict[str, Any] = {}
     vol_rows = []
     per_volume = volume_scores(results, choice)
@@ -937,7 +897,7 @@ def run(
         "baseline_score",
         *base_keys,
     ]
-    _write_csv(out_dir / "volume_scores.csv", vol_rows, vol_header)
+    write_csv(out_dir / "volume_scores.csv", vol_rows, vol_header)
     figures = write_figures(results, opts, out_dir)
     if len(curves) >= 2:
         from meddiff.viz.figures import save_roc_pr
@@ -978,14 +938,7 @@ def run(
     }
     if "lpips" in slice_means:
         summary["lpips_mean"] = slice_means["lpips"]
-    if margin_section is not None:
-        summary["best_baseline_auroc"] = float(margin_section["auroc_baseline"])
-        summary["margin_auroc"] = float(margin_section["auroc_diff"])
-        if "auroc_diff_ci" in margin_section:
-            summary["margin_auroc_ci_lo"], summary["margin_auroc_ci_hi"] = (
-                float(v) for v in margin_section["auroc_diff_ci"]
-            )
-            summary["model_beats_best_baseline"] = float(margin_section["auroc_diff_ci"][0] > 0)
+    summary.update(margin_summary(margin_section, "auroc"))
     report: dict[str, Any] = {
         "protocol": "guided",
         "translate": asdict(tcfg),
@@ -1024,20 +977,6 @@ def _print_summary(summary: Mapping[str, float], choice: Mapping[str, Any], repo
     m = report.get("margin_over_best_baseline")
     verdict = m["verdict"] if m else "No margin over the baselines: the test volumes lack CN or non-CN."
     log.info("%s", verdict)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover
-        return
-    t = Table(
-        title=f"Guided translation toward CN (volume reduction {choice['model_reduction']!r}, chosen on val)"
-    )
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in summary.items():
-        t.add_row(k, f"{v:.4f}")
-    console = Console()
-    console.print(t)
-    console.print(verdict)
-    for name, cost in (report.get("baselines_cost") or {}).items():
-        console.print(f"{LABELS.get(name, name)}: {cost['seconds']:.2f} s ({cost['scanned']})")
+    print_summary(summary, f"Guided translation toward CN (volume reduction {choice['model_reduction']!r}, "
+                           f"chosen on {choice.get('chosen_on', '?')})", [verdict])
+    print_baseline_costs(report.get("baselines_cost"), LABELS)
