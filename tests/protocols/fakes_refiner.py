@@ -50,8 +50,8 @@ class Record:
     mask: torch.Tensor
 
 
-def make_image(key: str, anomalous: bool, base: torch.Tensor | None = None,
-               noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+def make_image(key: str, anomalous: bool, base: torch.Tensor | None = None, noise: float = 0.05,
+               lesion: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image [1, S, S] in [-1, 1], mask bool [1, S, S])`` of one image (``key`` seeds its noise and disc)."""
     x = (template() if base is None else base) + _noise(key, (1, SIZE, SIZE), noise)
     mask = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
@@ -60,19 +60,19 @@ def make_image(key: str, anomalous: bool, base: torch.Tensor | None = None,
         cy, cx = (int(v) for v in torch.randint(4, SIZE - 4, (2,), generator=g))
         yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
         mask = (((yy - cy) ** 2 + (xx - cx) ** 2) <= 9)[None]
-        x = torch.where(mask, x + 0.8, x)
+        x = torch.where(mask, x + lesion, x)
     return x.clamp(-1, 1), mask
 
 
-def pool_records(prefix: str, n_pos: int, n_neg: int, slices: int = 2) -> list[Record]:
-    """``n_pos`` anomalous and ``n_neg`` healthy subjects of ``slices`` images each."""
+def pool_records(prefix: str, n_pos: int, n_neg: int, slices: int = 2, lesion: float = 0.8) -> list[Record]:
+    """``n_pos`` anomalous and ``n_neg`` healthy subjects of ``slices`` images each (disc contrast ``lesion``)."""
     out = []
     for label, n in ((1, n_pos), (0, n_neg)):
         for k in range(n):
             subject = f"{prefix}{'p' if label else 'n'}{k}"
             for z in range(slices):
                 rid = f"{subject}__{z:03d}.png"
-                img, mask = make_image(rid, bool(label))
+                img, mask = make_image(rid, bool(label), lesion=lesion)
                 out.append(Record(rid, subject, label, img, mask))
     return out
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from meddiff.protocols.common import margin_summary, summary_floats
 from meddiff.utils.io import atomic_write_text
 
 
@@ -24,6 +25,9 @@ def build_report(model: Any, opts: Any, sel: Any, parts: dict[str, Any], estimat
     parts = dict(parts)
     report["pools_read"] = {"selection": sel.record.get("pools_read", []), "test": parts.pop("pools_read", [])}
     report.update(parts)
+    margin = report["inductive"].get("model_minus_best_baseline")
+    if margin and "best_baseline" in sel.record:  # the pick (common.auroc_margin's, by the validation numbers)
+        sel.record["best_baseline"].update(chosen=margin["baseline"], chosen_on=margin["baseline_chosen_on"])
     report["resampled"] = {part: report[part]["resampled"] for part in ("inductive", "transductive")}
     report["summary"] = summary(report, primary)
     return report
@@ -45,17 +49,13 @@ def summary(report: Mapping[str, Any], primary: str) -> dict[str, float]:
         s["coarse_inductive_auroc"] = ind["image"]["coarse"]["auroc"]
         s["refined_minus_coarse"] = ind["refined_minus_coarse"]["difference"]
         s["refined_minus_coarse_ci_lo"], s["refined_minus_coarse_ci_hi"] = ind["refined_minus_coarse"]["ci"]
-    if "model_minus_best_baseline" in ind:
-        m = ind["model_minus_best_baseline"]
-        s["best_baseline_inductive_auroc"] = ind["image"][m["baseline"]]["auroc"]
-        s["margin_inductive_auroc"] = m["difference"]
-        s["margin_inductive_auroc_ci_lo"], s["margin_inductive_auroc_ci_hi"] = m["ci"]
+    s.update(margin_summary(ind.get("model_minus_best_baseline"), "inductive_auroc"))
     pix = report.get("pixel", {}).get(primary)
     if pix:
         s["pixel_auroc"], s["pixel_auprc"] = pix["auroc"], pix["auprc"]
         if "dice_at_val_threshold" in pix:
             s["pixel_dice"] = pix["dice_at_val_threshold"]
-    return {k: float(v) for k, v in s.items()}
+    return summary_floats(s)
 
 
 def _fmt(d: Mapping[str, Any], key: str = "auroc") -> str:
@@ -74,10 +74,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# Refiner protocol: {report['model']} (headline estimate: {report['primary_estimate']})", "",
              f"Checkpoint selection rule: **{sel['rule']}**" + (" (needs labels)" if sel["needs_labels"] else ""), ""]
     best = sel.get("best_baseline")
-    if best:
-        where = ", ".join(best.get("pools", [])) or "-"
-        lines += [f"Best baseline: **{best['chosen']}**, chosen on {where} by {best['criterion']}"
-                  if best["chosen"] else f"Best baseline: none ({best.get('why_not')})", ""]
+    if best and best.get("chosen"):
+        how = (f"on {', '.join(best['pools'])} by {best['criterion']}" if best.get("criterion")
+               else f"on test ({best.get('why_not')})")
+        lines += [f"Best trivial baseline: **{best['chosen']}**, chosen {how}", ""]
     for part in ("inductive", "transductive"):
         r = report[part]
         lines += [f"## {part.capitalize()} (n={r['n']}, {r['n_pos']} anomalous; 95% CIs resample {r['resampled']})",
@@ -90,8 +90,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"\nrefined - coarse AUROC: {_difference(r['refined_minus_coarse'])}")
         if "model_minus_best_baseline" in r:
             d = r["model_minus_best_baseline"]
-            lines.append(f"\n{d['model']} - {d['baseline']} (chosen on validation) AUROC: {_difference(d)}")
-            lines.append(f"\n{d['verdict']}")
+            lines.append(f"\n{d['verdict']} (resampling {d['resampled']})")
         lines.append("")
     lines += ["## AUCp (labels used: none)", "", "| scorer | transductive AUCp | inductive AUCp | debiased (rho) |",
               "|---|---|---|---|"]

@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from meddiff.anomaly.scoring import ScoringConfig, score_batch
-from meddiff.metrics.baselines import MeanHealthy, NearestHealthy, mean_intensity_score
+from meddiff.metrics.baselines import mean_intensity_score
 from meddiff.metrics.pixel import PixelAccumulator
+from meddiff.protocols.common import MEAN_INTENSITY, HealthyBaseline
 from meddiff.protocols.refiner.interfaces import estimates_of
 
 #: upper end of the pixel-score bins per map kind (an L2 map of [-1, 1] images reaches 4)
@@ -119,32 +120,30 @@ def model_scorer(model: Any, names: Sequence[str] | None = None, prefix: str = "
 
 @dataclass
 class Baselines:
-    """Trivial baselines scored with the model's scorer, both from the same known-healthy *training* images:
-    the nearest one (L2 over the whole image) and their mean; plus the mean intensity (no reference)."""
+    """The trivial baselines (``meddiff.protocols.common``), scored with the model's scorer: the healthy-set ones
+    (nearest healthy training image by L2 over the whole image, mean healthy image; ``{report key:
+    HealthyBaseline}``) from the same known-healthy *training* images, plus the mean intensity (no reference)."""
 
-    nearest: NearestHealthy
-    mean: MeanHealthy
+    healthy: dict[str, HealthyBaseline]
     built_from: str  # the pool the reference images came from
-    n_images: int  # images searched (a seeded subset when the pool is larger)
+    n_images: int  # images in the reference (a seeded subset when the pool is larger)
     n_pool: int
 
-
-BASELINE_NAMES = ("baseline_mean_intensity", "baseline_nearest_healthy", "baseline_mean_healthy")
+    @property
+    def names(self) -> list[str]:
+        return [MEAN_INTENSITY, *self.healthy]
 
 
 def baseline_scorer(baselines: Baselines, cfg: ScoringConfig,
                     pixel: dict[str, PixelAccumulator] | None = None) -> Scorer:
-    """Scores of the three trivial baselines (``BASELINE_NAMES``)."""
+    """Scores of the trivial baselines (``baselines.names``)."""
 
     def scorer(batch: Mapping[str, Any], start: int) -> dict[str, np.ndarray]:
         x, region, mask = batch["image"].float(), batch.get("brain_mask"), batch.get("mask")
-        return {
-            "baseline_mean_intensity": mean_intensity_score(x, region).cpu().numpy(),
-            "baseline_nearest_healthy": _scores(x, baselines.nearest.reconstruct(x), region, cfg, mask, pixel,
-                                                "baseline_nearest_healthy"),
-            "baseline_mean_healthy": _scores(x, baselines.mean.reconstruct(x), region, cfg, mask, pixel,
-                                             "baseline_mean_healthy"),
-        }
+        out = {MEAN_INTENSITY: mean_intensity_score(x, region).cpu().numpy()}
+        for name, b in baselines.healthy.items():  # the reference is searched over the whole image (region=None)
+            out[name] = _scores(x, b.reconstruct(x, None), region, cfg, mask, pixel, name)
+        return out
 
     return scorer
 

@@ -5,7 +5,9 @@
   images at distance 0), never from test.
 - **The best trivial baseline** (the one the model's margin is measured against) is the one with the highest image
   AUROC on the labelled validation pool (``labelled_val``); without one, the highest label-free AUCp on validation
-  (``known_healthy_val`` vs the unannotated ``mixed`` pool); without either, none is chosen (no margin verdict).
+  (``known_healthy_val`` vs the unannotated ``mixed`` pool); without either, ``common.auroc_margin`` takes the best
+  on test and labels it ``"test"``. Selection records every baseline's validation number; the pick itself is
+  ``common.auroc_margin``'s (one rule for every protocol).
 - **Pixel thresholds** (Dice) per estimate and baseline: the best pooled Dice on labelled-validation masks.
 - **The checkpoint rule** that picked the evaluated weights is derived by comparing them with the run's kept
   checkpoints (``aucp``, ``labelled_validation``, ``last``): a record, read from files, not from data.
@@ -26,10 +28,10 @@ import torch
 
 from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.aucp import aucp
-from meddiff.metrics.baselines import MeanHealthy, NearestHealthy
 from meddiff.metrics.detection import detection_ci
 from meddiff.metrics.pixel import PixelAccumulator, choose_threshold
 from meddiff.protocols.base import ValidationView
+from meddiff.protocols.common import HEALTHY_BASELINES, build_healthy_baselines, load_healthy_reference
 from meddiff.protocols.refiner.options import RefinerEvalOptions
 from meddiff.protocols.refiner.scoring import Baselines, baseline_scorer, model_scorer, score_pool
 from meddiff.utils.checkpoint_selection import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
@@ -44,11 +46,11 @@ RULE_TEXT = {"aucp": "best val/aucp (label-free)", "labelled_validation": "best 
 
 @dataclass
 class RefinerSelection:
-    """What :func:`select` chose: the baselines, the best one, pixel thresholds, the checkpoint rule and
-    ``record`` (JSON-ready, becomes ``report["selection"]``)."""
+    """What :func:`select` chose: the baselines, their validation numbers (by which ``common.auroc_margin`` picks
+    the best), pixel thresholds, the checkpoint rule and ``record`` (JSON-ready, becomes ``report["selection"]``)."""
 
     baselines: Baselines | None
-    best_baseline: str | None
+    baseline_values: dict[str, float] | None  # each baseline's validation number; the best is chosen by it
     pixel_thresholds: dict[str, float]
     rules: dict[str, Path]
     matched: list[str]
@@ -74,27 +76,26 @@ class _PoolsRead:
 
 
 def build_baselines(pools: _PoolsRead, opts: RefinerEvalOptions, device: torch.device) -> Baselines | None:
-    """Nearest / mean healthy over ``baseline_max_train`` known-healthy *training* images (a seeded subset)."""
+    """Nearest / mean healthy over ``baseline_max_train`` known-healthy *training* images (a fixed seeded subset),
+    built by ``meddiff.protocols.common``."""
     if not opts.baselines:
         return None
     ds = pools.dataset(BASELINE_POOL)
-    idx = np.arange(len(ds))
-    if len(idx) > opts.baseline_max_train:
-        idx = np.sort(np.random.default_rng(opts.seed).choice(len(idx), opts.baseline_max_train, replace=False))
-    images = torch.stack([ds[int(i)]["image"] for i in idx])
-    return Baselines(NearestHealthy(images, n_healthy_total=len(ds), device=device), MeanHealthy.from_images(images),
-                     built_from=BASELINE_POOL, n_images=int(len(idx)), n_pool=len(ds))
+    reference, n_total, seconds = load_healthy_reference(ds, opts.baseline_max_train, opts.seed)
+    healthy = build_healthy_baselines(reference, list(HEALTHY_BASELINES), device, n_total, seconds)
+    return Baselines(healthy, built_from=BASELINE_POOL, n_images=int(reference.shape[0]), n_pool=n_total)
 
 
 def _both_classes(y: np.ndarray | None) -> bool:
     return y is not None and 0 < int(y.sum()) < y.size
 
 
-def _choose_baseline(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, baselines: Baselines,
-                     device: torch.device) -> tuple[dict[str, Any], dict[str, PixelAccumulator]]:
-    """The best baseline on validation (labelled AUROC, else label-free AUCp) and the labelled-val pixel maps."""
+def _validation_values(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, baselines: Baselines,
+                       device: torch.device) -> tuple[dict[str, Any], dict[str, PixelAccumulator]]:
+    """Every baseline's validation number (labelled AUROC, else label-free AUCp) the best one is chosen by
+    (``common.auroc_margin``), and the labelled-validation pixel maps of the model and baselines."""
     cfg = model.scoring_cfg
-    names = sorted(("baseline_mean_intensity", "baseline_nearest_healthy", "baseline_mean_healthy"))
+    names = baselines.names
     pixel: dict[str, PixelAccumulator] = {}
     if pools.has("labelled_val"):
         scorers = {"baselines": baseline_scorer(baselines, cfg, pixel if opts.pixel else None)}
@@ -104,21 +105,19 @@ def _choose_baseline(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, ba
                          opts.progress)
         if _both_classes(val.y):
             value = {n: detection_ci(val.get(n), val.y, n_boot=0)["auroc"] for n in names}
-            best = max(names, key=lambda n: (value[n], n))
-            return {"chosen": best, "criterion": "image AUROC on labelled validation", "value": value,
-                    "pools": ["labelled_val"], "n": int(val.n)}, pixel
+            return {"criterion": "image AUROC on labelled validation", "values": value, "pools": ["labelled_val"],
+                    "n": int(val.n)}, pixel
         log.warning("the labelled validation pool has one class only; the best baseline is chosen by AUCp.")
     if pools.has("known_healthy_val") and pools.has("mixed"):
         scorers = {"baselines": baseline_scorer(baselines, cfg)}
         healthy = score_pool(pools.loader("known_healthy_val"), scorers, device, opts.max_images, "", False)
         mixed = score_pool(pools.loader("mixed"), scorers, device, opts.max_images, "", False)
         value = {n: aucp(healthy.get(n), mixed.get(n)) for n in names}
-        best = max(names, key=lambda n: (value[n], n))
-        return {"chosen": best, "criterion": "AUCp (label-free): known_healthy_val = 0 vs mixed = 1",
-                "value": value, "pools": ["known_healthy_val", "mixed"], "n": int(healthy.n + mixed.n)}, pixel
-    return {"chosen": None, "criterion": None, "value": {}, "pools": [],
-            "why_not": "no labelled validation pool and no known-healthy hold-out (data.val_fraction=0): no "
-                       "baseline can be chosen without test; margins are not reported"}, pixel
+        return {"criterion": "AUCp (label-free): known_healthy_val = 0 vs mixed = 1", "values": value,
+                "pools": ["known_healthy_val", "mixed"], "n": int(healthy.n + mixed.n)}, pixel
+    return {"criterion": None, "values": None, "pools": [],
+            "why_not": "no labelled validation pool and no known-healthy hold-out (data.val_fraction=0): the best "
+                       "baseline is the best on test (labelled so; it can only shrink the model's margin)"}, pixel
 
 
 def _same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
@@ -157,13 +156,14 @@ def select(model: Any, data: ValidationView, opts: RefinerEvalOptions, device: t
         "available": {r: str(p) for r, p in rules.items()}, "rules": dict(RULE_TEXT),
     }
     baselines = build_baselines(pools, opts, device)
-    best, thresholds = None, {}
+    values, thresholds = None, {}
     if baselines is not None:
-        choice, pixel = _choose_baseline(model, pools, opts, baselines, device)
-        best = choice["chosen"]
+        choice, pixel = _validation_values(model, pools, opts, baselines, device)
+        values = choice["values"]
         record["baselines"] = {"built_from": baselines.built_from, "n_images": baselines.n_images,
-                               "n_pool": baselines.n_pool}
-        record["best_baseline"] = {**choice, "chosen_on": "validation" if best else None}
+                               "n_pool": baselines.n_pool, "names": baselines.names,
+                               "cost": {k: b.cost.as_dict() for k, b in baselines.healthy.items()}}
+        record["best_baseline"] = {**choice, "chosen_on": "validation" if values else "test"}
         for name, acc in pixel.items():
             try:
                 thresholds[name] = choose_threshold(acc)
@@ -176,4 +176,4 @@ def select(model: Any, data: ValidationView, opts: RefinerEvalOptions, device: t
     record["chosen_on"] = "validation" if choice_pools else "none (nothing chosen on data)"
     record["pools_read"] = list(dict.fromkeys(pools.read))
     record["splits_read"] = data.splits_read
-    return RefinerSelection(baselines, best, thresholds, rules, matched, record)
+    return RefinerSelection(baselines, values, thresholds, rules, matched, record)

@@ -25,14 +25,14 @@ import torch
 
 from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.aucp import aucp, debiased_auc
-from meddiff.metrics.detection import aggregate_by_subject, detection_ci, margin_verdict, paired_difference
+from meddiff.metrics.detection import aggregate_by_subject, detection_ci, paired_difference
 from meddiff.metrics.pixel import PixelAccumulator
 from meddiff.protocols.base import Outcome
+from meddiff.protocols.common import auroc_margin
 from meddiff.protocols.refiner.interfaces import StepSweepable, implements, refinement_info
 from meddiff.protocols.refiner.options import LABELS_MIXED, LABELS_NONE, LABELS_TEST, RefinerEvalOptions
 from meddiff.protocols.refiner.report import build_report
 from meddiff.protocols.refiner.scoring import (
-    BASELINE_NAMES,
     Scored,
     Scorer,
     baseline_scorer,
@@ -79,7 +79,7 @@ def aucp_entry(healthy: np.ndarray, unlabelled: np.ndarray, rho: float | None, h
 
 
 def detection(scored: Scored, estimates: Sequence[str], baselines: Sequence[str], opts: RefinerEvalOptions,
-              labels_used: str, best_baseline: str | None) -> dict[str, Any]:
+              labels_used: str, baseline_values: Mapping[str, float] | None) -> dict[str, Any]:
     """Image and subject level AUROC/AUPRC (CIs by subject where subjects are known) of every scorer, the paired
     refined − coarse difference and the primary estimate's margin over the validation-chosen baseline."""
     y = scored.y
@@ -101,17 +101,11 @@ def detection(scored: Scored, estimates: Sequence[str], baselines: Sequence[str]
     if "refined" in estimates and "coarse" in estimates:
         res["refined_minus_coarse"] = paired_auroc_difference(scored.get("refined"), scored.get("coarse"), y,
                                                               clusters, opts.n_boot, opts.seed)
-    if best_baseline is not None:
+    if baselines:  # the margin over the best baseline, the best by its validation number (common.auroc_margin)
         top = estimates[-1]
-        m = paired_difference(scored.get(top), scored.get(best_baseline), y, clusters, n_boot=opts.n_boot,
-                              seed=opts.seed)
-        margin = {"baseline": best_baseline, "baseline_chosen_on": "validation", **m}
-        res["model_minus_best_baseline"] = {
-            "model": top, "baseline": best_baseline, "baseline_chosen_on": "validation",
-            "difference": m["auroc_diff"], "ci": m.get("auroc_diff_ci", NAN_CI), "n": m["n"],
-            "resampled": m["resampled"], "verdict": margin_verdict(margin, label=best_baseline),
-            **({"p_a_not_better": m["frac_diff_le_0"]} if "frac_diff_le_0" in m else {}),
-            **({"n_subjects": m["n_subjects"]} if "n_subjects" in m else {})}
+        m = auroc_margin(scored.get(top), {n: scored.get(n) for n in baselines}, y, baseline_values, clusters,
+                         n_boot=opts.n_boot, seed=opts.seed, what=f"{top} image AUROC margin")
+        res["model_minus_best_baseline"] = {"model": top, "resampled": res["resampled"], **m}
     return res
 
 
@@ -227,7 +221,7 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
 
     keys = list(test.scores)
     estimates = [k for k in keys if not k.startswith(("baseline_", STEPS, CKPT))]
-    baselines = [k for k in BASELINE_NAMES if k in keys]
+    baselines = sel.baselines.names if sel.baselines is not None else []
     names = [*estimates, *baselines]
     parts: dict[str, Any] = {"aucp": {}}
     for name in names + [k for k in keys if k.startswith(CKPT)]:
@@ -238,9 +232,9 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
     if kh_pool == "known_healthy":
         parts["aucp_note"] = ("data.val_fraction=0: the healthy side of AUCp is the known-healthy TRAINING set, "
                               "which the models fit; AUCp is then optimistic.")
-    parts["inductive"] = detection(test, estimates, baselines, opts, LABELS_TEST, sel.best_baseline)
+    parts["inductive"] = detection(test, estimates, baselines, opts, LABELS_TEST, sel.baseline_values)
     mixed.labels = [_labels_by_id(datamodule, mixed.ids)]
-    parts["transductive"] = detection(mixed, estimates, baselines, opts, LABELS_MIXED, sel.best_baseline)
+    parts["transductive"] = detection(mixed, estimates, baselines, opts, LABELS_MIXED, sel.baseline_values)
     for part, pool in (("inductive", test), ("transductive", mixed)):  # other checkpoints: their primary estimate
         for k in (k for k in keys if k.startswith(CKPT) and k.endswith("/" + estimates[-1])):
             parts[part]["image"][k] = detection_ci(pool.get(k), pool.y, pool.clusters, n_boot=opts.n_boot,
