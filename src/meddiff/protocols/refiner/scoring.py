@@ -60,6 +60,13 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def head(batch: Mapping[str, Any], keep: int) -> dict[str, Any]:
+    """The first ``keep`` items of a batch (per-item tensors and lists cut, anything else kept)."""
+    b = int(batch["image"].shape[0])
+    return {k: (v[:keep] if (torch.is_tensor(v) or isinstance(v, list | tuple)) and len(v) == b else v)
+            for k, v in batch.items()}
+
+
 @torch.no_grad()
 def score_pool(loader: Iterable, scorers: Mapping[str, Scorer], device: torch.device,
                max_images: int | None = None, desc: str = "", progress: bool = False) -> Scored:
@@ -75,8 +82,7 @@ def score_pool(loader: Iterable, scorers: Mapping[str, Scorer], device: torch.de
         b = int(batch["image"].shape[0])
         keep = b if max_images is None else min(b, max_images - out.n)
         if keep < b:  # trim the last batch before scoring (no work on images that are not reported)
-            batch = {k: (v[:keep] if (torch.is_tensor(v) or isinstance(v, list | tuple)) and len(v) == b else v)
-                     for k, v in batch.items()}
+            batch = head(batch, keep)
         for key, scorer in scorers.items():
             t0 = time.perf_counter()
             for name, s in scorer(batch, out.n).items():
@@ -159,8 +165,7 @@ def steps_scorer(model: Any, steps: Sequence[int], max_images: int | None,
         keep = b if max_images is None else max(0, min(b, max_images - start))
         if keep == 0:
             return {}
-        part = {k: (v[:keep] if (torch.is_tensor(v) or isinstance(v, list | tuple)) and len(v) == b else v)
-                for k, v in batch.items()}
+        part = head(batch, keep)
         x, region = part["image"].float(), part.get("brain_mask")
         t0 = time.perf_counter()
         coarse = model.coarse(part)

@@ -152,7 +152,10 @@ def steps_rows(test: Scored, skipped: Mapping[int, str], seconds: Mapping[str, f
     coarse = test.get(STEPS + "coarse")
     n = coarse.size
     y = test.y[:n]
-    auroc = (lambda s: detection_ci(s, y, n_boot=0)["auroc"])
+
+    def auroc(s: np.ndarray) -> float:
+        return detection_ci(s, y, n_boot=0)["auroc"]
+
     rows: list[dict[str, Any]] = [{"estimate": "coarse", "steps": 0, "auroc": auroc(coarse),
                                    "sec_per_image": seconds["coarse"] / n}]
     for s in all_steps:
