@@ -12,7 +12,9 @@
 - **The checkpoint rule** that picked the evaluated weights is derived by comparing them with the run's kept
   checkpoints (``aucp``, ``labelled_validation``, ``last``): a record, read from files, not from data.
 
-``chosen_on`` is derived from the pools the choice actually read (recorded by :class:`_PoolsRead`).
+``chosen_on`` is derived from the pools the choice actually read (recorded by :class:`_PoolsRead`). In the BMAD
+layout the labelled validation pool (``valid/``) is also the unannotated pool of the transductive numbers: those
+are then scored on the data the baseline and thresholds were chosen on (the inductive ones never are).
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ def _validation_values(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, 
     names = baselines.names
     pixel: dict[str, PixelAccumulator] = {}
     if pools.has("labelled_val"):
-        scorers = {"baselines": baseline_scorer(baselines, cfg, pixel if opts.pixel else None)}
-        if opts.pixel:  # the model's maps too: their Dice thresholds are chosen here
+        masks = opts.pixel and "mask" in pools.dataset("labelled_val")[0]
+        scorers = {"baselines": baseline_scorer(baselines, cfg, pixel if masks else None)}
+        if masks:  # the model's maps too: their Dice thresholds are chosen here (no masks: no model pass)
             scorers["model"] = model_scorer(model, pixel=pixel)
         val = score_pool(pools.loader("labelled_val"), scorers, device, opts.max_images, "labelled validation",
                          opts.progress)
