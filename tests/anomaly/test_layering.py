@@ -8,7 +8,6 @@ from pathlib import Path
 import meddiff.anomaly
 
 UPWARD = ("meddiff.protocols", "meddiff.evaluation", "meddiff.models", "meddiff.eval", "meddiff.train")
-SHIMS = {"evaluate.py"}  # deprecated re-export of meddiff.protocols.anomaly, kept for one release
 
 
 def _imports(path: Path) -> set[str]:
@@ -24,7 +23,7 @@ def _imports(path: Path) -> set[str]:
 
 def test_anomaly_modules_import_nothing_above_them():
     root = Path(meddiff.anomaly.__file__).parent
-    files = [p for p in sorted(root.glob("*.py")) if p.name not in SHIMS]
+    files = sorted(root.glob("*.py"))
     assert len(files) >= 5
     bad = {p.name: sorted(m for m in _imports(p) if m.startswith(UPWARD)) for p in files}
     assert not {k: v for k, v in bad.items() if v}

@@ -361,3 +361,33 @@ def test_the_report_records_precision_and_threads():
     assert mixed["precision"] == "bf16-mixed" and mixed["compute"]["output_dtype"] == "bfloat16"
     stand_in = evaluate_anomaly_detection(HealthyIsBlack(), None, _batches("point"), opts)["runtime"]
     assert stand_in["precision"] == "32-true" and stand_in["compute"]["observed"] == "reconstruction output"
+
+
+def test_the_fixed_published_scoring_is_reported_beside_the_chosen_one_from_the_same_test_pass():
+    """pDDPM's published scoring (median filter 5, mean over the brain mask) is the model's configured one: the report
+    carries it (``fixed_scoring``, ``fixed_*`` summary keys) beside the validation-chosen one, with the numbers
+    ``eval.select_on_val=false`` gives, computed on the same test reconstructions (one test pass)."""
+    model = HealthyIsBlack()
+    model.scoring_cfg = ScoringConfig(median_size=5, reduction="mean")
+    opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=50)
+    report = evaluate_anomaly_detection(model, _batches("point"), _batches("point", seed=2), opts)
+    assert model.seen_t == [10] * 8  # 4 validation + 4 test batches: one reconstruction per test batch
+    assert report["scoring"]["reduction"] == "max" and report["scoring"]["median_size"] == 1  # chosen on validation
+    fixed = report["fixed_scoring"]
+    assert fixed["scoring"] == model.scoring_cfg.as_dict() and fixed["chosen_on"] == "config"
+    assert "median filter 5" in fixed["note"]
+    # the reference run: the configured scoring kept (select_on_val=false) with the same model settings
+    ref_model = HealthyIsBlack()
+    ref_model.scoring_cfg = model.scoring_cfg
+    published = evaluate_anomaly_detection(ref_model, None, _batches("point", seed=2),
+                                           EvalOptions(select_on_val=False, n_boot=50))
+    assert fixed["image"] == published["image"]["model"]
+    assert fixed["pixel"]["auroc"] == published["pixel"]["model"]["auroc"]
+    assert fixed["pixel"]["auprc"] == published["pixel"]["model"]["auprc"]
+    s = report["summary"]
+    assert (s["fixed_image_auroc"], s["fixed_image_auprc"]) == (fixed["image"]["auroc"], fixed["image"]["auprc"])
+    assert s["fixed_pixel_auprc"] == fixed["pixel"]["auprc"]
+    # the chosen setting's numbers are what they were without the fixed scoring beside them
+    assert s["image_auroc"] == report["image"]["model"]["auroc"] == 1.0
+    assert s["image_auroc"] != s["fixed_image_auroc"]  # median 5 + mean blurs the one-pixel anomalies away
+    assert published["fixed_scoring"]["image"] == published["image"]["model"]  # without selection both agree

@@ -21,9 +21,13 @@ def _restore_registry():
 
 def test_builtin_names_and_the_anomaly_entry():
     assert {"anomaly", "denoise", "guided"} <= set(PROTOCOLS)
-    from meddiff.protocols.anomaly import run
+    from meddiff.protocols.anomaly import AnomalyProtocol
+    from meddiff.protocols.base import Protocol
+    from meddiff.protocols.guided import GuidedProtocol
 
-    assert get_protocol("anomaly") is run
+    for name, cls in (("anomaly", AnomalyProtocol), ("guided", GuidedProtocol)):
+        run = get_protocol(name)
+        assert isinstance(run.__self__, cls) and run.__func__ is Protocol.run  # the skeleton's run, not another path
 
 
 def test_unknown_name_lists_the_known_ones():
@@ -55,6 +59,21 @@ def test_register_a_module_path_is_lazy(tmp_path, monkeypatch):
         get_protocol("broken")
     with pytest.raises(ConfigError, match="module path or a run function"):
         register_protocol("bad", 3)  # type: ignore[arg-type]
+
+
+def test_register_a_protocol_class(tmp_path, monkeypatch):
+    (tmp_path / "cls_protocol.py").write_text("from meddiff.protocols.base import Protocol\n"
+                                              "class Mine(Protocol):\n"
+                                              "    name = 'mine'\n"
+                                              "    def select(self, *a): ...\n"
+                                              "    def test(self, *a): ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    register_protocol("mine", "cls_protocol:Mine")
+    assert "cls_protocol" not in sys.modules
+    assert type(get_protocol("mine").__self__).__name__ == "Mine"
+    register_protocol("missing", "cls_protocol:Nope")
+    with pytest.raises(ConfigError, match="no class Nope"):
+        get_protocol("missing")
 
 
 def test_importing_the_package_imports_no_protocol():

@@ -3,30 +3,30 @@
 A protocol is ``run(model, datamodule, eval_cfg: dict, out_dir: Path, device) -> report``: it chooses what it
 chooses on validation data, touches the test split once, writes ``report.json`` (JSON-ready, with a ``"summary"``
 dict of headline floats), ``metrics.csv`` and its figures into ``out_dir``, and returns the report. Protocols
-read models and data through public methods and never change them. The skeleton for writing one is
-:class:`meddiff.protocols.base.Protocol`.
+read models and data through public methods and never change them. Every protocol is a subclass of
+:class:`meddiff.protocols.base.Protocol` whose ``run`` (the skeleton's) is the registry's ``run``; the pieces they
+share (healthy-set baselines, the margin over the best baseline chosen on validation, tables) are in
+:mod:`meddiff.protocols.common`.
 
 Registered protocols (imported only when used):
 
-==========  ==============================  ==========================================================
-``anomaly``  ``meddiff.protocols.anomaly``  reconstruction-based anomaly detection (depth, post-processing)
-``denoise``  ``meddiff.protocols.denoise``  conditional denoising vs noisy input, NLM, supervised U-Net
-``guided``   ``meddiff.protocols.guided``   healthy counterfactuals by classifier-free guidance (ADNI)
-``refiner``  ``meddiff.protocols.refiner``  coarse GAN + diffusion refiner: inductive, transductive, AUCp
-==========  ==============================  ==========================================================
+==========  ==================================================  ===============================================
+``anomaly``  ``meddiff.protocols.anomaly:AnomalyProtocol``      reconstruction-based anomaly detection
+``denoise``  ``meddiff.protocols.denoise``                      conditional denoising vs noisy input, NLM, U-Net
+``guided``   ``meddiff.protocols.guided:GuidedProtocol``        healthy counterfactuals by guidance (ADNI)
+``refiner``  ``meddiff.protocols.refiner``                      coarse GAN + diffusion refiner, AUCp
+==========  ==================================================  ===============================================
 
-Adding one: give the model class ``eval_protocol = "<name>"`` and register the name, either with the module that
-holds ``run`` (imported lazily, so registering costs nothing)::
+Adding one: subclass ``Protocol`` (options, ``select``, ``test``, optional ``check`` / ``write``), give the model
+class ``eval_protocol = "<name>"`` and register the class by ``"package.module:Class"`` (imported lazily, so
+registering costs nothing)::
 
     from meddiff.protocols import register_protocol
-    register_protocol("my_protocol", "mypackage.my_protocol")
+    register_protocol("my_protocol", "mypackage.my_protocol:MyProtocol")
 
-or with the function itself, as a decorator::
-
-    @register_protocol("my_protocol")
-    def run(model, datamodule, eval_cfg, out_dir, device): ...
-
-Built-in protocols are listed in ``PROTOCOLS`` below.
+A module path alone names the module's ``run``; a ``Protocol`` subclass or a ``run`` function may also be
+registered directly (``register_protocol("name", MyProtocol)`` or as a decorator on a function). Every registered
+protocol must pass ``tests/protocols/test_protocol_contract.py`` (it needs ``tests/protocols/fakes_<name>.py``).
 """
 
 from __future__ import annotations
@@ -41,11 +41,12 @@ from meddiff.errors import ConfigError
 #: ``run(model, datamodule, eval_cfg, out_dir, device) -> report``
 RunFn = Callable[[Any, Any, "dict[str, Any]", Path, Any], "dict[str, Any]"]
 
-#: name -> a module path holding ``run`` (imported on first use) or the ``run`` function itself
-PROTOCOLS: dict[str, str | RunFn] = {
-    "anomaly": "meddiff.protocols.anomaly",
+#: name -> ``"package.module:ProtocolClass"`` or a module path holding ``run`` (imported on first use), a
+#: ``Protocol`` subclass, or a ``run`` function
+PROTOCOLS: dict[str, str | RunFn | type] = {
+    "anomaly": "meddiff.protocols.anomaly:AnomalyProtocol",
     "denoise": "meddiff.protocols.denoise",
-    "guided": "meddiff.protocols.guided",
+    "guided": "meddiff.protocols.guided:GuidedProtocol",
     "refiner": "meddiff.protocols.refiner",
 }
 
@@ -58,8 +59,9 @@ def register_protocol(name: str, target: str | RunFn) -> str | RunFn: ...
 def register_protocol(name: str, target: None = None) -> Callable[[RunFn], RunFn]: ...
 
 
-def register_protocol(name: str, target: str | RunFn | None = None) -> Any:
-    """Register protocol ``name``: ``target`` is a module path holding ``run`` or the ``run`` function.
+def register_protocol(name: str, target: str | RunFn | type | None = None) -> Any:
+    """Register protocol ``name``: ``target`` is ``"package.module:Class"`` (a ``Protocol`` subclass), a module
+    path holding ``run``, a ``Protocol`` subclass or a ``run`` function.
 
     Without ``target`` this is a decorator registering the decorated function. Registering a name again replaces
     it (so a project can swap a built-in protocol for its own).
@@ -80,11 +82,11 @@ def register_protocol(name: str, target: str | RunFn | None = None) -> Any:
 
 
 def get_protocol(name: str | None) -> RunFn:
-    """The ``run`` function of protocol ``name`` (its module is imported now).
+    """The ``run`` of protocol ``name``: its ``Protocol`` class's ``run`` (its module is imported now).
 
     Raises:
-        ConfigError: ``name`` is not registered (the message lists the registered names) or its module has no
-            ``run``.
+        ConfigError: ``name`` is not registered (the message lists the registered names), or its module has no
+            such class / no ``run``.
     """
     if name not in PROTOCOLS:
         raise ConfigError(
@@ -93,6 +95,13 @@ def get_protocol(name: str | None) -> RunFn:
             "meddiff.protocols.register_protocol(name, 'package.module')."
         )
     target = PROTOCOLS[name]
+    if isinstance(target, str) and ":" in target:
+        module, _, cls_name = target.partition(":")
+        target = getattr(importlib.import_module(module), cls_name, None)
+        if not isinstance(target, type):
+            raise ConfigError(f"protocol {name!r}: {module} defines no class {cls_name}.")
+    if isinstance(target, type):
+        return target().run  # the skeleton's run (meddiff.protocols.base.Protocol.run)
     if not isinstance(target, str):
         return target
     run = getattr(importlib.import_module(target), "run", None)

@@ -1,4 +1,5 @@
-"""CT extras: per-subtype AUROC (healthy vs each subtype), figures over the CT, and their wiring into the protocol."""
+"""CT add-on: per-subtype AUROC (healthy vs each subtype), figures over the CT, and its wiring into the protocol
+(switched on by batches carrying ``subtypes``)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,8 @@ from meddiff.anomaly.reconstruction import ReconstructionConfig
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.errors import DataError
 from meddiff.protocols.anomaly import EvalOptions, evaluate_anomaly_detection
-from meddiff.protocols.ct_report import (
-    overlay_segmentation,
-    per_subtype_detection,
-    pick_example_rows,
-    save_ct_segmentation,
-    save_subtype_auroc,
-    subtype_summary,
-    write_ct_outputs,
-)
+from meddiff.protocols.anomaly.ct_subtypes import per_subtype_detection, subtype_summary, write_ct_outputs
+from meddiff.viz.ct import overlay_segmentation, pick_example_rows, save_ct_segmentation, save_subtype_auroc
 
 NAMES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
 
@@ -195,16 +189,6 @@ def test_protocol_without_subtypes_is_unchanged():
     report = evaluate_anomaly_detection(_FakeModel(), batches, batches, EvalOptions(median_size=[1], n_boot=10))
     assert set(report["image"]) == {"model", "baseline_mean_intensity"}
     assert "items" not in report["_figures"] and "subtypes" not in report["_figures"]["examples"]
-
-
-def test_deprecated_evaluation_path_reexports_the_protocol():
-    """``meddiff.evaluation.ct_report`` is a shim for one release: the same objects as ``meddiff.protocols``."""
-    import meddiff.evaluation.ct_report as old
-    import meddiff.protocols.ct_report as new
-
-    for name in old.__all__:
-        assert getattr(old, name) is getattr(new, name), name
-    assert {"per_subtype_detection", "subtype_summary", "write_ct_outputs"} <= set(old.__all__)
 
 
 def test_per_subtype_cis_resample_patients_not_slices():

@@ -15,7 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from meddiff.data.adni_slices import ADNISliceDataModule
+from meddiff.data.adni_slices import ADNISliceDataModule, Volumes, VolumeSource
+from meddiff.data.formats.adni_json import CLASS_NAMES
+from meddiff.data.preprocess.mri_slices import VolumeData
 from meddiff.data.synthetic.mri import write_synthetic_adni
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
@@ -155,10 +157,10 @@ def test_per_slice_metrics_match_the_metric_functions_at_48_px() -> None:
     images = torch.rand(5, 1, 48, 48, generator=g) * 2 - 1
     masks = torch.zeros(5, 1, 48, 48, dtype=torch.bool)
     masks[:, :, 8:40, 8:40] = True
-    data = ev.VolumeData(images, masks, np.zeros(5, dtype=np.int64), np.arange(5))
+    data = VolumeData(images, masks, np.zeros(5, dtype=np.int64), np.arange(5))
     model = make_model(Darken())
     opts = ev.GuidedEvalOptions(batch_size=2)  # batches of 2: results must not depend on batching
-    res = ev.translate_volume(model, ev.VolumeSource("v", 5, lambda: data), model.translate_cfg, opts, "cpu")
+    res = ev.translate_volume(model, VolumeSource("v", 5, lambda: data), model.translate_cfg, opts, "cpu")
     healthy = model.healthy_counterfactual(images)
     assert res.ms_ssim_scales == 3 == ms_ssim_scales(48, 48)
     np.testing.assert_allclose(res.metrics["ms_ssim"], ms_ssim(images, healthy, scales=3).numpy(), atol=1e-5)
@@ -310,15 +312,13 @@ class CraftedVolumes:
         self.calls: list[str] = []
 
     @staticmethod
-    def _source(name: str, label: int, values: list[float]) -> ev.VolumeSource:
+    def _source(name: str, label: int, values: list[float]) -> VolumeSource:
         images = torch.tensor(values, dtype=torch.float32)[:, None, None, None].expand(-1, 1, 16, 16).clone()
-        data = ev.VolumeData(images, torch.ones_like(images, dtype=torch.bool), np.zeros(len(values), np.int64),
+        data = VolumeData(images, torch.ones_like(images, dtype=torch.bool), np.zeros(len(values), np.int64),
                              np.arange(len(values)))
-        return ev.VolumeSource(name, label, lambda: data)
+        return VolumeSource(name, label, lambda: data)
 
     def volumes(self, split: str):  # noqa: ANN201
-        from meddiff.data.adni_slices import Volumes
-
         self.calls.append(split)
         flat, spike = [0.5] * 4, [0.2, 0.2, 0.2, 0.9]
         if split == "train":
@@ -375,7 +375,7 @@ def test_a_datamodule_without_the_volume_api_is_a_config_error(tmp_path) -> None
 
 # ------------------------------------------------------------------------------------------ classification
 def _result(label: int, scores, intensity) -> ev.VolumeResult:
-    src = ev.VolumeSource(f"v{label}_{np.random.rand():.6f}", label, lambda: None)
+    src = VolumeSource(f"v{label}_{np.random.rand():.6f}", label, lambda: None)
     n = len(scores)
     return ev.VolumeResult(
         src,
@@ -423,6 +423,11 @@ def test_volume_aurocs_per_class_vs_cn() -> None:
     assert "skipped" in section["model"]["MCI_vs_CN"]
     assert section["baseline_mean_intensity"]["AD_vs_CN"]["auroc"] == pytest.approx(1.0)
     assert set(curves) == {"guided CFG", "mean intensity (baseline)"}
+
+
+def test_the_protocol_class_names_are_the_data_formats_ones() -> None:
+    """The guided package declares the slice-label convention it reads instead of importing meddiff.data."""
+    assert ev.CLASS_NAMES == CLASS_NAMES
 
 
 def test_reduce_slices() -> None:

@@ -1,2 +1,0 @@
-"""Deprecated: the protocols moved to :mod:`meddiff.protocols` (anomaly, denoise, guided, ct_report); these
-module paths are kept for one release."""

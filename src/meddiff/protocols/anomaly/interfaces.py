@@ -1,0 +1,44 @@
+"""What the anomaly protocol reads from a model and a datamodule (structural types: nothing to subclass).
+
+Any model with a scorer config and a healthy estimate is evaluated the same way; any datamodule with the
+validation and test loaders (and, for the healthy-set baselines, a training loader over a map-style dataset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from meddiff.anomaly.scoring import ScoringConfig
+
+__all__ = ["AnomalyData", "AnomalyModel", "ReconFn"]
+
+#: a method's healthy estimate of a batch: ``batch -> [B, C, H, W]`` in ``[-1, 1]``
+ReconFn = Callable[[Mapping[str, Any]], torch.Tensor]
+
+
+@runtime_checkable
+class AnomalyModel(Protocol):
+    """``scoring_cfg`` (the configured scorer) and ``reconstruct(batch[, recon]) -> [B, C, H, W]`` in ``[-1, 1]``.
+
+    Optional: ``recon_cfg`` (a dataclass with ``t_start`` and ``validate(num_train_timesteps)``) and ``schedule``
+    (``num_train_timesteps``), for ``eval.t_start`` depths; ``reconstruct`` then takes the copy to use as ``recon``.
+    """
+
+    scoring_cfg: ScoringConfig
+
+    def reconstruct(self, batch: Mapping[str, Any], *args: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AnomalyData(Protocol):
+    """Loaders of dict batches (``image``, optional ``label``, ``mask``, ``brain_mask``, ``subject``, ``id`` and
+    add-on fields such as ``subtypes``). Optional: ``val_labelled_dataloader()`` (the labelled validation items
+    alone), ``train_dataloader()`` (``.dataset`` map-style: the healthy-set baselines), column names of add-on
+    fields (``subtype_names``)."""
+
+    def val_dataloader(self) -> Iterable: ...
+
+    def test_dataloader(self) -> Iterable: ...

@@ -1,0 +1,56 @@
+"""``eval:`` options of the anomaly protocol (``configs/eval/default.yaml``)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from meddiff.anomaly.scoring import ScoringConfig
+from meddiff.metrics.baselines import MAX_REFERENCE
+from meddiff.protocols.common import check_healthy_baselines
+
+__all__ = ["EvalOptions", "listify"]
+
+
+def listify(v: Any) -> list:
+    """A config value as a list (a scalar becomes a one-item list; strings are scalars)."""
+    return list(v) if isinstance(v, (list, tuple)) or hasattr(v, "__iter__") and not isinstance(v, str) else [v]
+
+
+@dataclass
+class EvalOptions:
+    """Evaluation options (``eval:`` in the configs).
+
+    ``select_on_val``: compare the candidate settings (``map`` x ``median_size`` x ``reduction``, and the depths
+    ``t_start``) on validation; false keeps the model's configured scoring. ``n_boot``: bootstrap replicates of the
+    CIs (0 = point values only). ``baselines``: the healthy-set baselines beside the model (``[]`` = mean intensity
+    only), built from at most ``baseline_max_items`` healthy training images.
+    """
+
+    select_on_val: bool = True
+    map: Sequence[str] = ("l1",)
+    median_size: Sequence[int] = (1, 3)
+    reduction: Sequence[str] = ("mean", "max", "percentile")
+    q: float = 99.0
+    n_boot: int = 1000
+    pixel_bins: int = 1000
+    max_batches: int | None = None
+    n_figure_rows: int = 8
+    seed: int = 0
+    t_start: Sequence[int] | int | None = None  # reconstruction depths tried on validation (None = the model's)
+    baselines: Sequence[str] = ("nearest_healthy", "mean_healthy")  # healthy-set baselines ([] = mean intensity only)
+    baseline_max_items: int = MAX_REFERENCE  # healthy training images they use at most (a fixed seeded subset)
+
+    def candidates(self, default: ScoringConfig) -> list[ScoringConfig]:
+        """The scoring settings compared on validation (``[default]`` without selection)."""
+        if not self.select_on_val:
+            return [default]
+        grid = itertools.product(listify(self.map), listify(self.median_size), listify(self.reduction))
+        return [default.with_(map=m, median_size=int(k), reduction=r, q=float(self.q)) for m, k, r in grid]
+
+    def healthy_baselines(self) -> list[str]:
+        """The requested healthy-set baselines (``eval.baselines``), checked."""
+        names = None if self.baselines is None else [str(b) for b in listify(self.baselines)]
+        return check_healthy_baselines(names, self.baseline_max_items)

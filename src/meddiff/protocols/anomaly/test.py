@@ -1,0 +1,141 @@
+"""The one pass over the test split with what validation chose: the model, the published fixed scoring on the same
+reconstructions, every baseline; image and pixel metrics with CIs, the margin over the best baseline, add-ons."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from meddiff.metrics.detection import aggregate_by_subject, detection_ci
+from meddiff.metrics.pixel import PixelAccumulator
+from meddiff.protocols.base import Outcome
+from meddiff.protocols.common import LABELS, MEAN_INTENSITY, MODEL, auroc_margin
+from meddiff.utils.cpu import cpu_report
+
+from .addons import addon_fields, addon_for
+from .options import EvalOptions
+from .passes import matching_pixel_acc, model_fn, precision_name, run_pass
+from .report import PIXEL_INTENSITY, summary
+from .select import AnomalySelection
+
+__all__ = ["FIXED_SCORING_NOTE", "evaluate_on_test"]
+
+#: what ``report["fixed_scoring"]`` is
+FIXED_SCORING_NOTE = (
+    "the model's configured scoring, kept fixed (no selection): what eval.select_on_val=false reports; for pDDPM "
+    "(rsna_pddpm) the published scoring, L1 map, median filter 5, mean over the brain mask. Scored on the same test "
+    "reconstructions as the validation-chosen setting (one test pass)."
+)
+
+
+def _pixel_entry(acc: PixelAccumulator, threshold: float | None) -> dict[str, Any]:
+    pix = acc.compute()
+    entry = {"auroc": pix["auroc"], "auprc": pix["auprc"],
+             "oracle_dice": pix["oracle_dice"], "oracle_threshold": pix["oracle_threshold"]}
+    if threshold is not None:
+        entry["dice_at_val_threshold"] = acc.dice_at(threshold)
+        entry["val_threshold"] = threshold
+    return entry
+
+
+def _margin(scores: Mapping[str, np.ndarray], y: np.ndarray, subjects: list[str] | None,
+            val_auroc: Mapping[str, float | None], opts: EvalOptions) -> dict[str, Any]:
+    """Paired CI of "model - best baseline" image AUROC; the best by validation AUROC when every baseline has one."""
+    base = {k: v for k, v in scores.items() if k != MODEL}
+    return auroc_margin(scores[MODEL], base, y, val_auroc, subjects=subjects, n_boot=opts.n_boot, seed=opts.seed)
+
+
+def evaluate_on_test(
+    model: Any,
+    test_loader: Iterable,
+    opts: EvalOptions,
+    selection: AnomalySelection,
+    device: torch.device | str = "cpu",
+    subtype_names: Sequence[str] | None = None,
+    field_names: Mapping[str, Sequence[str] | None] | None = None,
+) -> Outcome:
+    """One pass over the test split with the selected settings (model and each baseline): the report and the data
+    for its figures.
+
+    The model's reconstructions are also scored with its configured scoring, unchanged
+    (``report["fixed_scoring"]``, summary ``fixed_*``; :data:`FIXED_SCORING_NOTE`). Batches carrying an add-on
+    field (``meddiff.protocols.anomaly.addons``, e.g. ``subtypes`` ``[B, K]`` on RSNA CT) switch that add-on on;
+    ``field_names`` names each field's columns (``subtype_names``: the ``subtypes`` columns).
+    """
+    device = torch.device(device)
+    names = {"subtypes": subtype_names, **(field_names or {})}
+    chosen, threshold, base_threshold = selection.scoring, selection.threshold, selection.base_threshold
+    fixed = model.scoring_cfg
+    report: dict[str, Any] = {"protocol": "The evaluation protocol every anomaly-detection experiment shares."}
+    report["selection"] = selection.record
+    report["scoring"] = chosen.as_dict()
+    recon = selection.recon if selection.recon is not None else getattr(model, "recon_cfg", None)
+    if is_dataclass(recon) and hasattr(recon, "t_start"):
+        report["reconstruction"] = asdict(recon)
+
+    methods = {MODEL: (model_fn(model, selection.recon), [chosen, fixed])}  # one reconstruction, two scorings
+    methods.update({name: (b.reconstruct, [b.scoring]) for name, b in selection.baselines.items()})
+    test = run_pass(test_loader, methods, opts, device, "test: reconstruct + score",
+                    keep_examples=4 * opts.n_figure_rows, observe=True, fields=addon_fields())
+    y = test.y()
+    subjects = test.subject_ids()
+    scores = {MODEL: test.cat(MODEL), MEAN_INTENSITY: test.intensity_scores(),
+              **{name: test.cat(name) for name in selection.baselines}}
+    report["n_test"] = int(y.size)
+    if subjects is not None:
+        report["n_test_subjects"] = len(set(subjects))
+    report["image"] = {name: detection_ci(s, y, subjects=subjects, n_boot=opts.n_boot, seed=opts.seed)
+                       for name, s in scores.items()}
+    val_auroc = {MEAN_INTENSITY: selection.base_val_auroc,
+                 **{name: b.val_auroc for name, b in selection.baselines.items()}}
+    report["margin_over_best_baseline"] = _margin(scores, y, subjects, val_auroc, opts)
+    if subjects is not None and len(set(subjects)) < len(subjects):
+        subj_report = {}
+        for name, s in scores.items():
+            _, ss, yy = aggregate_by_subject(s, y, subjects)
+            if len(np.unique(yy)) == 2:
+                subj_report[name] = detection_ci(ss, yy, n_boot=opts.n_boot, seed=opts.seed)
+        if subj_report:
+            report["subject"] = subj_report
+    if 0 in test.pixel[MODEL]:
+        report["pixel"] = {MODEL: _pixel_entry(test.pixel[MODEL][0], threshold)}
+        for name, b in selection.baselines.items():
+            if 0 in test.pixel[name]:
+                report["pixel"][name] = _pixel_entry(test.pixel[name][0], b.threshold)
+        if test.pixel_intensity is not None:
+            report["pixel"][PIXEL_INTENSITY] = _pixel_entry(test.pixel_intensity, base_threshold)
+    report["fixed_scoring"] = _fixed_scoring(test, fixed, y, subjects, opts, [chosen, fixed])
+    if selection.baselines:
+        report["baselines_cost"] = {name: b.cost.as_dict() for name, b in selection.baselines.items()}
+    compute = test.compute or {}
+    report["runtime"] = {**cpu_report(precision_name(compute) if compute else None), "device": str(device),
+                         "compute": compute}
+    report["summary"] = summary(report)
+    figures: dict[str, Any] = {
+        "curves": {("model" if k == MODEL else f"baseline ({LABELS.get(k, k)})"): (s, y) for k, s in scores.items()},
+        "examples": {k: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for k, v in test.examples.items()},
+    }
+    for name, values in test.fields.items():  # add-ons switched on by the batch fields they need
+        addon = addon_for(name)
+        figures.update(addon.extend(report, scores, y, subjects, torch.cat(values).numpy(), test.ids,
+                                    names.get(name), opts))
+        figures.setdefault("addons", []).append(name)
+    return Outcome(report, figures)
+
+
+def _fixed_scoring(test: Any, fixed: Any, y: np.ndarray, subjects: list[str] | None, opts: EvalOptions,
+                   candidates: list[Any]) -> dict[str, Any]:
+    """The model's test reconstructions scored with its configured scoring (candidate 1 of the model's pass)."""
+    entry: dict[str, Any] = {"chosen_on": "config", "scoring": fixed.as_dict(), "note": FIXED_SCORING_NOTE,
+                             "image": detection_ci(test.cat(MODEL, 1), y, subjects=subjects, n_boot=opts.n_boot,
+                                                   seed=opts.seed)}
+    acc = matching_pixel_acc(test.pixel[MODEL], candidates, 1)  # the same map as the chosen one shares its histogram
+    if acc is not None:
+        pix = acc.compute()
+        entry["pixel"] = {"auroc": pix["auroc"], "auprc": pix["auprc"], "oracle_dice": pix["oracle_dice"],
+                          "oracle_threshold": pix["oracle_threshold"]}
+    return entry

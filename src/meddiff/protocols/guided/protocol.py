@@ -1,0 +1,57 @@
+"""The guided protocol on the skeleton: check -> select on validation -> test once -> report (``Protocol.run``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meddiff.errors import ConfigError
+from meddiff.protocols.base import Outcome, Protocol, ValidationView
+
+from .interfaces import GuidedModel, VolumeDataModule
+from .options import GuidedEvalOptions
+from .report import write_outputs
+from .select import GuidedSelection, healthy_baselines, select_on_validation
+from .test import evaluate_on_test
+
+__all__ = ["GuidedProtocol"]
+
+
+class GuidedProtocol(Protocol):
+    """Healthy counterfactuals by guidance, analysed per volume (see :mod:`meddiff.protocols.guided`)."""
+
+    name = "guided"
+    options = GuidedEvalOptions
+
+    def check(self, model: Any, datamodule: Any, opts: GuidedEvalOptions) -> None:
+        if not isinstance(datamodule, VolumeDataModule):
+            raise ConfigError(
+                f"the guided protocol reads whole volumes through datamodule.volumes(split) and "
+                f"datamodule.input_volumes(spec); {type(datamodule).__name__} has neither. Use data=adni_slices."
+            )
+        if not isinstance(model, GuidedModel):
+            raise ConfigError(
+                f"the guided protocol translates with model.healthy_counterfactual(x, translate_cfg) and scores with "
+                f"model.scoring_cfg; {type(model).__name__} lacks them. Use model=guided (GuidedDiffusion)."
+            )
+
+    def select(self, model: Any, data: ValidationView, opts: GuidedEvalOptions,
+               device: torch.device) -> GuidedSelection:
+        # eval overrides go into a copy of the model's translate settings (with_overrides returns a new config)
+        tcfg = model.translate_cfg.with_overrides(**opts.translate_overrides()).validate(
+            model.schedule.num_train_timesteps, model.num_classes
+        )
+        refs = healthy_baselines(data, opts, device)  # the CN reference from the training volumes
+        choice, val_skipped = select_on_validation(model, data, tcfg, opts, device, refs)
+        if refs.note:
+            choice["baselines_skipped"] = refs.note
+        return GuidedSelection(tcfg, refs, choice, val_skipped)
+
+    def test(self, model: Any, datamodule: Any, opts: GuidedEvalOptions, selection: GuidedSelection,
+             device: torch.device) -> Outcome:
+        return evaluate_on_test(model, datamodule, opts, selection, device)
+
+    def write(self, outcome: Outcome, out_dir: Path) -> None:
+        write_outputs(outcome, out_dir)
