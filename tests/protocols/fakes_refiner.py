@@ -114,6 +114,9 @@ class FakePools:
         self.test_loaders = 0
         self._datasets: dict[str, PoolDataset] = {}
 
+    def val_loader_pools(self) -> list[str]:
+        return [p for p in ("known_healthy_val", "mixed", "labelled_val") if self.has_pool(p)]
+
     def has_pool(self, name: str) -> bool:
         src = "mixed" if name == "mixed_labelled" else name
         return bool(self.pools.get(src))
@@ -134,7 +137,7 @@ class FakePools:
         return self.pool_loader("known_healthy")
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.pool_loader(p) for p in ("known_healthy_val", "mixed", "labelled_val") if self.has_pool(p)]
+        return [self.pool_loader(p) for p in self.val_loader_pools()]
 
     def test_dataloader(self) -> DataLoader:
         self.test_loaders += 1

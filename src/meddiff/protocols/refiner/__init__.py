@@ -1,8 +1,9 @@
 """The refiner-family protocol (``eval_protocol = "refiner"``): inductive, transductive and AUCp, honestly labelled.
 
-On the shared skeleton (:class:`meddiff.protocols.base.Protocol`), inside ``evaluating()``:
+On the shared skeleton (:class:`meddiff.protocols.base.Protocol`: ``check``, then inside ``evaluating()``
+``select`` and ``test``, then ``write``, then ``report.json`` / ``metrics.csv``):
 
-1. options (:mod:`.options`);
+1. options (:mod:`.options`); ``check``: the model and datamodule offer :mod:`.interfaces`;
 2. :func:`.select.select` through ``ValidationView``: baselines from the known-healthy *training* pool, the best
    baseline on labelled validation (``baseline_chosen_on``), Dice thresholds on labelled-validation masks, the
    checkpoint rule derived from the run's checkpoints;
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from meddiff.protocols.base import Outcome, Protocol, ValidationView, evaluating
+from meddiff.protocols.base import Outcome, Protocol, ValidationView
 from meddiff.protocols.refiner.interfaces import check_data, check_model
 from meddiff.protocols.refiner.options import RefinerEvalOptions
 from meddiff.protocols.refiner.report import write_outputs
@@ -40,10 +41,14 @@ class RefinerProtocol(Protocol):
     def __init__(self, checkpoint_dir: Path | None = None) -> None:
         self._default_ckpt_dir = checkpoint_dir  # <out_dir>/checkpoints unless eval.checkpoint_dir says otherwise
 
+    def check(self, model: Any, datamodule: Any, opts: RefinerEvalOptions) -> None:
+        check_data(datamodule)
+        check_model(model)
+
     def select(self, model: Any, data: ValidationView, opts: RefinerEvalOptions,
                device: torch.device) -> RefinerSelection:
         ckpt_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else self._default_ckpt_dir
-        return select(model, data, opts, device, ckpt_dir if ckpt_dir is not None else Path("checkpoints"))
+        return select(model, data, opts, device, ckpt_dir)
 
     def test(self, model: Any, datamodule: Any, opts: RefinerEvalOptions, selection: RefinerSelection,
              device: torch.device) -> Outcome:
@@ -55,18 +60,15 @@ class RefinerProtocol(Protocol):
         write_outputs(outcome.report, outcome.figures, out_dir, roc=outcome.figures.get("roc", False))
 
     def run(self, model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
-            device: str | torch.device | None = "cpu") -> dict[str, Any]:
-        """The skeleton's run inside ``evaluating()``: the model's train/eval flags and device come back as found."""
-        check_data(datamodule)
-        check_model(model)
-        dev = torch.device(device if device is not None else "cpu")
+            device: str | torch.device | None = None) -> dict[str, Any]:
+        """The skeleton's run; only remembers ``<out_dir>/checkpoints`` as where the run's checkpoints are (the
+        selection rule of the evaluated weights is read from them) unless ``eval.checkpoint_dir`` is set."""
         if self._default_ckpt_dir is None:
             self._default_ckpt_dir = Path(out_dir) / "checkpoints"
-        with evaluating(model, dev):
-            return super().run(model, datamodule, eval_cfg, out_dir, dev)
+        return super().run(model, datamodule, eval_cfg, out_dir, device)
 
 
 def run(model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
-        device: str | torch.device | None = "cpu") -> dict[str, Any]:
+        device: str | torch.device | None = None) -> dict[str, Any]:
     """The registry's entry: evaluate a coarse or refiner model and write its report into ``out_dir``."""
     return RefinerProtocol().run(model, datamodule, eval_cfg, out_dir, device)

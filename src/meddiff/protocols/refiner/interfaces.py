@@ -51,7 +51,10 @@ class StepSweepable(Protocol):
 
 class PoolData(Protocol):
     """A datamodule with named pools (``known_healthy``, ``known_healthy_val``, ``mixed``, ``mixed_labelled``,
-    ``labelled_val``) and a test split. ``pool_dataset("mixed_labelled").records`` carry ``id`` and ``label``."""
+    ``labelled_val``) and a test split. ``val_loader_pools()`` names the validation split's pools;
+    ``pool_dataset("mixed_labelled").records`` carry ``id`` and ``label``."""
+
+    def val_loader_pools(self) -> list[str]: ...
 
     def has_pool(self, name: str) -> bool: ...
 
@@ -74,7 +77,7 @@ def implements(obj: Any, interface: type) -> bool:
 
 def check_data(datamodule: Any) -> None:
     """``ConfigError`` unless the datamodule offers the pools the protocol reads."""
-    missing = [n for n in ("has_pool", "pool_dataset", "pool_loader", "test_dataloader")
+    missing = [n for n in ("val_loader_pools", "has_pool", "pool_dataset", "pool_loader", "test_dataloader")
                if not callable(getattr(datamodule, n, None))]
     if missing:
         raise ConfigError(f"the refiner protocol needs a datamodule with pools (data=image_folder: "

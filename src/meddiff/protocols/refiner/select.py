@@ -32,7 +32,7 @@ from meddiff.errors import ConfigError, DataError
 from meddiff.metrics.aucp import aucp
 from meddiff.metrics.detection import detection_ci
 from meddiff.metrics.pixel import PixelAccumulator, choose_threshold
-from meddiff.protocols.base import ValidationView
+from meddiff.protocols.base import ValidationView, chosen_on
 from meddiff.protocols.common import HEALTHY_BASELINES, build_healthy_baselines, load_healthy_reference
 from meddiff.protocols.refiner.options import RefinerEvalOptions
 from meddiff.protocols.refiner.scoring import Baselines, baseline_scorer, model_scorer, score_pool
@@ -60,10 +60,13 @@ class RefinerSelection:
 
 
 class _PoolsRead:
-    """The validation view, recording which pools the choices read (``chosen_on`` is derived from it)."""
+    """The validation view, recording which pools the choices read. Which pools belong to the validation split the
+    datamodule says (``val_loader_pools()``, read through the view, so ``splits_read`` records ``"val"`` and
+    ``chosen_on`` is derived from it)."""
 
     def __init__(self, view: ValidationView) -> None:
         self.view, self.read = view, []
+        self.val_pools = set(view.val_loader_pools())
 
     def loader(self, name: str) -> Any:
         self.read.append(name)
@@ -75,6 +78,10 @@ class _PoolsRead:
 
     def has(self, name: str) -> bool:
         return bool(self.view.has_pool(name))
+
+    def has_val(self, name: str) -> bool:
+        """Whether ``name`` is one of the validation split's pools and has images."""
+        return name in self.val_pools and self.has(name)
 
 
 def build_baselines(pools: _PoolsRead, opts: RefinerEvalOptions, device: torch.device) -> Baselines | None:
@@ -99,7 +106,7 @@ def _validation_values(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, 
     cfg = model.scoring_cfg
     names = baselines.names
     pixel: dict[str, PixelAccumulator] = {}
-    if pools.has("labelled_val"):
+    if pools.has_val("labelled_val"):
         masks = opts.pixel and "mask" in pools.dataset("labelled_val")[0]
         scorers = {"baselines": baseline_scorer(baselines, cfg, pixel if masks else None)}
         if masks:  # the model's maps too: their Dice thresholds are chosen here (no masks: no model pass)
@@ -111,7 +118,7 @@ def _validation_values(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, 
             return {"criterion": "image AUROC on labelled validation", "values": value, "pools": ["labelled_val"],
                     "n": int(val.n)}, pixel
         log.warning("the labelled validation pool has one class only; the best baseline is chosen by AUCp.")
-    if pools.has("known_healthy_val") and pools.has("mixed"):
+    if pools.has_val("known_healthy_val") and pools.has_val("mixed"):
         scorers = {"baselines": baseline_scorer(baselines, cfg)}
         healthy = score_pool(pools.loader("known_healthy_val"), scorers, device, opts.max_images, "", False)
         mixed = score_pool(pools.loader("mixed"), scorers, device, opts.max_images, "", False)
@@ -166,7 +173,7 @@ def select(model: Any, data: ValidationView, opts: RefinerEvalOptions, device: t
         record["baselines"] = {"built_from": baselines.built_from, "n_images": baselines.n_images,
                                "n_pool": baselines.n_pool, "names": baselines.names,
                                "cost": {k: b.cost.as_dict() for k, b in baselines.healthy.items()}}
-        record["best_baseline"] = {**choice, "chosen_on": "validation" if values else "test"}
+        record["best_baseline"] = {**choice, "chosen_on": chosen_on(data.splits_read, values is not None, "test")}
         for name, acc in pixel.items():
             try:
                 thresholds[name] = choose_threshold(acc)
@@ -174,9 +181,9 @@ def select(model: Any, data: ValidationView, opts: RefinerEvalOptions, device: t
                 log.warning("no validation pixel threshold for %s: %s", name, exc)
         if thresholds:
             record["pixel_threshold"] = {"values": thresholds, "criterion": "best pooled Dice",
-                                         "chosen_on": "validation", "pools": ["labelled_val"]}
-    choice_pools = sorted({p for p in pools.read if p != BASELINE_POOL})
-    record["chosen_on"] = "validation" if choice_pools else "none (nothing chosen on data)"
+                                         "chosen_on": chosen_on(data.splits_read), "pools": ["labelled_val"]}
+    compared = any(p in pools.val_pools for p in pools.read)
+    record["chosen_on"] = chosen_on(data.splits_read, compared, otherwise="none (nothing chosen on data)")
     record["pools_read"] = list(dict.fromkeys(pools.read))
     record["splits_read"] = data.splits_read
     return RefinerSelection(baselines, values, thresholds, rules, matched, record)
