@@ -156,14 +156,14 @@ def steps_rows(test: Scored, skipped: Mapping[int, str], seconds: Mapping[str, f
     def auroc(s: np.ndarray) -> float:
         return detection_ci(s, y, n_boot=0)["auroc"]
 
-    rows: list[dict[str, Any]] = [{"estimate": "coarse", "steps": 0, "auroc": auroc(coarse),
+    rows: list[dict[str, Any]] = [{"estimate": "coarse", "steps": 0, "auroc": auroc(coarse), "n": int(n),
                                    "sec_per_image": seconds["coarse"] / n}]
     for s in all_steps:
         s = int(s)
         if s in skipped:
             rows.append({"estimate": "refined", "steps": s, "skipped": skipped[s]})
             continue
-        rows.append({"estimate": "refined", "steps": s, "auroc": auroc(test.get(f"{STEPS}{s}")),
+        rows.append({"estimate": "refined", "steps": s, "auroc": auroc(test.get(f"{STEPS}{s}")), "n": int(n),
                      "sec_per_image": (seconds[f"refined@{s}"] + seconds["coarse"]) / n})
     return rows
 
