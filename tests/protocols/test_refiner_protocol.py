@@ -336,9 +336,12 @@ def test_headline_uses_the_configured_num_steps(tmp_path):
     assert rep["summary"]["inductive_auroc"] == pytest.approx(headline)
     sweep = {r["steps"]: r["auroc"] for r in rep["steps"] if r["estimate"] == "refined"}
     assert max(sweep.values()) > headline  # the scenario: a sweep entry beats the configured steps
-    capped = protocol.run(model, fakes.make(tmp_path)[1], {**cfg, "steps": [1], "steps_max_images": 5},
+    capped = protocol.run(model, fakes.make(tmp_path)[1], {**cfg, "steps": [1], "steps_max_images": 10},
                           tmp_path / "c", "cpu")
-    assert [r["n"] for r in capped["steps"]] == [5, 5] and capped["summary"] == rep["summary"]
+    assert [r["n"] for r in capped["steps"]] == [10, 10] and capped["summary"] == rep["summary"]
+    one_class = protocol.run(model, fakes.make(tmp_path)[1], {**cfg, "steps": [1], "steps_max_images": 5},
+                             tmp_path / "d", "cpu")  # the first 5 test images are anomalous: no sweep AUROC
+    assert [r["auroc"] for r in one_class["steps"]] == [None, None] and one_class["summary"] == rep["summary"]
     _, data2, _ = fakes.make(tmp_path)
     without = protocol.run(model, data2, {**cfg, "steps": []}, tmp_path / "b", "cpu")
     assert without["summary"] == rep["summary"]

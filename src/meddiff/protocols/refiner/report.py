@@ -112,6 +112,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         for row in report["steps"]:
             if "skipped" in row:
                 lines.append(f"| {row['estimate']} | {row['steps']} | skipped | - |")
+            elif row["auroc"] is None:
+                lines.append(f"| {row['estimate']} | {row['steps']} | - (one class in {row['n']} images) | - |")
             else:
                 lines.append(f"| {row['estimate']} | {row['steps']} | {row['auroc']:.3f} | {row['sec_per_image']:.4f} |")
     if "checkpoints" in report:

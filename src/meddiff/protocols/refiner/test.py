@@ -153,8 +153,8 @@ def steps_rows(test: Scored, skipped: Mapping[int, str], seconds: Mapping[str, f
     n = coarse.size
     y = test.y[:n]
 
-    def auroc(s: np.ndarray) -> float:
-        return detection_ci(s, y, n_boot=0)["auroc"]
+    def auroc(s: np.ndarray) -> float | None:  # None: the first images hold one class only
+        return detection_ci(s, y, n_boot=0)["auroc"] if 0 < int(y.sum()) < y.size else None
 
     rows: list[dict[str, Any]] = [{"estimate": "coarse", "steps": 0, "auroc": auroc(coarse), "n": int(n),
                                    "sec_per_image": seconds["coarse"] / n}]
