@@ -109,3 +109,38 @@ def test_generic_accessors_cannot_reach_the_test_split_and_reads_are_recorded():
     assert set(view.datasets) == {"train", "val", "test"}  # the names may be listed, the test data not read
     view.splits_read.append("test")  # a copy: the record cannot be edited from outside
     assert view.splits_read == ["val", "train"]
+
+
+def test_run_records_the_splits_read_and_refuses_a_choice_that_claims_validation_without_reading_it(tmp_path):
+    from meddiff.protocols.base import ProtocolError
+
+    report = _MeanProtocol().run(None, _SplitData(), {}, tmp_path / "ok", "cpu")
+    assert report["splits_read"] == {"select": ["val"], "test": ["test"]}
+
+    class Claims(_MeanProtocol):
+        def select(self, model, data, opts, device):  # reads nothing, yet the report says "validation"
+            return {"offset": 0}
+
+    with pytest.raises(ProtocolError, match="chosen_on='validation', but selection read \\[\\]"):
+        Claims().run(None, _Data(), {}, tmp_path / "claims", "cpu")
+
+    class NoChoice(_MeanProtocol):
+        def test(self, model, datamodule, opts, selection, device):
+            return Outcome({"summary": {"mean": 1.0}})
+
+    with pytest.raises(ProtocolError, match="no 'chosen_on'"):
+        NoChoice().run(None, _Data(), {}, tmp_path / "none", "cpu")
+
+
+def test_run_leaves_the_model_as_it_found_it(tmp_path):
+    import torch
+
+    class Peek(_MeanProtocol):
+        def select(self, model, data, opts, device):
+            assert not model.training  # evaluated in eval mode ...
+            return super().select(model, data, opts, device)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).train()
+    report = Peek().run(model, _Data(), {}, tmp_path, "cpu")
+    assert all(m.training for m in model.modules())  # ... and its flags restored after
+    assert type(report["summary"]["mean"]) is float

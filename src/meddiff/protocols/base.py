@@ -45,7 +45,7 @@ from meddiff.utils.io import atomic_write_json, atomic_write_text
 from meddiff.utils.options import options_from
 
 __all__ = ["Outcome", "Protocol", "ProtocolError", "SplitRecorder", "TestSplitTouched", "ValidationView",
-           "check_choices", "chosen_on", "evaluating", "record_checkpoint", "write_report"]
+           "check_choices", "chosen_on", "evaluating", "missing_members", "record_checkpoint", "write_report"]
 
 
 class TestSplitTouched(RuntimeError):
@@ -244,6 +244,15 @@ class Protocol(ABC):
         self.write(outcome, out_dir)
         write_report(outcome.report, out_dir)
         return outcome.report
+
+
+def missing_members(obj: Any, interface: type) -> list[str]:
+    """The members of ``interface`` (a ``typing.Protocol`` of a protocol's interfaces file) that ``obj`` lacks;
+    ``[]`` when it provides them all. Protocols check what they read this way, never by a model or data class."""
+    names = sorted(getattr(interface, "__protocol_attrs__", None) or
+                   {n for c in interface.__mro__[:-1] for n in (*vars(c), *getattr(c, "__annotations__", {}))
+                    if not n.startswith("_")})
+    return [n for n in names if not hasattr(obj, n)]
 
 
 def chosen_on(splits_read: Sequence[str], compared: bool = True, otherwise: str = "config") -> str:

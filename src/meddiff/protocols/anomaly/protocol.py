@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from meddiff.errors import ConfigError
-from meddiff.protocols.base import Outcome, Protocol, ValidationView, evaluating
+from meddiff.protocols.base import Outcome, Protocol, ValidationView, evaluating, missing_members
 
 from .interfaces import AnomalyData, AnomalyModel
 from .options import EvalOptions
@@ -33,12 +33,14 @@ class AnomalyProtocol(Protocol):
     options = EvalOptions
 
     def check(self, model: Any, datamodule: Any, opts: EvalOptions) -> None:
-        if not isinstance(model, AnomalyModel):
+        lacking = missing_members(model, AnomalyModel)
+        if lacking:
             raise ConfigError(f"the anomaly protocol scores model.reconstruct(batch) with model.scoring_cfg; "
-                              f"{type(model).__name__} lacks them. Give the model class another eval_protocol.")
-        if not isinstance(datamodule, AnomalyData):
+                              f"{type(model).__name__} lacks {lacking}. Give the model class another eval_protocol.")
+        lacking = missing_members(datamodule, AnomalyData)
+        if lacking:
             raise ConfigError(f"the anomaly protocol reads val_dataloader() and test_dataloader(); "
-                              f"{type(datamodule).__name__} lacks them.")
+                              f"{type(datamodule).__name__} lacks {lacking}.")
 
     def select(self, model: Any, data: ValidationView, opts: EvalOptions, device: torch.device) -> AnomalySelection:
         healthy, why_not = healthy_training_set(data, opts)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from meddiff.errors import ConfigError
-from meddiff.protocols.base import Outcome, Protocol, ValidationView
+from meddiff.protocols.base import Outcome, Protocol, ValidationView, missing_members
 
 from .interfaces import GuidedModel, VolumeDataModule
 from .options import GuidedEvalOptions
@@ -26,15 +26,16 @@ class GuidedProtocol(Protocol):
     options = GuidedEvalOptions
 
     def check(self, model: Any, datamodule: Any, opts: GuidedEvalOptions) -> None:
-        if not isinstance(datamodule, VolumeDataModule):
+        if missing_members(datamodule, VolumeDataModule):
             raise ConfigError(
                 f"the guided protocol reads whole volumes through datamodule.volumes(split) and "
                 f"datamodule.input_volumes(spec); {type(datamodule).__name__} has neither. Use data=adni_slices."
             )
-        if not isinstance(model, GuidedModel):
+        lacking = missing_members(model, GuidedModel)
+        if lacking:
             raise ConfigError(
                 f"the guided protocol translates with model.healthy_counterfactual(x, translate_cfg) and scores with "
-                f"model.scoring_cfg; {type(model).__name__} lacks them. Use model=guided (GuidedDiffusion)."
+                f"model.scoring_cfg; {type(model).__name__} lacks {lacking}. Use model=guided (GuidedDiffusion)."
             )
 
     def select(self, model: Any, data: ValidationView, opts: GuidedEvalOptions,
