@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from meddiff.errors import ConfigError
+from meddiff.protocols.base import missing_members
 
 
 class HealthyEstimates(Protocol):
@@ -70,15 +71,14 @@ REFINEMENT_FIELDS = ("sampler", "num_steps", "t_start", "eta", "timestep_spacing
 
 
 def implements(obj: Any, interface: type) -> bool:
-    """Whether ``obj`` has every method and attribute ``interface`` declares (structural, not by class)."""
-    names = {n for n in vars(interface) if not n.startswith("_")} | set(getattr(interface, "__annotations__", {}))
-    return all(hasattr(obj, n) for n in names)
+    """Whether ``obj`` has every member ``interface`` declares (``base.missing_members``: structural, not by
+    class)."""
+    return not missing_members(obj, interface)
 
 
 def check_data(datamodule: Any) -> None:
     """``ConfigError`` unless the datamodule offers the pools the protocol reads."""
-    missing = [n for n in ("val_loader_pools", "has_pool", "pool_dataset", "pool_loader", "test_dataloader")
-               if not callable(getattr(datamodule, n, None))]
+    missing = missing_members(datamodule, PoolData)
     if missing:
         raise ConfigError(f"the refiner protocol needs a datamodule with pools (data=image_folder: "
                           f"ImageFolderAnomalyDataModule); {type(datamodule).__name__} lacks {missing}.")
@@ -87,8 +87,9 @@ def check_data(datamodule: Any) -> None:
 def check_model(model: Any) -> None:
     """``ConfigError`` unless the model has ``estimates`` or ``reconstruct`` and a ``scoring_cfg``."""
     if not (implements(model, HealthyEstimates) or implements(model, Reconstructs)):
-        raise ConfigError(f"the refiner protocol scores a model's healthy estimates: {type(model).__name__} needs "
-                          "estimates(batch) -> {name: tensor} (or reconstruct(batch)) and a scoring_cfg.")
+        raise ConfigError(f"the refiner protocol scores a model's healthy estimates: {type(model).__name__} lacks "
+                          f"{missing_members(model, HealthyEstimates)} (estimates(batch) -> {{name: tensor}}, or "
+                          "reconstruct(batch), and a scoring_cfg).")
 
 
 def estimates_of(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
