@@ -53,11 +53,12 @@ class RefinerProtocol(Protocol):
     def test(self, model: Any, datamodule: Any, opts: RefinerEvalOptions, selection: RefinerSelection,
              device: torch.device) -> Outcome:
         outcome = evaluate_test(model, datamodule, opts, selection, device)
-        outcome.figures["roc"] = bool(opts.figures)
+        if not opts.figures:  # no plot data: write() draws no roc.png
+            outcome.figures.pop("curves", None)
         return outcome
 
     def write(self, outcome: Outcome, out_dir: Path) -> None:
-        write_outputs(outcome.report, outcome.figures, out_dir, roc=outcome.figures.get("roc", False))
+        write_outputs(outcome.report, outcome.figures, out_dir)
 
     def run(self, model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
             device: str | torch.device | None = None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from meddiff.protocols.common import margin_summary, summary_floats
+from meddiff.protocols.common import margin_summary, print_summary, summary_floats
 from meddiff.utils.io import atomic_write_text
 
 
@@ -128,10 +128,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(report: Mapping[str, Any], figures: Mapping[str, Any], out_dir: Path, roc: bool) -> None:
-    """``refiner_report.md`` and (``roc``) ``roc.png`` of the inductive test set."""
-    if roc:
+def write_outputs(report: Mapping[str, Any], figures: Mapping[str, Any], out_dir: Path) -> None:
+    """``refiner_report.md``, ``roc.png`` of the inductive test set (when ``figures`` holds its curves) and the
+    summary table on the console (``common.print_summary``) with the margin's verdict."""
+    if "curves" in figures:
         from meddiff.viz.figures import save_roc_pr
 
         save_roc_pr(out_dir / "roc.png", dict(figures["curves"]), title="Inductive test set")
     atomic_write_text(out_dir / "refiner_report.md", render_markdown(report))
+    margin = report["inductive"].get("model_minus_best_baseline")
+    print_summary(report["summary"], f"Refiner protocol: {report['model']} ({report['primary_estimate']}); 95% CIs "
+                                     f"resample {report['inductive']['resampled']}",
+                  footer=[margin["verdict"]] if margin else [])
