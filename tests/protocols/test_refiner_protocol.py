@@ -388,3 +388,19 @@ def test_test_split_read_once_model_unchanged_choices_carry_chosen_on(tmp_path):
     assert sel["chosen_on"] == "validation" and "test" not in sel["pools_read"]
     assert sel["best_baseline"]["chosen_on"] == sel["pixel_threshold"]["chosen_on"] == "validation"
     assert (tmp_path / "out/report.json").is_file() and (tmp_path / "out/metrics.csv").is_file()
+
+
+def test_reads_models_and_data_through_interfaces_only():
+    """No model or DataModule class is imported or checked by the protocol: models are read through
+    ``estimates`` / ``reconstruct`` (``refiner/interfaces.py``), data through the pools interface."""
+    import ast
+
+    package = Path(protocol.__file__).parent
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith(("meddiff.models", "meddiff.data")) for n in names), (path.name, names)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+                assert "model" not in ast.unparse(node.args[0]), (path.name, ast.unparse(node))
