@@ -192,6 +192,23 @@ def _compact(parts: Mapping[str, Any], name: str, prefix: str = "") -> dict[str,
             "aucp_inductive": parts["aucp"][prefix + name]["inductive"]["aucp"]}
 
 
+def _checkpoint_entries(parts: Mapping[str, Any], sel: RefinerSelection, errors: Mapping[str, str],
+                        primary: str) -> dict[str, Any]:
+    """Each kept checkpoint's numbers (its primary estimate), the evaluated model's own under its matching rules."""
+    out: dict[str, Any] = {}
+    for rule, path in sel.rules.items():
+        entry: dict[str, Any] = {"path": str(path), "needs_labels": rule in RULES_NEEDING_LABELS,
+                                 "is_evaluated_model": rule in sel.matched}
+        if rule in sel.matched:
+            entry.update(_compact(parts, primary))
+        elif rule in errors:
+            entry["error"] = errors[rule]
+        else:
+            entry.update(_compact(parts, primary, f"{CKPT}{rule}/"))
+        out[rule] = entry
+    return out
+
+
 def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: RefinerSelection,
                   device: torch.device) -> Outcome:
     """AUCp, inductive and transductive numbers, the steps sweep and the other checkpoints: one pass per pool,
@@ -253,19 +270,8 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
                                f"{model.num_steps}")
     if opts.pixel and pixel:
         parts["pixel"] = _pixel(pixel, sel.pixel_thresholds)
-    primary = estimates[-1]
     if opts.compare_checkpoints and sel.rules:
-        parts["checkpoints"] = {}
-        for rule, path in sel.rules.items():
-            entry: dict[str, Any] = {"path": str(path), "needs_labels": rule in RULES_NEEDING_LABELS,
-                                     "is_evaluated_model": rule in sel.matched}
-            if rule in sel.matched:
-                entry.update(_compact(parts, primary))
-            elif rule in ckpt_errors:
-                entry["error"] = ckpt_errors[rule]
-            else:
-                entry.update(_compact(parts, primary, f"{CKPT}{rule}/"))
-            parts["checkpoints"][rule] = entry
+        parts["checkpoints"] = _checkpoint_entries(parts, sel, ckpt_errors, estimates[-1])
     for part in ("inductive", "transductive"):  # the copies' rows live under "checkpoints", not beside the model
         parts[part]["image"] = {k: v for k, v in parts[part]["image"].items() if not k.startswith(CKPT)}
     parts["aucp"] = {k: v for k, v in parts["aucp"].items() if not k.startswith(CKPT)}
