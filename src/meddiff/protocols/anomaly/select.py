@@ -182,8 +182,8 @@ def select_on_validation(
             base_record["val_auroc"] = base_val_auroc
         if base_threshold is not None:
             base_record["pixel_threshold"] = base_threshold
-        if base_record:
-            record[MEAN_INTENSITY] = base_record
+        if base_record:  # its validation AUROC and pixel threshold come from the validation pass
+            record[MEAN_INTENSITY] = {"chosen_on": "validation", **base_record}
         for name, b in baselines.items():
             if compared:
                 aurocs = [_auroc(first.cat(name, j), y_first) for j in range(len(candidates))]

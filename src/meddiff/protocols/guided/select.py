@@ -175,6 +175,8 @@ def select_on_validation(
     # what selection actually asked the DataModule for, and whether validation volumes were compared at all
     choice["chosen_on"] = chosen_on(data.splits_read, choice["chosen_on"] == "validation", "defaults")
     choice["splits_read"] = data.splits_read
+    for rec in choice["baselines"].values():  # each healthy-set baseline's reduction: chosen with the model's
+        rec["chosen_on"] = choice["chosen_on"]
     return choice, [{**s, "split": "val"} for s in val_bad]
 
 
