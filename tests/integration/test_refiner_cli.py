@@ -72,7 +72,15 @@ def test_demo_refiner_two_stages_and_self_contained_eval(run, tmp_path):
     assert rep["checkpoints"]["labelled_validation"]["needs_labels"] is True
     assert [r["steps"] for r in rep["steps"]] == [0, 1, 2]
     assert {"inductive_auroc", "transductive_auroc", "aucp_transductive", "refined_minus_coarse"} <= set(rep["summary"])
-    for name in ("refiner_report.md", "roc.png", "checkpoints/last.ckpt"):
+    # the honest protocol: subject-clustered CIs, the best baseline chosen on the labelled validation split, the
+    # baselines' references from the known-healthy training images, the headline with the configured steps
+    assert rep["resampled"] == {"inductive": "subjects", "transductive": "subjects"}
+    best = rep["selection"]["best_baseline"]
+    assert best["pools"] == ["labelled_val"] and best["chosen_on"] == "validation"
+    assert rep["inductive"]["model_minus_best_baseline"]["baseline_chosen_on"] == "validation"
+    assert rep["selection"]["baselines"]["built_from"] == "known_healthy"
+    assert rep["headline_num_steps"] == 2 and "test" not in rep["selection"]["pools_read"]
+    for name in ("refiner_report.md", "roc.png", "checkpoints/last.ckpt", "report.json", "metrics.csv"):
         assert (tmp_path / "refiner" / name).is_file(), name
     metrics = (tmp_path / "refiner/csv/metrics.csv").read_text()
     assert "val/aucp" in metrics and "val/auroc" in metrics and "val/loss" in metrics

@@ -250,6 +250,11 @@ class CoarseGenerator(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.anomaly_val.log_epoch(self.log)
 
+    # ------------------------------------------------------------------ estimates (the protocols' interface)
+    def estimates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The one healthy estimate, named: ``{"coarse": tanh(x + G(x))}``, ``[B, C, H, W]`` in ``(-1, 1)``."""
+        return {"coarse": self.reconstruct(batch)}
+
 
 def _check_finite(loss: torch.Tensor, which: str, it: int) -> None:
     if not torch.isfinite(loss):

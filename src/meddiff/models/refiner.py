@@ -290,5 +290,13 @@ class RefinerDiffusion(DiffusionModule):
             stored["model"]["coarse_net"] = dict(self.coarse_arch)
             checkpoint[CKPT_CONFIG_KEY] = stored
 
+    # ------------------------------------------------------------------ estimates (the protocols' interface)
+    @torch.no_grad()
+    def estimates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Both healthy estimates of ``batch['image']`` from one coarse pass: ``{"coarse": ..., "refined": ...}``,
+        each ``[B, C, H, W]`` in ``[-1, 1]``; ``refined`` with the configured ``num_steps`` (noise seeded per id)."""
+        c = self.coarse(batch)
+        return {"coarse": c, "refined": self.refine(batch["image"], c, ids=batch.get("id"))}
+
 
 __all__ = ["RefinerDiffusion"]
