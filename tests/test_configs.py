@@ -211,37 +211,12 @@ def test_datamodules_share_option_names() -> None:
 
 # ------------------------------------------------------------------------------- model <-> eval (issue 15 item 7)
 def protocol_options_class(name: str) -> type:
-    """The options dataclass of registered protocol ``name``, found through the registry (robust to the protocols
-    moving): an ``options_class`` / ``OPTIONS`` / ``Options`` attribute of the run function's owner or module (or its
-    package's ``options`` module), else the one ``*Options`` dataclass there that no other one nests."""
-    import dataclasses
-    import importlib
-    import typing
+    """The options dataclass of registered protocol ``name`` (every built-in protocol is a ``Protocol`` class)."""
+    from meddiff.protocols import protocol_class
 
-    from meddiff.protocols import get_protocol
-
-    run = get_protocol(name)
-    owners = [getattr(run, "__self__", None), run]
-    modules = [importlib.import_module(run.__module__)]
-    package = modules[0].__name__.rsplit(".", 1)[0] if not hasattr(modules[0], "__path__") else modules[0].__name__
-    for extra in (package, f"{package}.options", f"{modules[0].__name__}.options"):
-        try:
-            mod = importlib.import_module(extra)
-        except ImportError:
-            continue
-        if mod.__name__.startswith(f"meddiff.protocols.{name}") or mod is modules[0]:
-            modules.append(mod)
-    for owner in owners + modules:
-        for attr in ("options_class", "OPTIONS", "Options"):
-            cls = getattr(owner, attr, None)
-            if isinstance(cls, type) and dataclasses.is_dataclass(cls):
-                return cls
-    found = {v for m in modules for k, v in vars(m).items() if k.endswith("Options") and isinstance(v, type)
-             and dataclasses.is_dataclass(v) and v.__module__.startswith(f"meddiff.protocols.{name}")}
-    nested = {t for cls in found for t in typing.get_type_hints(cls).values() if t in found}
-    top = found - nested
-    assert len(top) == 1, f"protocol {name!r}: cannot tell its options class among {sorted(c.__name__ for c in top)}"
-    return top.pop()
+    cls = protocol_class(name)
+    assert cls is not None, f"protocol {name!r} is registered as a bare function: it has no options class"
+    return cls.options
 
 
 def _model_protocol(cfg: DictConfig) -> str:

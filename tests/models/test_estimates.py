@@ -47,7 +47,7 @@ def test_refiner_estimates_are_coarse_and_refined_with_the_configured_steps(tmp_
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref = RefinerDiffusion(net, NoiseSchedule(100, "cosine", prediction_type="sample"), coarse_ckpt=str(path),
-                           residual_scale=0.5, num_steps=3, ema_decay=0.0).eval()
+                           residual_scale=0.5, sampling={"steps": 3}, ema_decay=0.0).eval()
     batch = _batch()
     est = ref.estimates(batch)
     assert list(est) == ["coarse", "refined"]

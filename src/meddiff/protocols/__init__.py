@@ -12,9 +12,9 @@ Registered protocols (imported only when used):
 
 ==========  ==================================================  ===============================================
 ``anomaly``  ``meddiff.protocols.anomaly:AnomalyProtocol``      reconstruction-based anomaly detection
-``denoise``  ``meddiff.protocols.denoise``                      conditional denoising vs noisy input, NLM, U-Net
+``denoise``  ``meddiff.protocols.denoise:DenoiseProtocol``      conditional denoising vs noisy input, NLM, U-Net
 ``guided``   ``meddiff.protocols.guided:GuidedProtocol``        healthy counterfactuals by guidance (ADNI)
-``refiner``  ``meddiff.protocols.refiner``                      coarse GAN + diffusion refiner, AUCp
+``refiner``  ``meddiff.protocols.refiner:RefinerProtocol``      coarse GAN + diffusion refiner, AUCp
 ==========  ==================================================  ===============================================
 
 Adding one: subclass ``Protocol`` (options, ``select``, ``test``, optional ``check`` / ``write``), give the model
@@ -45,12 +45,12 @@ RunFn = Callable[[Any, Any, "dict[str, Any]", Path, Any], "dict[str, Any]"]
 #: ``Protocol`` subclass, or a ``run`` function
 PROTOCOLS: dict[str, str | RunFn | type] = {
     "anomaly": "meddiff.protocols.anomaly:AnomalyProtocol",
-    "denoise": "meddiff.protocols.denoise",
+    "denoise": "meddiff.protocols.denoise:DenoiseProtocol",
     "guided": "meddiff.protocols.guided:GuidedProtocol",
-    "refiner": "meddiff.protocols.refiner",
+    "refiner": "meddiff.protocols.refiner:RefinerProtocol",
 }
 
-__all__ = ["PROTOCOLS", "RunFn", "get_protocol", "register_protocol"]
+__all__ = ["PROTOCOLS", "RunFn", "get_protocol", "protocol_class", "register_protocol"]
 
 
 @overload
@@ -81,27 +81,44 @@ def register_protocol(name: str, target: str | RunFn | type | None = None) -> An
     return target
 
 
-def get_protocol(name: str | None) -> RunFn:
-    """The ``run`` of protocol ``name``: its ``Protocol`` class's ``run`` (its module is imported now).
+def _unknown(name: str | None) -> ConfigError:
+    return ConfigError(
+        f"eval_protocol={name!r} is not a registered evaluation protocol; known: {sorted(PROTOCOLS)}. "
+        "Set the model class's eval_protocol to one of them or register yours with "
+        "meddiff.protocols.register_protocol(name, 'package.module:ProtocolClass')."
+    )
+
+
+def protocol_class(name: str | None) -> type | None:
+    """The ``Protocol`` subclass registered as ``name`` (its module is imported now), or None for a protocol
+    registered as a bare ``run`` function / module (which then has no options class to read).
 
     Raises:
-        ConfigError: ``name`` is not registered (the message lists the registered names), or its module has no
-            such class / no ``run``.
+        ConfigError: ``name`` is not registered, or its ``"module:Class"`` names no class.
     """
     if name not in PROTOCOLS:
-        raise ConfigError(
-            f"eval_protocol={name!r} is not a registered evaluation protocol; known: {sorted(PROTOCOLS)}. "
-            "Set the model class's eval_protocol to one of them or register yours with "
-            "meddiff.protocols.register_protocol(name, 'package.module')."
-        )
+        raise _unknown(name)
     target = PROTOCOLS[name]
     if isinstance(target, str) and ":" in target:
         module, _, cls_name = target.partition(":")
         target = getattr(importlib.import_module(module), cls_name, None)
         if not isinstance(target, type):
             raise ConfigError(f"protocol {name!r}: {module} defines no class {cls_name}.")
-    if isinstance(target, type):
-        return target().run  # the skeleton's run (meddiff.protocols.base.Protocol.run)
+    return target if isinstance(target, type) else None
+
+
+def get_protocol(name: str | None) -> RunFn:
+    """The ``run`` of protocol ``name``: its ``Protocol`` class's ``run`` (the skeleton's), or the registered
+    function / the ``run`` of the registered module.
+
+    Raises:
+        ConfigError: ``name`` is not registered (the message lists the registered names), or its module has no
+            such class / no ``run``.
+    """
+    cls = protocol_class(name)
+    if cls is not None:
+        return cls().run
+    target = PROTOCOLS[name]
     if not isinstance(target, str):
         return target
     run = getattr(importlib.import_module(target), "run", None)
