@@ -39,10 +39,12 @@ def test_only_scoring_models_carry_the_anomaly_validation_component():
     assert not hasattr(cond, "anomaly_val") and cond.eval_protocol == "denoise"
     unc = UnconditionalDiffusion(net=_net(), schedule=s, sampling={"t_start": 10}, scoring={"reduction": "max"})
     assert isinstance(unc.anomaly_val, AnomalyValidation) and unc.eval_protocol == "anomaly"
-    assert unc.sampling.t_start == 10 and unc.scoring_cfg.reduction == "max"
+    assert unc.sampling.t_start == 10 and unc.anomaly_val.scoring.reduction == "max"
     guided = GuidedDiffusion(net=_net(num_class_embeds=6), schedule=s, sampling={"t_start": 20, "steps": 2})
-    assert isinstance(guided.anomaly_val, AnomalyValidation) and guided.scoring_cfg.reduction == "mean"
-    assert not hasattr(guided, "recon_cfg")  # it translates; no partial-diffusion settings
+    assert isinstance(guided.anomaly_val, AnomalyValidation) and guided.anomaly_val.scoring.reduction == "mean"
+    # one vocabulary: protocols read model.sampling and model.anomaly_val.scoring, no second name for either
+    assert not any(hasattr(m, old) for m in (cond, unc, guided) for old in ("recon_cfg", "scoring_cfg", "translate_cfg"))
+    assert not hasattr(cond, "denoise")  # the denoise protocol calls reconstruct(batch, sampling) like the others
     assert DiffusionModule.eval_protocol is None  # each model class names its protocol
 
 

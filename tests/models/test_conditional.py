@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -59,24 +61,30 @@ def test_reconstruct_samples_with_the_configured_sampler_conditioned_on_cond():
     assert torch.allclose(out, b["cond"].clamp(-1, 1), atol=1e-5)
     assert oracle.calls == [24, 18, 12, 6, 0]  # make_timesteps(30, 5, "leading")
     oracle.calls.clear()
-    full = m.denoise(b["cond"], sampler="ddpm", steps=None)
+    full = m.reconstruct(b, replace(m.sampling, sampler="ddpm", steps=None))
     assert oracle.calls == list(range(29, -1, -1))  # the full ancestral chain
     assert torch.allclose(full, b["cond"].clamp(-1, 1), atol=1e-5)
 
 
-def test_denoise_is_seeded_and_averages_samples():
+def test_reconstruct_is_seeded_by_the_sampling_copy_and_averages_draws():
     m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sampling={"steps": 3, "eta": 1.0}).eval()
     cond = batch()["cond"]
-    a = m.denoise(cond, generator=torch.Generator().manual_seed(1))
-    b = m.denoise(cond, generator=torch.Generator().manual_seed(1))
-    c = m.denoise(cond, generator=torch.Generator().manual_seed(2))
+    a = m.reconstruct({"cond": cond}, replace(m.sampling, seed=1))
+    b = m.reconstruct({"cond": cond}, replace(m.sampling, seed=1))
+    c = m.reconstruct({"cond": cond}, replace(m.sampling, seed=2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == cond.shape and a.abs().max() <= 1.0
+    assert m.sampling.seed == 0  # the copies were used as given, never stored
+    # the same as sampling with a generator seeded by sampling.seed
+    assert torch.equal(a, m.sample_posterior(cond, replace(m.sampling, seed=1), torch.Generator().manual_seed(1)))
     g = torch.Generator().manual_seed(1)
-    two = m.denoise(cond, num_samples=2, generator=g)
+    two = m.sample_posterior(cond, replace(m.sampling, draws=2), generator=g)
     g = torch.Generator().manual_seed(1)
-    s1, s2 = m.denoise(cond, num_samples=1, generator=g), m.denoise(cond, num_samples=1, generator=g)
+    one = replace(m.sampling, draws=1)
+    s1, s2 = m.sample_posterior(cond, one, generator=g), m.sample_posterior(cond, one, generator=g)
     assert torch.allclose(two, (s1 + s2) / 2, atol=1e-6)
+    with pytest.raises(ConfigError, match="sampling.t_start=5 is not used"):  # a copy is validated like the config
+        m.reconstruct({"cond": cond}, replace(m.sampling, t_start=5))
 
 
 def test_cond_skip_adds_the_noisy_image_to_the_output():
@@ -143,7 +151,7 @@ def test_bad_config_raises_a_clear_config_error(kw, match):
 def test_cond_with_wrong_channels_is_a_data_error():
     m = ConditionalDiffusion(net=tiny_net(), schedule=NoiseSchedule(20), sampling={"steps": 5}).eval()
     with pytest.raises(DataError, match=r"\[B, 1, H, W\]"):
-        m.denoise(torch.zeros(2, 2, 16, 16))
+        m.reconstruct({"cond": torch.zeros(2, 2, 16, 16)})
 
 
 def test_hydra_config_builds_the_model():

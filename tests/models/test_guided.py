@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from meddiff.diffusion import NoiseSchedule
 from meddiff.errors import ConfigError, DataError
-from meddiff.models.guided import GuidedDiffusion, TranslateConfig
+from meddiff.models.guided import GuidedDiffusion, GuidedSampling
 from meddiff.nets import build_net
 
 
@@ -119,13 +121,13 @@ def test_guidance_toward_another_target_class() -> None:
 def test_inversion_runs_the_null_class_then_denoising_runs_both_branches() -> None:
     net = ClassOffsetNet()
     model = guided(net).eval()
-    model.healthy_counterfactual(torch.zeros(2, 1, 4, 4), TranslateConfig(t_start=60, num_steps=6))
+    model.healthy_counterfactual(torch.zeros(2, 1, 4, 4), GuidedSampling(t_start=60, steps=6))
     assert len(net.calls) == 12  # 6 inversion steps + 6 guided steps
     assert all(torch.equal(c, torch.tensor([5, 5])) for c in net.calls[:6])
     assert all(torch.equal(c, torch.tensor([5, 5, 0, 0])) for c in net.calls[6:])
     net.calls.clear()
     model.healthy_counterfactual(
-        torch.zeros(2, 1, 4, 4), TranslateConfig(t_start=60, num_steps=6, invert=False)
+        torch.zeros(2, 1, 4, 4), GuidedSampling(t_start=60, steps=6, invert=False)
     )
     assert len(net.calls) == 6  # q_sample: no inversion passes
 
@@ -136,10 +138,10 @@ def test_ddim_inversion_round_trip_with_x_independent_eps_oracle() -> None:
     x0 = torch.rand(2, 1, 8, 8) * 2 - 1
     model = guided(ConstantEpsNet(torch.randn(1, 1, 8, 8))).eval()
     for w in (0.0, 3.0):
-        out = model.healthy_counterfactual(x0, TranslateConfig(t_start=80, num_steps=8, guidance_scale=w))
+        out = model.healthy_counterfactual(x0, GuidedSampling(t_start=80, steps=8, guidance_scale=w))
         torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
     # q_sample noise (not the oracle's eps) does not come back to x0: the round trip is the inversion's doing
-    noised = model.healthy_counterfactual(x0, TranslateConfig(t_start=80, num_steps=8, invert=False))
+    noised = model.healthy_counterfactual(x0, GuidedSampling(t_start=80, steps=8, invert=False))
     assert (noised - x0).abs().max() > 0.05
 
 
@@ -149,20 +151,20 @@ def test_translation_with_dirac_oracle_lands_on_the_healthy_image() -> None:
     points = torch.rand(6, 1, 8, 8, generator=g) * 1.6 - 0.8  # x*_c for classes 0..4 and null (5)
     model = guided(DiracOracle(schedule, points), schedule).eval()
     x_in = points[5:6].repeat(2, 1, 1, 1)  # the null-class point: inversion is then exact
-    cfg = TranslateConfig(t_start=99, num_steps=10, guidance_scale=1.0)
+    cfg = GuidedSampling(t_start=99, steps=10, guidance_scale=1.0)
     torch.testing.assert_close(
         model.healthy_counterfactual(x_in, cfg), points[0:1].expand(2, -1, -1, -1), atol=1e-4, rtol=0
     )
     # w=0 (unconditional) gives the null point back; target_class=3 goes to x*_3
     torch.testing.assert_close(
-        model.healthy_counterfactual(x_in, TranslateConfig(t_start=99, num_steps=10, guidance_scale=0.0)),
+        model.healthy_counterfactual(x_in, GuidedSampling(t_start=99, steps=10, guidance_scale=0.0)),
         x_in,
         atol=1e-4,
         rtol=0,
     )
     torch.testing.assert_close(
         model.healthy_counterfactual(
-            x_in, TranslateConfig(t_start=99, num_steps=10, guidance_scale=1.0, target_class=3)
+            x_in, GuidedSampling(t_start=99, steps=10, guidance_scale=1.0, target_class=3)
         ),
         points[3:4].expand(2, -1, -1, -1),
         atol=1e-4,
@@ -188,8 +190,8 @@ def test_reconstruct_uses_model_sampling_and_validation_scores_few_batches(tiny_
     model.on_validation_epoch_end()
     model.validation_step(batch, 1)  # loss only
     assert not model.anomaly_val.val_auroc.preds
-    # the protocol's view of model.sampling (TranslateConfig) is a copy with the same meaning
-    assert model.translate_cfg == TranslateConfig(t_start=20, num_steps=2) and model.sampling.steps == 2
+    # protocols read model.sampling itself (and pass changed copies); the config's fields land there
+    assert model.sampling == GuidedSampling(t_start=20, steps=2)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -221,7 +223,7 @@ def test_negative_guidance_at_translation_time_and_bad_labels() -> None:
     model = guided(ClassOffsetNet()).eval()
     with pytest.raises(ConfigError, match="guidance_scale=-0.5"):
         model.healthy_counterfactual(
-            torch.zeros(1, 1, 4, 4), model.translate_cfg.with_overrides(guidance_scale=-0.5)
+            torch.zeros(1, 1, 4, 4), dataclasses.replace(model.sampling, guidance_scale=-0.5)
         )
     with pytest.raises(DataError, match=r"class_label values \[7\]"):
         model.class_labels({"image": torch.zeros(1, 1, 4, 4), "class_label": torch.tensor([7])}, train=False)

@@ -14,7 +14,6 @@ Shapes: ``image`` (clean, training target) ``[B, C, H, W]`` and ``cond`` (noisy)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -181,37 +180,15 @@ class ConditionalDiffusion(DiffusionModule):
             acc += x0.clamp(-1.0, 1.0)
         return acc / cfg.draws
 
-    # protocol-facing: kept until protocols switch to model.sampling
-    @torch.no_grad()
-    def denoise(
-        self,
-        cond: torch.Tensor,
-        sampler: str | None = None,
-        steps: int | None | str = "config",
-        eta: float | None = None,
-        num_samples: int | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """:meth:`sample_posterior` with ``model.sampling`` changed by the given arguments (``steps="config"`` keeps
-        the configured steps, ``steps=None`` = full chain; ``num_samples`` = ``draws``)."""
-        changes: dict[str, Any] = {}
-        if sampler is not None:
-            changes["sampler"] = sampler
-        if steps != "config":
-            changes["steps"] = steps
-        if eta is not None:
-            changes["eta"] = float(eta)
-        if num_samples is not None:
-            changes["draws"] = int(num_samples)
-        cfg = replace(self.sampling, **changes).validate(self.schedule.num_train_timesteps, "sampling")
-        self.check_sampling(cfg, "sampling")
-        return self.sample_posterior(cond, cfg, generator=generator, progress=progress)
-
     def reconstruct(self, batch: Mapping[str, Any], sampling: SamplingConfig | None = None) -> torch.Tensor:
         """Denoised estimate of ``batch['cond']`` with ``sampling`` (default ``model.sampling``): ``[B, C, H, W]`` in
-        ``[-1, 1]``."""
-        return self.sample_posterior(self._cond(batch), self.sampling if sampling is None else sampling)
+        ``[-1, 1]``. A protocol passes a changed copy (``dataclasses.replace(model.sampling, sampler="ddpm",
+        steps=None, seed=...)``), validated here and never stored; the noise is seeded with ``sampling.seed``."""
+        if sampling is None:
+            sampling = self.sampling
+        else:
+            self.check_sampling(sampling.validate(self.schedule.num_train_timesteps, "sampling"), "sampling")
+        return self.sample_posterior(self._cond(batch), sampling)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

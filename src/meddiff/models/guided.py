@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from meddiff.errors import ConfigError, DataError
 from meddiff.models.base import DiffusionModule
 from meddiff.models.validation import AnomalyValidation
 
-__all__ = ["GuidedDiffusion", "GuidedSampling", "TranslateConfig", "net_num_class_embeds"]
+__all__ = ["GuidedDiffusion", "GuidedSampling", "net_num_class_embeds"]
 
 #: ``model.sampling`` fields a guided translation does not use (DDIM, eta 0, one deterministic pass)
 _UNUSED = ("eta", "spacing", "clip", "draws", "precision", "noise")
@@ -71,46 +71,6 @@ def _check_guidance(w: Any, name: str) -> None:
     if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
         raise ConfigError(f"{name}={w!r} must be a finite number >= 0 (0 = unconditional, 1 = conditional, "
                           "~3 = the seed's healthy translation).")
-
-
-# protocol-facing: kept until protocols switch to model.sampling
-@dataclass
-class TranslateConfig:
-    """The guided protocol's view of ``model.sampling`` (``num_steps`` = ``steps``); see :class:`GuidedSampling`."""
-
-    t_start: int = 500
-    num_steps: int | None = 50
-    guidance_scale: float = 3.0
-    invert: bool = True
-    target_class: int = 0
-    seed: int = 0
-
-    def validate(self, num_train_timesteps: int | None = None, num_classes: int | None = None) -> TranslateConfig:
-        """Raise ``ConfigError`` naming the bad option; returns ``self`` (checked as a :class:`GuidedSampling`)."""
-        _check_guidance(self.guidance_scale, "guidance_scale")
-        if num_train_timesteps is not None:
-            T = int(num_train_timesteps)
-            if isinstance(self.t_start, bool) or int(self.t_start) != self.t_start or not 0 <= int(self.t_start) < T:
-                raise ConfigError(
-                    f"t_start={self.t_start!r} is outside [0, {T}); pick an integer inversion depth, e.g. {T // 2}."
-                )
-            make_partial_timesteps(int(self.t_start), self.num_steps)  # validates num_steps
-        if num_classes is not None and not 0 <= int(self.target_class) < num_classes:
-            raise ConfigError(f"target_class={self.target_class!r} is outside [0, {num_classes}); 0 is CN (healthy).")
-        return self
-
-    def with_overrides(self, **changes: Any) -> TranslateConfig:
-        """A copy with the non-None ``changes`` applied (eval options overriding the model's settings)."""
-        known = set(asdict(self))
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ConfigError(f"Unknown translate option(s) {unknown}; valid options are {sorted(known)}.")
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    @classmethod
-    def of(cls, s: GuidedSampling) -> TranslateConfig:
-        return cls(t_start=int(s.t_start), num_steps=s.steps, guidance_scale=s.guidance_scale, invert=s.invert,
-                   target_class=s.target_class, seed=s.seed)
 
 
 def net_num_class_embeds(net: nn.Module) -> int | None:
@@ -183,17 +143,6 @@ class GuidedDiffusion(DiffusionModule):
             raise ConfigError(f"{where}.target_class={cfg.target_class!r} is outside [0, {self.num_classes}); 0 is "
                               "CN (healthy).")
 
-    # protocol-facing: kept until protocols switch to model.sampling
-    @property
-    def translate_cfg(self) -> TranslateConfig:
-        """``model.sampling`` as the guided protocol's :class:`TranslateConfig` (a fresh copy each time)."""
-        return TranslateConfig.of(self.sampling)
-
-    # protocol-facing: kept until protocols switch to model.sampling
-    @property
-    def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
-        return self.anomaly_val.scoring
-
     @property
     def null_class(self) -> int:
         """Index of the null (unconditional) class: ``num_classes``."""
@@ -258,18 +207,19 @@ class GuidedDiffusion(DiffusionModule):
     def healthy_counterfactual(
         self,
         x0: torch.Tensor,
-        cfg: TranslateConfig | GuidedSampling | None = None,
+        cfg: GuidedSampling | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Translate ``x0 [B, C, H, W] in [-1, 1]`` toward ``cfg.target_class``; returns ``[B, C, H, W]`` in [-1, 1].
 
-        ``cfg`` defaults to ``model.sampling``; it is validated here (``guidance_scale < 0`` -> ConfigError).
+        ``cfg`` defaults to ``model.sampling``; a protocol passes a changed copy
+        (``dataclasses.replace(model.sampling, guidance_scale=...)``), validated here (``guidance_scale < 0`` ->
+        ConfigError) and never stored. ``generator`` seeds the ``q_sample`` noise (``invert=False``; default
+        ``cfg.seed``).
         """
-        if isinstance(cfg, GuidedSampling):
-            self.check_sampling(cfg.validate(self.schedule.num_train_timesteps), "sampling")
-            cfg = TranslateConfig.of(cfg)
-        cfg = (cfg or self.translate_cfg).validate(self.schedule.num_train_timesteps, self.num_classes)
-        steps = make_partial_timesteps(int(cfg.t_start), cfg.num_steps)  # descending, starts at t_start
+        cfg = self.sampling if cfg is None else cfg
+        self.check_sampling(cfg.validate(self.schedule.num_train_timesteps), "sampling")
+        steps = make_partial_timesteps(int(cfg.t_start), cfg.steps)  # descending, starts at t_start
         if cfg.invert:
             x_t = ddim_invert(self.null_fn(), self.schedule, x0, steps.flip(0))
         else:

@@ -63,18 +63,6 @@ class UnconditionalDiffusion(DiffusionModule):
         self.validation_sampling().validate(self.schedule.num_train_timesteps, "model.val_sampling")
         self._masks: torch.Tensor | None = None
 
-    # protocol-facing: kept until protocols switch to model.sampling
-    @property
-    def recon_cfg(self) -> PartialSampling:
-        """``model.sampling`` (the protocols' name for the reconstruction config)."""
-        return self.sampling
-
-    # protocol-facing: kept until protocols switch to model.sampling
-    @property
-    def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
-        """``model.scoring`` (held by the anomaly-validation component)."""
-        return self.anomaly_val.scoring
-
     def loss_region(self, x0: torch.Tensor) -> torch.Tensor | None:
         if self.patch_size is None:
             return None

@@ -24,8 +24,8 @@ The test split is touched once; nothing is chosen on it except the clearly label
 fields say what the code did: ``"validation"`` only when candidates were compared on validation items
 (``n_validation_items``), ``"config"`` when the configured setting was kept; ``selection["splits_read"]`` lists the
 splits selection asked for (``meddiff.protocols.base.ValidationView``). The model is never changed: candidate depths
-are copies of its reconstruction config passed to ``model.reconstruct(batch, recon)``, and the chosen one is written
-into the report (``reconstruction``). ``report["runtime"]`` records the precision the model's network actually ran
+are copies of ``model.sampling`` (``dataclasses.replace(model.sampling, t_start=...)``) passed to
+``model.reconstruct(batch, sampling)``, and the chosen one is written into the report (``reconstruction``). ``report["runtime"]`` records the precision the model's network actually ran
 with during the test pass (parameter dtype, autocast) and torch's thread count. Batch fields switch add-ons on
 (``addons``): ``subtypes`` (RSNA CT) adds per-subtype results and figures (``ct_subtypes``).
 

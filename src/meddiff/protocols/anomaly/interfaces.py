@@ -13,21 +13,29 @@ import torch
 
 from meddiff.anomaly.scoring import ScoringConfig
 
-__all__ = ["AnomalyData", "AnomalyModel", "ReconFn"]
+__all__ = ["AnomalyData", "AnomalyModel", "ReconFn", "ScorerHolder"]
 
 #: a method's healthy estimate of a batch: ``batch -> [B, C, H, W]`` in ``[-1, 1]``
 ReconFn = Callable[[Mapping[str, Any]], torch.Tensor]
 
 
+class ScorerHolder(Protocol):
+    """The model's anomaly-validation component (``model.anomaly_val``), read for its ``scoring`` only."""
+
+    scoring: ScoringConfig
+
+
 @runtime_checkable
 class AnomalyModel(Protocol):
-    """``scoring_cfg`` (the configured scorer) and ``reconstruct(batch[, recon]) -> [B, C, H, W]`` in ``[-1, 1]``.
+    """``anomaly_val.scoring`` (the configured scorer, a :class:`~meddiff.anomaly.scoring.ScoringConfig` held by the
+    model's anomaly-validation component) and ``reconstruct(batch[, sampling]) -> [B, C, H, W]`` in ``[-1, 1]``.
 
-    Optional: ``recon_cfg`` (a dataclass with ``t_start`` and ``validate(num_train_timesteps)``) and ``schedule``
-    (``num_train_timesteps``), for ``eval.t_start`` depths; ``reconstruct`` then takes the copy to use as ``recon``.
+    Optional: ``sampling`` (``model.sampling``: a dataclass with ``t_start`` and ``validate(num_train_timesteps)``)
+    and ``schedule`` (``num_train_timesteps``), for ``eval.t_start`` depths; ``reconstruct`` then takes the copy
+    to use as ``sampling``.
     """
 
-    scoring_cfg: ScoringConfig
+    anomaly_val: ScorerHolder
 
     def reconstruct(self, batch: Mapping[str, Any], *args: Any) -> torch.Tensor: ...
 

@@ -66,15 +66,15 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _reconstruct(model: Any, batch: Mapping[str, Any], recon: Any | None) -> torch.Tensor:
-    """The model's healthy estimate; ``recon`` None = the model's own settings (models without a reconstruction
-    config take no ``recon`` argument)."""
-    return model.reconstruct(batch) if recon is None else model.reconstruct(batch, recon)
+def _reconstruct(model: Any, batch: Mapping[str, Any], sampling: Any | None) -> torch.Tensor:
+    """The model's healthy estimate; ``sampling`` None = the model's own ``model.sampling`` (models without one
+    take no ``sampling`` argument)."""
+    return model.reconstruct(batch) if sampling is None else model.reconstruct(batch, sampling)
 
 
-def model_fn(model: Any, recon: Any | None) -> ReconFn:
-    """``batch -> the model's healthy estimate`` at the reconstruction ``recon`` (None = the model's own)."""
-    return lambda batch: _reconstruct(model, batch, recon)
+def model_fn(model: Any, sampling: Any | None) -> ReconFn:
+    """``batch -> the model's healthy estimate`` with ``sampling`` (a copy of ``model.sampling``; None = as is)."""
+    return lambda batch: _reconstruct(model, batch, sampling)
 
 
 _PRECISION_NAMES = {"float32": "32-true", "bfloat16": "bf16-true", "float16": "16-true", "float64": "64-true"}

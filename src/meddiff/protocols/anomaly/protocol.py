@@ -35,7 +35,7 @@ class AnomalyProtocol(Protocol):
     def check(self, model: Any, datamodule: Any, opts: EvalOptions) -> None:
         lacking = missing_members(model, AnomalyModel)
         if lacking:
-            raise ConfigError(f"the anomaly protocol scores model.reconstruct(batch) with model.scoring_cfg; "
+            raise ConfigError(f"the anomaly protocol scores model.reconstruct(batch) with model.anomaly_val.scoring; "
                               f"{type(model).__name__} lacks {lacking}. Give the model class another eval_protocol.")
         lacking = missing_members(datamodule, AnomalyData)
         if lacking:
@@ -81,7 +81,8 @@ def evaluate_anomaly_detection(
 ) -> dict[str, Any]:
     """The protocol's steps on loaders instead of a datamodule (notebooks, tests): :func:`select_on_validation`
     then :func:`evaluate_on_test` inside ``evaluating``; returns the report (JSON-ready) plus ``_figures`` (the
-    plot data) and writes nothing. ``model`` needs ``scoring_cfg`` and ``reconstruct(batch[, recon])``.
+    plot data) and writes nothing. ``model`` needs ``anomaly_val.scoring`` and
+    ``reconstruct(batch[, sampling])``.
     ``healthy``: the healthy training set (map-style, items ``{"image": [C, H, W], ...}``) for the nearest-healthy
     and mean-healthy baselines; None = the mean-intensity baseline only.
     """

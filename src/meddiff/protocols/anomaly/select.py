@@ -80,11 +80,12 @@ def _threshold(acc: PixelAccumulator | None) -> float | None:
 # ------------------------------------------------------------------------------------------------- selection
 @dataclass
 class AnomalySelection:
-    """What validation chose: the scoring setting, the reconstruction (None = the model's own), the pixel
-    thresholds, each healthy-set baseline's own choice, and the record written into ``report["selection"]``."""
+    """What validation chose: the scoring setting, the sampling (a copy of ``model.sampling``; None = the model's
+    own), the pixel thresholds, each healthy-set baseline's own choice, and the record written into
+    ``report["selection"]``."""
 
     scoring: ScoringConfig
-    recon: Any | None
+    sampling: Any | None
     threshold: float | None
     base_threshold: float | None
     record: dict[str, Any]
@@ -93,15 +94,15 @@ class AnomalySelection:
 
 
 def _depth_candidates(model: Any, opts: EvalOptions) -> list[Any | None]:
-    """Copies of the model's reconstruction config (a dataclass with ``t_start``), one per ``eval.t_start``
-    (validated); ``[None]`` = as is."""
+    """Copies of ``model.sampling`` (a dataclass with ``t_start``), one per ``eval.t_start`` (validated);
+    ``[None]`` = as is."""
     if opts.t_start is None:
         return [None]
-    base = getattr(model, "recon_cfg", None)
+    base = getattr(model, "sampling", None)
     if not (is_dataclass(base) and hasattr(base, "t_start")):
         raise ConfigError(
             f"eval.t_start={opts.t_start!r} tries reconstruction depths, but {type(model).__name__} has no "
-            "partial-diffusion reconstruction (recon_cfg); remove eval.t_start."
+            "model.sampling with a t_start (partial-diffusion reconstruction); remove eval.t_start."
         )
     out = []
     for t in listify(opts.t_start):
@@ -111,9 +112,9 @@ def _depth_candidates(model: Any, opts: EvalOptions) -> list[Any | None]:
     return out
 
 
-def _t_start(model: Any, recon: Any | None) -> int | None:
-    cfg = recon if recon is not None else getattr(model, "recon_cfg", None)
-    return None if cfg is None else cfg.t_start
+def _t_start(model: Any, sampling: Any | None) -> int | None:
+    cfg = sampling if sampling is not None else getattr(model, "sampling", None)
+    return getattr(cfg, "t_start", None)
 
 
 def select_on_validation(
@@ -129,20 +130,20 @@ def select_on_validation(
     ``val_loader`` None (``eval.select_on_val=false``) keeps the model's configured settings for all.
     """
     device = torch.device(device)
-    default = model.scoring_cfg
+    default = model.anomaly_val.scoring
     candidates = opts.candidates(default)
     baselines = _healthy_baselines(healthy, opts, device, default)
     chosen_idx, threshold, base_threshold, base_val_auroc = 0, None, None, None
-    chosen_recon: Any | None = None
+    chosen_sampling: Any | None = None
     record: dict[str, Any] = {}
     compared = False
     if val_loader is not None:
         best: tuple[float, Any | None, int, Collected] | None = None
         first: Collected | None = None
         rows = []
-        for k, recon in enumerate(_depth_candidates(model, opts)):
-            t_start = _t_start(model, recon)
-            methods = {MODEL: (model_fn(model, recon), candidates)}
+        for k, sampling in enumerate(_depth_candidates(model, opts)):
+            t_start = _t_start(model, sampling)
+            methods = {MODEL: (model_fn(model, sampling), candidates)}
             if k == 0:  # the baselines do not depend on the depth: scored on the first pass only
                 methods.update({name: (b.reconstruct, candidates) for name, b in baselines.items()})
             val = run_pass(val_loader, methods, opts, device, f"val t_start={t_start}: reconstruct + score")
@@ -153,21 +154,21 @@ def select_on_validation(
             if len(np.unique(y_val)) < 2:
                 log.warning("Validation split has %s: keeping the configured scoring %s.",
                             "no items" if y_val.size == 0 else "one class only", default)
-                best = (float("nan"), recon, 0, val)
+                best = (float("nan"), sampling, 0, val)
                 break
             aurocs = [_auroc(val.cat(MODEL, j), y_val) for j in range(len(candidates))]
             rows += [{"t_start": t_start, **c.as_dict(), "val_auroc": a} for c, a in zip(candidates, aurocs)]
             j = int(np.argmax(aurocs))
             compared = True
             if best is None or aurocs[j] > best[0]:
-                best = (aurocs[j], recon, j, val)
+                best = (aurocs[j], sampling, j, val)
         assert best is not None and first is not None
-        val_auroc, chosen_recon, chosen_idx, val = best
+        val_auroc, chosen_sampling, chosen_idx, val = best
         if compared:
-            record.update(candidates=rows, image_auroc=val_auroc, t_start=_t_start(model, chosen_recon))
+            record.update(candidates=rows, image_auroc=val_auroc, t_start=_t_start(model, chosen_sampling))
             pix = matching_pixel_acc(val.pixel[MODEL], candidates, chosen_idx)
         else:  # nothing compared: the model's own depth; a threshold only from a pass at that depth
-            chosen_recon, chosen_idx = None, 0
+            chosen_sampling, chosen_idx = None, 0
             pix = matching_pixel_acc(val.pixel[MODEL], candidates, 0) if opts.t_start is None else None
         threshold = _threshold(pix)
         if threshold is not None:
@@ -196,7 +197,7 @@ def select_on_validation(
     record = {"chosen_on": "validation" if compared else "config", **record}
     if baselines:
         record["baselines"] = {name: b.record() for name, b in baselines.items()}
-    return AnomalySelection(candidates[chosen_idx], chosen_recon, threshold, base_threshold, record, baselines,
+    return AnomalySelection(candidates[chosen_idx], chosen_sampling, threshold, base_threshold, record, baselines,
                             base_val_auroc)
 
 

@@ -69,15 +69,15 @@ def evaluate_on_test(
     device = torch.device(device)
     names = {"subtypes": subtype_names, **(field_names or {})}
     chosen, threshold, base_threshold = selection.scoring, selection.threshold, selection.base_threshold
-    fixed = model.scoring_cfg
+    fixed = model.anomaly_val.scoring
     report: dict[str, Any] = {"protocol": "The evaluation protocol every anomaly-detection experiment shares."}
     report["selection"] = selection.record
     report["scoring"] = chosen.as_dict()
-    recon = selection.recon if selection.recon is not None else getattr(model, "recon_cfg", None)
-    if is_dataclass(recon) and hasattr(recon, "t_start"):
-        report["reconstruction"] = asdict(recon)
+    sampling = selection.sampling if selection.sampling is not None else getattr(model, "sampling", None)
+    if is_dataclass(sampling) and hasattr(sampling, "t_start"):
+        report["reconstruction"] = asdict(sampling)
 
-    methods = {MODEL: (model_fn(model, selection.recon), [chosen, fixed])}  # one reconstruction, two scorings
+    methods = {MODEL: (model_fn(model, selection.sampling), [chosen, fixed])}  # one reconstruction, two scorings
     methods.update({name: (b.reconstruct, [b.scoring]) for name, b in selection.baselines.items()})
     test = run_pass(test_loader, methods, opts, device, "test: reconstruct + score",
                     keep_examples=4 * opts.n_figure_rows, observe=True, fields=addon_fields())

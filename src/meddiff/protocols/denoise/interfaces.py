@@ -7,7 +7,7 @@ tiny stand-in for both).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -39,17 +39,18 @@ class DenoiseData(Protocol):
 class DenoiseModel(Protocol):
     """What the denoise protocol needs from a model (``ConditionalDiffusion`` provides it).
 
-    Also read when present: ``image_channels`` / ``cond_channels`` (default 1), ``num_samples``,
-    ``timestep_spacing``, ``clip_sample`` (recorded in the report).
+    Also read when present: ``image_channels`` / ``cond_channels`` (default 1).
     """
 
     schedule: Any  # ``num_train_timesteps`` (T) and ``prediction_type``
+    #: ``model.sampling``: a dataclass with ``sampler``, ``steps``, ``eta``, ``seed``, ``draws`` (and ``spacing``,
+    #: ``clip``, recorded in the report); the protocol passes copies (``dataclasses.replace``) to ``reconstruct``
+    sampling: Any
 
-    def denoise(self, cond: torch.Tensor, sampler: str | None = None, steps: int | None = None,
-                eta: float | None = None, num_samples: int | None = None,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """Clean estimate ``[B, C, H, W]`` in ``[-1, 1]`` of the noisy ``cond [B, C', H, W]``; ``sampler`` is
-        ``"ddim"`` (``steps`` steps) or ``"ddpm"`` (the full chain, ``steps=None``)."""
+    def reconstruct(self, batch: Mapping[str, Any], sampling: Any = None) -> torch.Tensor:
+        """Clean estimate ``[B, C, H, W]`` in ``[-1, 1]`` of the noisy ``batch["cond"] [B, C', H, W]`` with
+        ``sampling`` (``sampler`` ``"ddim"`` with ``steps`` steps or ``"ddpm"`` with ``steps=None``: the full chain;
+        the noise seeded with ``sampling.seed``)."""
         ...
 
 
@@ -70,5 +71,5 @@ def check_model(model: Any) -> None:
     if missing:
         raise ConfigError(
             f"{type(model).__name__} lacks {missing} (see meddiff.protocols.denoise.DenoiseModel); the denoise "
-            "protocol needs a model with denoise() and schedule, e.g. ConditionalDiffusion (model=conditional)."
+            "protocol needs a model with reconstruct(batch, sampling), sampling and schedule, e.g. ConditionalDiffusion (model=conditional)."
         )

@@ -6,7 +6,7 @@ Images are ``[B, C, P, P]`` floats in ``[-1, 1]``; every method's output is clip
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -95,10 +95,20 @@ def apply_method(m: str, cond: torch.Tensor, ctx: MethodContext, seed: int) -> t
     if m == "supervised":
         with torch.no_grad():
             return ctx.sup_model(cond)
-    gen = torch.Generator(device=cond.device).manual_seed(seed)
+    return ctx.model.reconstruct({"cond": cond}, sampler_settings(ctx.model, m, opts, seed))
+
+
+def sampler_settings(model: Any, m: str, opts: DenoiseEvalOptions, seed: int) -> Any:
+    """The copy of ``model.sampling`` that runs sampler method ``m`` (``ddpm``: the full chain; ``ddim_<n>``: DDIM
+    with ``n`` steps) with ``eval.eta``, ``eval.num_samples`` (None = the model's ``draws``) and the noise ``seed``;
+    the model's own settings are never changed."""
     sampler, steps = ("ddpm", None) if m == "ddpm" else ("ddim", int(m.split("_")[1]))
-    return ctx.model.denoise(cond, sampler=sampler, steps=steps, eta=opts.eta, num_samples=opts.num_samples,
-                             generator=gen, progress=opts.progress and m == "ddpm")
+    changes: dict[str, Any] = {"sampler": sampler, "steps": steps, "seed": int(seed)}
+    if opts.eta is not None:
+        changes["eta"] = float(opts.eta)
+    if opts.num_samples is not None:
+        changes["draws"] = int(opts.num_samples)
+    return replace(model.sampling, **changes)
 
 
 def batch_seed(ctx: MethodContext, bi: int) -> int:

@@ -74,9 +74,9 @@ def run(model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
     """Evaluate a conditional denoising model against the noisy input, NLM and a supervised U-Net.
 
     Args:
-        model: provides :class:`~meddiff.protocols.denoise.interfaces.DenoiseModel` (``denoise(cond, sampler,
-            steps, eta, num_samples, generator, progress)`` -> ``[B, C, H, W]`` in ``[-1, 1]``, ``schedule``),
-            e.g. ``ConditionalDiffusion``.
+        model: provides :class:`~meddiff.protocols.denoise.interfaces.DenoiseModel` (``reconstruct({"cond": ...},
+            sampling)`` -> ``[B, C, H, W]`` in ``[-1, 1]``, ``sampling``, ``schedule``), e.g.
+            ``ConditionalDiffusion``.
         datamodule: provides :class:`~meddiff.protocols.denoise.interfaces.DenoiseData` (``noise_std``,
             ``noisy_dataset(split, noise_std)``, ``split_names()``, ``train_dataloader()``), set up.
         eval_cfg: ``DenoiseEvalOptions`` fields as a dict (``configs/eval/denoise.yaml``).
@@ -88,7 +88,7 @@ def run(model: Any, datamodule: Any, eval_cfg: Any, out_dir: str | Path,
         flags; also written to ``out_dir/report.json``.
 
     Raises:
-        ConfigError: bad options, a model without ``denoise``, a DataModule without ``DenoiseData``.
+        ConfigError: bad options, a model without ``reconstruct`` / ``sampling``, a DataModule without ``DenoiseData``.
         DataError: an empty test split.
     """
     return DenoiseProtocol().run(model, datamodule, eval_cfg, out_dir, device)

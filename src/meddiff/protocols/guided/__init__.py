@@ -7,8 +7,8 @@ model and the data), ``translate`` (per-volume translation and metrics), ``selec
 
 Data come through public per-volume APIs only (:class:`~.interfaces.VolumeDataModule`: ``volumes(split)`` and
 ``input_volumes(spec, label)``, e.g. the ADNI slice DataModule); the model through
-:class:`~.interfaces.GuidedModel`. The model is never changed: ``eval.*`` translation overrides make a copy of its
-``translate`` settings, and its device and train/eval flags are restored after the run (``evaluating``).
+:class:`~.interfaces.GuidedModel`. The model is never changed: ``eval.*`` translation overrides make a copy of
+``model.sampling`` (``dataclasses.replace``; ``report["translate"]`` records the settings used), and its device and train/eval flags are restored after the run (``evaluating``).
 
 Volumes: the test split of the DataModule, or ``eval.input`` = a ``.nii``/``.nii.gz`` volume (class from
 ``eval.input_label``, optional), a ``dataset.json`` (every entry; paths relative to the json's dir) or one
@@ -20,7 +20,7 @@ Per slice (input ``x`` vs healthy counterfactual ``h``, both ``[1, S, S]`` in ``
 seed, data range 2): SSIM (11-px Gaussian window), PSNR (dB, capped at ``max_psnr``), MS-SSIM with
 ``ms_ssim_scales`` scales (default 3: the standard 5 need >= 176 px; 3 fit from 44 px, so 64 and 128 px runs use
 the same definition; the first 3 standard betas rescaled to the full sum), and the anomaly score = mean of
-``|x - h|`` inside the brain mask (the model's ``scoring`` config). VSI (``eval.vsi``, on by default): meddiff's
+``|x - h|`` inside the brain mask (the model's scorer, ``model.anomaly_val.scoring``). VSI (``eval.vsi``, on by default): meddiff's
 torch VSI (:func:`meddiff.metrics.image_quality.image_scores`, whole image, data range 2). LPIPS (``lpips_torch_home``:
 a ``$TORCH_HOME`` holding the torchvision AlexNet weights) and FID (``fid_weights``: torch-fidelity Inception
 weights; per volume, inputs vs counterfactuals) run only when their weights (and packages) are there; otherwise

@@ -66,15 +66,15 @@ class VolumeDataModule(Protocol):
 
 @runtime_checkable
 class GuidedModel(Protocol):
-    """A model that translates slices toward healthy: ``healthy_counterfactual(x [B, 1, S, S], translate_cfg,
-    generator) -> [B, 1, S, S]`` in ``[-1, 1]``; ``translate_cfg`` (``with_overrides(**kw)`` returns a copy,
-    ``validate(num_train_timesteps, num_classes)``, ``seed``), ``scoring_cfg`` (the anomaly scorer), ``schedule``
-    (``num_train_timesteps``), ``num_classes``."""
+    """A model that translates slices toward healthy: ``healthy_counterfactual(x [B, 1, S, S], sampling,
+    generator) -> [B, 1, S, S]`` in ``[-1, 1]``; ``sampling`` (``model.sampling``: a dataclass the protocol copies
+    with ``dataclasses.replace`` and checks with ``validate(num_train_timesteps, where)``; fields ``t_start``,
+    ``steps``, ``guidance_scale``, ``invert``, ``target_class``, ``seed``), ``anomaly_val.scoring`` (the anomaly
+    scorer), ``schedule`` (``num_train_timesteps``)."""
 
-    translate_cfg: Any
-    scoring_cfg: Any
+    sampling: Any
+    anomaly_val: Any
     schedule: Any
-    num_classes: int
 
-    def healthy_counterfactual(self, x: torch.Tensor, translate_cfg: Any = None, generator: Any = None
+    def healthy_counterfactual(self, x: torch.Tensor, sampling: Any = None, generator: Any = None
                                ) -> torch.Tensor: ...

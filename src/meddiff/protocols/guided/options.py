@@ -19,8 +19,8 @@ REDUCTIONS: tuple[str, ...] = ("mean", "median", "p90", "max")
 class GuidedEvalOptions:
     """``eval:`` options of the guided protocol (``configs/eval/guided.yaml``; ``+eval.<key>=`` on the CLI).
 
-    Translation overrides (``None`` = the model's ``translate`` setting): ``guidance_scale``, ``t_start``,
-    ``num_steps``, ``invert``. Inputs: ``input``, ``input_label``, ``max_volumes``, ``val_max_volumes``,
+    Translation overrides (``None`` = the model's ``model.sampling`` value): ``guidance_scale``, ``t_start``,
+    ``num_steps`` (``sampling.steps``), ``invert``. Inputs: ``input``, ``input_label``, ``max_volumes``, ``val_max_volumes``,
     ``slice_stride``. Analysis: ``ssim_outlier``, ``n_worst``, ``ms_ssim_scales``, ``max_psnr``, ``reductions``,
     ``n_boot``, ``seed``, ``volume_plots``. Baselines: ``baselines``, ``baseline_max_items``. Optional metrics:
     ``vsi``, ``lpips_torch_home``, ``fid_weights``.
@@ -83,11 +83,8 @@ class GuidedEvalOptions:
         self.baselines = tuple(str(b) for b in names)
         check_healthy_baselines(self.baselines, self.baseline_max_items)
 
-    def translate_overrides(self) -> dict[str, Any]:
-        """The ``model.translate`` overrides (None = keep the model's value)."""
-        return {
-            "guidance_scale": self.guidance_scale,
-            "t_start": self.t_start,
-            "num_steps": self.num_steps,
-            "invert": self.invert,
-        }
+    def sampling_overrides(self) -> dict[str, Any]:
+        """The ``model.sampling`` fields these options change (the ones not None), by their sampling names."""
+        changes = {"guidance_scale": self.guidance_scale, "t_start": self.t_start, "steps": self.num_steps,
+                   "invert": self.invert}
+        return {k: v for k, v in changes.items() if v is not None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +35,21 @@ class GuidedProtocol(Protocol):
         lacking = missing_members(model, GuidedModel)
         if lacking:
             raise ConfigError(
-                f"the guided protocol translates with model.healthy_counterfactual(x, translate_cfg) and scores with "
-                f"model.scoring_cfg; {type(model).__name__} lacks {lacking}. Use model=guided (GuidedDiffusion)."
+                f"the guided protocol translates with model.healthy_counterfactual(x, sampling) and scores with "
+                f"model.anomaly_val.scoring; {type(model).__name__} lacks {lacking}. Use model=guided "
+                "(GuidedDiffusion)."
             )
 
     def select(self, model: Any, data: ValidationView, opts: GuidedEvalOptions,
                device: torch.device) -> GuidedSelection:
-        # eval overrides go into a copy of the model's translate settings (with_overrides returns a new config)
-        tcfg = model.translate_cfg.with_overrides(**opts.translate_overrides()).validate(
-            model.schedule.num_train_timesteps, model.num_classes
-        )
+        # eval overrides go into a copy of model.sampling (the model's own is never changed)
+        sampling = replace(model.sampling, **opts.sampling_overrides()).validate(
+            model.schedule.num_train_timesteps, "model.sampling with eval overrides")
         refs = healthy_baselines(data, opts, device)  # the CN reference from the training volumes
-        choice, val_skipped = select_on_validation(model, data, tcfg, opts, device, refs)
+        choice, val_skipped = select_on_validation(model, data, sampling, opts, device, refs)
         if refs.note:
             choice["baselines_skipped"] = refs.note
-        return GuidedSelection(tcfg, refs, choice, val_skipped)
+        return GuidedSelection(sampling, refs, choice, val_skipped)
 
     def test(self, model: Any, datamodule: Any, opts: GuidedEvalOptions, selection: GuidedSelection,
              device: torch.device) -> Outcome:

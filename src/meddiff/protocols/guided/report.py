@@ -29,12 +29,20 @@ from .options import GuidedEvalOptions
 from .select import volume_scores
 from .translate import VolumeResult
 
-__all__ = ["assemble_report", "write_figures", "write_outputs"]
+__all__ = ["assemble_report", "translation_record", "write_figures", "write_outputs"]
 
 log = logging.getLogger(__name__)
 
 #: per-slice similarity metrics, in table order
 SIMILARITY = ("ssim", "psnr", "ms_ssim", "vsi", "lpips")
+
+
+def translation_record(sampling: Any) -> dict[str, Any]:
+    """``report["translate"]``: the translation settings used (the copy of ``model.sampling`` with the ``eval.*``
+    overrides), under the report's key names (``num_steps`` = ``sampling.steps``)."""
+    return {"t_start": int(sampling.t_start), "num_steps": sampling.steps,
+            "guidance_scale": sampling.guidance_scale, "invert": sampling.invert,
+            "target_class": sampling.target_class, "seed": sampling.seed}
 
 
 def _safe(name: str) -> str:
@@ -144,7 +152,7 @@ def assemble_report(model: Any, results: Sequence[VolumeResult], selection: Any,
                     metrics_skipped: dict[str, str], skipped: list[dict[str, str]]) -> Outcome:
     """The JSON-ready report (``summary`` floats) and, for :func:`write_outputs`, the rows of the CSV tables, the
     results (figures) and the ROC curves."""
-    choice, tcfg = selection.choice, selection.translate
+    choice = selection.choice
     base_keys = list(selection.baselines.reconstruct)
     rows = _slice_rows(results)
     metric_cols = [k for k in SIMILARITY if any(k in r.metrics for r in results)]
@@ -201,8 +209,8 @@ def assemble_report(model: Any, results: Sequence[VolumeResult], selection: Any,
     summary.update(margin_summary(margin_section, "auroc"))
     report: dict[str, Any] = {
         "protocol": "guided",
-        "translate": asdict(tcfg),
-        "scoring": model.scoring_cfg.as_dict(),
+        "translate": translation_record(selection.sampling),
+        "scoring": model.anomaly_val.scoring.as_dict(),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
         "input": opts.input if opts.input is None or isinstance(opts.input, str) else dict(opts.input),
         "ms_ssim_scales": {

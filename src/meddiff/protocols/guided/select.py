@@ -148,7 +148,7 @@ def choose_on_validation(val: Sequence[VolumeResult], reductions: Sequence[str])
 def select_on_validation(
     model: Any,
     data: ValidationView,
-    tcfg: Any,
+    sampling: Any,
     opts: GuidedEvalOptions,
     device: torch.device,
     baselines: HealthyBaselines | None = None,
@@ -170,7 +170,7 @@ def select_on_validation(
     if val_sources:
         val_sources = interleave_cap(val_sources, opts.val_max_volumes)
         val_results, val_bad = translate_many(
-            model, val_sources, tcfg, opts, device, None, 0, True, "val", baselines=baselines
+            model, val_sources, sampling, opts, device, None, 0, True, "val", baselines=baselines
         )
     choice = choose_on_validation(val_results, opts.reductions)
     # what selection actually asked the DataModule for, and whether validation volumes were compared at all
@@ -183,11 +183,11 @@ def select_on_validation(
 
 @dataclass
 class GuidedSelection:
-    """What selection chose: the translation settings (a copy of the model's with the ``eval.*`` overrides), the
+    """What selection chose: the translation settings (a copy of ``model.sampling`` with the ``eval.*`` overrides), the
     healthy-set baselines (their reference from the CN training volumes), the reductions and their record
     (``choice``: written as ``report["selection"]``), and validation volumes that could not be evaluated."""
 
-    translate: Any
+    sampling: Any
     baselines: HealthyBaselines
     choice: dict[str, Any]
     skipped: list[dict[str, str]] = field(default_factory=list)

@@ -31,7 +31,7 @@ def evaluate_on_test(model: Any, datamodule: Any, opts: GuidedEvalOptions, selec
         vols = datamodule.volumes("test")  # volumes the DataModule could not load are listed in skipped
     sources = interleave_cap(list(vols.sources), opts.max_volumes)
     extra = OptionalMetrics(opts, device)
-    results, bad = translate_many(model, sources, selection.translate, opts, device, extra,
+    results, bad = translate_many(model, sources, selection.sampling, opts, device, extra,
                                   keep_worst=int(opts.n_worst), batch=vols.batch, what="test",
                                   baselines=selection.baselines)
     skipped = list(vols.skipped) + bad + selection.skipped

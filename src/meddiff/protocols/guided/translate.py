@@ -153,7 +153,7 @@ class VolumeResult:
 def translate_volume(
     model: Any,
     source: Volume,
-    translate_cfg: Any,
+    sampling: Any,
     opts: GuidedEvalOptions,
     device: torch.device,
     extra: OptionalMetrics | None = None,
@@ -182,11 +182,11 @@ def translate_volume(
     refs = baselines.reconstruct if baselines is not None else {}
     base_scores: dict[str, list[np.ndarray]] = {k: [] for k in refs}
     worst: list[tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    gen = torch.Generator(device=device).manual_seed(int(translate_cfg.seed))
+    gen = torch.Generator(device=device).manual_seed(int(sampling.seed))
     for start in range(0, images.shape[0], int(opts.batch_size)):
         x = images[start : start + int(opts.batch_size)].to(device)
         m = masks[start : start + int(opts.batch_size)].to(device)
-        healthy = model.healthy_counterfactual(x, translate_cfg, generator=gen)
+        healthy = model.healthy_counterfactual(x, sampling, generator=gen)
         if not torch.isfinite(healthy).all():
             raise DataError(f"{source.name or source.volume_id}: the translation produced NaN/inf.")
         q = image_scores(x, healthy, dynamic_range=2.0, max_psnr=float(opts.max_psnr))
@@ -203,11 +203,12 @@ def translate_volume(
             lp = extra.lpips_per_slice(x, healthy)
             if lp is not None:
                 cols["lpips"].append(lp)
-        sc = score_batch(x, healthy, m, model.scoring_cfg)
+        scoring = model.anomaly_val.scoring
+        sc = score_batch(x, healthy, m, scoring)
         score.append(sc["score"].float().cpu().numpy())
         base.append(mean_intensity_score(x, m).cpu().numpy())
         for key, recon in refs.items():
-            base_scores[key].append(score_batch(x, recon(x, m), m, model.scoring_cfg)["score"].float().cpu().numpy())
+            base_scores[key].append(score_batch(x, recon(x, m), m, scoring)["score"].float().cpu().numpy())
         if extra is not None and extra.fid_factory is not None:
             xs.append(x.cpu())
             hs.append(healthy.cpu())
@@ -239,7 +240,7 @@ def translate_volume(
 def translate_many(
     model: Any,
     sources: Sequence[Volume],
-    translate_cfg: Any,
+    sampling: Any,
     opts: GuidedEvalOptions,
     device: torch.device,
     extra: OptionalMetrics | None = None,
@@ -254,7 +255,7 @@ def translate_many(
     results, skipped = [], []
     for src in tqdm(sources, desc=f"guided translation ({what})", leave=False, disable=len(sources) < 2):
         try:
-            results.append(translate_volume(model, src, translate_cfg, opts, device, extra, keep_worst, baselines))
+            results.append(translate_volume(model, src, sampling, opts, device, extra, keep_worst, baselines))
         except Exception as exc:
             if not batch:
                 if isinstance(exc, DataError):
