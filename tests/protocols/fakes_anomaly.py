@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from meddiff.anomaly.scoring import ScoringConfig
+from meddiff.models.validation import AnomalyValidation
 
 
 class FakeAnomalyModel(nn.Module):
@@ -21,7 +22,7 @@ class FakeAnomalyModel(nn.Module):
         super().__init__()
         self.level = nn.Parameter(torch.tensor(-1.0))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
-        self.scoring_cfg = ScoringConfig()
+        self.anomaly_val = AnomalyValidation(ScoringConfig())  # the scorer the protocol reads (.scoring)
 
     def reconstruct(self, batch: dict[str, Any]) -> torch.Tensor:
         x = batch["image"]

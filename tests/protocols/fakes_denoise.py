@@ -13,6 +13,7 @@ Self-contained (torch and numpy only) so a contract test can load it by path.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,9 +31,23 @@ NET = dict(in_channels=1, out_channels=1, channels=[8, 16], attention_levels=[Fa
            norm_num_groups=8, num_head_channels=8)
 
 
+@dataclass
+class FakeSampling:
+    """The model's ``sampling``: the fields the protocol changes in its copies (``dataclasses.replace``) and
+    records."""
+
+    sampler: str = "ddim"
+    steps: int | None = 2
+    spacing: str = "leading"
+    eta: float = 0.0
+    clip: bool = True
+    seed: int = 0
+    draws: int = 1
+
+
 class FakeDenoiser(torch.nn.Module):
-    """``denoise(cond, ...)``: a 3 x 3 box blur blended with the input (``weight``), plus noise of scale
-    ``1e-3 * steps`` drawn from ``generator`` (so samplers differ a little and seeds matter)."""
+    """``reconstruct({"cond": ...}, sampling)``: a 3 x 3 box blur blended with the input (``weight``), plus noise of
+    scale ``1e-3 * steps`` seeded with ``sampling.seed`` (so samplers differ a little and seeds matter)."""
 
     image_channels = cond_channels = 1
 
@@ -40,14 +55,16 @@ class FakeDenoiser(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.tensor(0.6))
         self.schedule = SimpleNamespace(num_train_timesteps=4, prediction_type="sample")
+        self.sampling = FakeSampling()
 
-    def denoise(self, cond: torch.Tensor, sampler: str | None = None, steps: int | None = None,
-                eta: float | None = None, num_samples: int | None = None,
-                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    def reconstruct(self, batch: dict[str, Any], sampling: FakeSampling | None = None) -> torch.Tensor:
+        cfg = self.sampling if sampling is None else sampling
+        cond = batch["cond"]
         with torch.no_grad():
             blur = torch.nn.functional.avg_pool2d(cond, 3, stride=1, padding=1, count_include_pad=False)
             out = self.weight * blur + (1 - self.weight) * cond
-            n = self.schedule.num_train_timesteps if steps is None else steps
+            n = self.schedule.num_train_timesteps if cfg.steps is None else cfg.steps
+            generator = torch.Generator(device=cond.device).manual_seed(cfg.seed)
             noise = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
             return (out + 1e-3 * n * noise).clamp(-1, 1)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +12,24 @@ import torch
 from torch import nn
 
 from meddiff.anomaly.scoring import ScoringConfig
+from meddiff.models.validation import AnomalyValidation
 
 CLASSES = ("CN", "EMCI", "MCI", "LMCI", "AD")
 
 
 @dataclass
-class FakeTranslate:
-    """The translation settings the protocol copies (``with_overrides``) and validates."""
+class FakeSampling:
+    """The model's ``sampling``: the translation settings the protocol copies (``dataclasses.replace``) and
+    validates."""
 
     t_start: int = 10
-    num_steps: int = 2
+    steps: int = 2
     guidance_scale: float = 3.0
     invert: bool = True
+    target_class: int = 0
     seed: int = 0
 
-    def with_overrides(self, **changes: Any) -> FakeTranslate:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None and k in asdict(self)})
-
-    def validate(self, num_train_timesteps: int | None = None, num_classes: int | None = None) -> FakeTranslate:
+    def validate(self, num_train_timesteps: int | None = None, where: str = "model.sampling") -> FakeSampling:
         return self
 
 
@@ -42,11 +42,11 @@ class FakeGuidedModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.level = nn.Parameter(torch.tensor(-0.2))
-        self.translate_cfg = FakeTranslate()
-        self.scoring_cfg = ScoringConfig()
+        self.sampling = FakeSampling()
+        self.anomaly_val = AnomalyValidation(ScoringConfig())  # the scorer the protocol reads (.scoring)
         self.schedule = type("Schedule", (), {"num_train_timesteps": 100})()
 
-    def healthy_counterfactual(self, x: torch.Tensor, translate_cfg: Any = None, generator: Any = None) -> torch.Tensor:
+    def healthy_counterfactual(self, x: torch.Tensor, sampling: Any = None, generator: Any = None) -> torch.Tensor:
         return torch.where(x > 0.3, self.level.expand_as(x), x)
 
 

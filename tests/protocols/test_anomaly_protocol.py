@@ -10,10 +10,11 @@ import stat
 import pytest
 import torch
 
-from meddiff.diffusion.partial import PartialSampling as ReconstructionConfig  # the model.sampling of partial diffusion
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.diffusion import NoiseSchedule
+from meddiff.diffusion.partial import PartialSampling
 from meddiff.errors import ConfigError
+from meddiff.models.validation import AnomalyValidation
 from meddiff.protocols.anomaly import EvalOptions, evaluate_anomaly_detection, run
 
 
@@ -21,13 +22,13 @@ class HealthyIsBlack:
     """A 'model' whose healthy reconstruction is an all -1 image: the anomaly map is |x + 1|."""
 
     def __init__(self) -> None:
-        self.scoring_cfg = ScoringConfig()
-        self.recon_cfg = ReconstructionConfig(t_start=10)
+        self.anomaly_val = AnomalyValidation(ScoringConfig())
+        self.sampling = PartialSampling(t_start=10)
         self.schedule = NoiseSchedule(num_train_timesteps=100)
         self.seen_t: list[int] = []
 
-    def reconstruct(self, batch, recon=None):
-        self.seen_t.append((recon or self.recon_cfg).t_start)
+    def reconstruct(self, batch, sampling=None):
+        self.seen_t.append((sampling or self.sampling).t_start)
         return -torch.ones_like(batch["image"])
 
 
@@ -89,7 +90,7 @@ def test_reconstruction_depth_is_chosen_on_validation():
     assert model.seen_t[12:] == [chosen] * 4  # the test pass reconstructs at the chosen depth
     assert report["reconstruction"]["t_start"] == chosen  # ... and the report says which
     assert len(report["selection"]["candidates"]) == 3
-    assert model.recon_cfg.t_start == 10  # the protocol passed copies down; the model is unchanged
+    assert model.sampling.t_start == 10  # the protocol passed copies down; the model is unchanged
     with pytest.raises(Exception, match="t_start=500"):
         evaluate_anomaly_detection(model, _batches("point"), _batches("point"), EvalOptions(t_start=[500]))
 
@@ -114,7 +115,7 @@ def test_run_writes_the_report_files_and_touches_test_once(tmp_path):
     report = run(model, data, cfg, tmp_path, "cpu")
     assert data.test_calls == 1
     assert report["scoring"]["reduction"] == "max"  # chosen on validation (point anomalies), not on test
-    assert model.recon_cfg.t_start == 10 and report["reconstruction"]["t_start"] in (5, 20)
+    assert model.sampling.t_start == 10 and report["reconstruction"]["t_start"] in (5, 20)
     assert json.loads((tmp_path / "report.json").read_text())["summary"] == report["summary"]
     rows = list(csv.reader((tmp_path / "metrics.csv").open()))
     assert rows[0] == ["metric", "value"] and {r[0] for r in rows[1:]} == set(report["summary"])
@@ -127,9 +128,9 @@ def test_run_rejects_unknown_eval_options(tmp_path):
         run(HealthyIsBlack(), _Data(), {"nboot": 5}, tmp_path, "cpu")
 
 
-def test_depths_need_a_model_with_a_reconstruction_config(tmp_path):
+def test_depths_need_a_model_with_a_partial_diffusion_sampling(tmp_path):
     model = HealthyIsBlack()
-    del model.recon_cfg
+    del model.sampling
     with pytest.raises(ConfigError, match="eval.t_start"):
         evaluate_anomaly_detection(model, _batches("point"), _batches("point"), EvalOptions(t_start=[5]))
 
@@ -138,7 +139,7 @@ def test_without_selection_the_configured_setting_is_used_and_recorded():
     model = HealthyIsBlack()
     report = evaluate_anomaly_detection(model, None, _batches("point"), EvalOptions(select_on_val=False, n_boot=0))
     assert report["selection"] == {"chosen_on": "config"}
-    assert report["scoring"] == model.scoring_cfg.as_dict()
+    assert report["scoring"] == model.anomaly_val.scoring.as_dict()
     assert report["reconstruction"]["t_start"] == 10 and model.seen_t == [10] * 4
 
 
@@ -202,7 +203,7 @@ def test_margin_picks_the_best_baseline_on_validation_and_says_when_the_model_wi
     class Perfect(HealthyIsBlack):
         """Reconstructs exactly the lesion-free image: its map is the lesion alone."""
 
-        def reconstruct(self, batch, recon=None):
+        def reconstruct(self, batch, sampling=None):
             return batch["healthy"]
 
     healthy = [{"image": b["image"][i], "label": torch.tensor(0)} for b in _textured(60, seed=9, healthy_only=True)
@@ -254,8 +255,8 @@ def test_dice_is_reported_at_the_validation_threshold_for_the_model_and_every_ba
 class DepthMatters(HealthyIsBlack):
     """Only t_start=20 reconstructs the healthy image; other depths return the input (no anomaly map at all)."""
 
-    def reconstruct(self, batch, recon=None):
-        t = (recon or self.recon_cfg).t_start
+    def reconstruct(self, batch, sampling=None):
+        t = (sampling or self.sampling).t_start
         self.seen_t.append(t)
         x = batch["image"]
         return torch.where(batch["mask"], -torch.ones_like(x), x) if t == 20 else x.clone()
@@ -293,7 +294,7 @@ def test_chosen_on_says_config_when_validation_could_not_compare():
     report = evaluate_anomaly_detection(HealthyIsBlack(), one_class, _batches("point"),
                                         EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=0))
     assert report["selection"]["chosen_on"] == "config" and "candidates" not in report["selection"]
-    assert report["scoring"] == HealthyIsBlack().scoring_cfg.as_dict()
+    assert report["scoring"] == HealthyIsBlack().anomaly_val.scoring.as_dict()
 
 
 class _DataWithTrain(_Data):
@@ -345,10 +346,10 @@ def test_the_report_records_precision_and_threads():
 
         def __init__(self) -> None:
             super().__init__()
-            self.scoring_cfg = ScoringConfig()
+            self.anomaly_val = AnomalyValidation(ScoringConfig())
             self.conv = torch.nn.Conv2d(1, 1, 1)
 
-        def reconstruct(self, batch, recon=None):
+        def reconstruct(self, batch, sampling=None):
             return self.conv(batch["image"]).float().clamp(-1, 1)
 
     opts = EvalOptions(median_size=[1], reduction=["max"], n_boot=0)
@@ -368,17 +369,17 @@ def test_the_fixed_published_scoring_is_reported_beside_the_chosen_one_from_the_
     carries it (``fixed_scoring``, ``fixed_*`` summary keys) beside the validation-chosen one, with the numbers
     ``eval.select_on_val=false`` gives, computed on the same test reconstructions (one test pass)."""
     model = HealthyIsBlack()
-    model.scoring_cfg = ScoringConfig(median_size=5, reduction="mean")
+    model.anomaly_val.scoring = ScoringConfig(median_size=5, reduction="mean")
     opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=50)
     report = evaluate_anomaly_detection(model, _batches("point"), _batches("point", seed=2), opts)
     assert model.seen_t == [10] * 8  # 4 validation + 4 test batches: one reconstruction per test batch
     assert report["scoring"]["reduction"] == "max" and report["scoring"]["median_size"] == 1  # chosen on validation
     fixed = report["fixed_scoring"]
-    assert fixed["scoring"] == model.scoring_cfg.as_dict() and fixed["chosen_on"] == "config"
+    assert fixed["scoring"] == model.anomaly_val.scoring.as_dict() and fixed["chosen_on"] == "config"
     assert "median filter 5" in fixed["note"]
     # the reference run: the configured scoring kept (select_on_val=false) with the same model settings
     ref_model = HealthyIsBlack()
-    ref_model.scoring_cfg = model.scoring_cfg
+    ref_model.anomaly_val.scoring = model.anomaly_val.scoring
     published = evaluate_anomaly_detection(ref_model, None, _batches("point", seed=2),
                                            EvalOptions(select_on_val=False, n_boot=50))
     assert fixed["image"] == published["image"]["model"]

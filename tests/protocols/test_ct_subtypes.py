@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from meddiff.diffusion.partial import PartialSampling as ReconstructionConfig  # the model.sampling of partial diffusion
 from meddiff.anomaly.scoring import ScoringConfig
+from meddiff.diffusion.partial import PartialSampling
 from meddiff.errors import DataError
+from meddiff.models.validation import AnomalyValidation
 from meddiff.protocols.anomaly import EvalOptions, evaluate_anomaly_detection
 from meddiff.protocols.anomaly.ct_subtypes import per_subtype_detection, subtype_summary, write_ct_outputs
 from meddiff.viz.ct import overlay_segmentation, pick_example_rows, save_ct_segmentation, save_subtype_auroc
@@ -134,8 +135,8 @@ class _FakeModel:
     """Reconstructs the lesion-free image: error is exactly the lesion (subtype 1) or nothing (others)."""
 
     def __init__(self):
-        self.scoring_cfg = ScoringConfig()
-        self.recon_cfg = ReconstructionConfig(t_start=10)
+        self.anomaly_val = AnomalyValidation(ScoringConfig())
+        self.sampling = PartialSampling(t_start=10)
         self.schedule = SimpleNamespace(num_train_timesteps=100)
 
     def reconstruct(self, batch):

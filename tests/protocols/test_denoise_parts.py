@@ -80,10 +80,12 @@ def test_near_ties_on_validation_go_to_the_cheaper_candidate():
 def _fakes():
     """``tests/protocols/fakes_denoise.py``, loaded by path (tests are not a package)."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("fakes_denoise", Path(__file__).with_name("fakes_denoise.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
     spec.loader.exec_module(module)
     return module
 

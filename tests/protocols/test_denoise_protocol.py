@@ -18,6 +18,7 @@ from meddiff.data.modules.hdf5_patches import HDF5PatchDataModule
 from meddiff.data.preprocess.nifti_patches import save_as_hdf5
 from meddiff.data.synthetic.mr_heads import write_synthetic_volumes
 from meddiff.diffusion import NoiseSchedule
+from meddiff.diffusion.sampling import SamplingConfig
 from meddiff.errors import ConfigError
 from meddiff.metrics.image_quality import image_scores
 from meddiff.models.conditional import ConditionalDiffusion
@@ -50,18 +51,19 @@ def small_cfg(**kw):
 
 
 class NoisyOracle(torch.nn.Module):
-    """A stand-in 'model' whose denoise returns its input: every diffusion method must score like `noisy`."""
+    """A stand-in 'model' whose reconstruction returns its input: every diffusion method must score like `noisy`."""
 
     image_channels = cond_channels = 1
 
     def __init__(self):
         super().__init__()
         self.schedule = NoiseSchedule(10)
+        self.sampling = SamplingConfig()
         self.calls = []
 
-    def denoise(self, cond, sampler=None, steps=None, eta=None, num_samples=None, generator=None, progress=False):
-        self.calls.append((sampler, steps))
-        return cond.clamp(-1, 1)
+    def reconstruct(self, batch, sampling=None):
+        self.calls.append((sampling.sampler, sampling.steps))
+        return batch["cond"].clamp(-1, 1)
 
 
 def test_methods_are_scored_on_the_same_patches_with_the_given_dynamic_range(h5, tmp_path):
@@ -201,13 +203,13 @@ def test_protocol_leaves_the_model_as_it_found_it(h5, tmp_path):
     flags = [m.training for m in model.modules()]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
-    denoise = model.denoise
+    reconstruct = model.reconstruct
 
     def spy(*args, **kwargs):
         seen.append(model.training)
-        return denoise(*args, **kwargs)
+        return reconstruct(*args, **kwargs)
 
-    model.denoise = spy
+    model.reconstruct = spy
     cfg = small_cfg(ddpm=False, ddim_steps=[2], nlm=False, supervised={"enabled": False}, write_nifti=False,
                     write_tiff=False, figures=False)
     run(model, make_dm(h5), cfg, tmp_path, "cpu")
@@ -307,9 +309,11 @@ class SmoothingSampler(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.schedule = NoiseSchedule(10)
+        self.sampling = SamplingConfig()
 
-    def denoise(self, cond, sampler=None, steps=None, eta=None, num_samples=None, generator=None, progress=False):
-        if sampler == "ddpm" or steps == 2:
+    def reconstruct(self, batch, sampling=None):
+        cond = batch["cond"]
+        if sampling.sampler == "ddpm" or sampling.steps == 2:
             return torch.from_numpy(nlm_denoise(cond.numpy(), 0.1, 1.5))
         return cond.clamp(-1, 1)
 

@@ -189,7 +189,7 @@ def test_per_slice_metrics_match_the_metric_functions_at_48_px() -> None:
     data = VolumeData(images, masks, np.zeros(5, dtype=np.int64), np.arange(5))
     model = make_model(Darken())
     opts = ev.GuidedEvalOptions(batch_size=2)  # batches of 2: results must not depend on batching
-    res = ev.translate_volume(model, VolumeSource("v", 5, lambda: data), model.translate_cfg, opts, "cpu")
+    res = ev.translate_volume(model, VolumeSource("v", 5, lambda: data), model.sampling, opts, "cpu")
     healthy = model.healthy_counterfactual(images)
     assert res.ms_ssim_scales == 3 == ms_ssim_scales(48, 48)
     np.testing.assert_allclose(res.metrics["ms_ssim"], ms_ssim(images, healthy, scales=3).numpy(), atol=1e-5)
@@ -325,7 +325,7 @@ class ZeroCounterfactual:
     def __init__(self, model: GuidedDiffusion) -> None:
         self.model = model
 
-    def __call__(self, x, translate_cfg=None, generator=None):  # noqa: ANN001, ANN204
+    def __call__(self, x, sampling=None, generator=None):  # noqa: ANN001, ANN204
         return torch.zeros_like(x)
 
 
@@ -386,13 +386,14 @@ def test_the_slice_to_volume_reduction_is_chosen_on_validation_not_test(tmp_path
 
 def test_the_model_is_not_changed_by_eval_overrides(dm, tmp_path) -> None:
     model = make_model(Darken()).train()
-    before = dataclasses.replace(model.translate_cfg)
+    before = dataclasses.replace(model.sampling)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ev.MetricSkippedWarning)
         report = ev.run(model, dm, {**SMALL, "t_start": 30, "guidance_scale": 1.5, "num_steps": 1}, tmp_path, "cpu")
     assert (report["translate"]["t_start"], report["translate"]["guidance_scale"]) == (30, 1.5)
-    assert model.translate_cfg == before and model.translate_cfg.t_start == 40
+    assert report["translate"]["num_steps"] == 1
+    assert model.sampling == before and model.sampling.t_start == 40 and model.sampling.steps == 2
     assert all(m.training for m in model.modules())  # train/eval flags restored
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
 
