@@ -43,7 +43,8 @@ def test_only_scoring_models_carry_the_anomaly_validation_component():
     guided = GuidedDiffusion(net=_net(num_class_embeds=6), schedule=s, sampling={"t_start": 20, "steps": 2})
     assert isinstance(guided.anomaly_val, AnomalyValidation) and guided.anomaly_val.scoring.reduction == "mean"
     # one vocabulary: protocols read model.sampling and model.anomaly_val.scoring, no second name for either
-    assert not any(hasattr(m, old) for m in (cond, unc, guided) for old in ("recon_cfg", "scoring_cfg", "translate_cfg"))
+    old_names = ("recon_cfg", "scoring_cfg", "translate_cfg")
+    assert not any(hasattr(m, old) for m in (cond, unc, guided) for old in old_names)
     assert not hasattr(cond, "denoise")  # the denoise protocol calls reconstruct(batch, sampling) like the others
     assert DiffusionModule.eval_protocol is None  # each model class names its protocol
 

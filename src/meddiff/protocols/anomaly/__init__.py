@@ -25,8 +25,10 @@ fields say what the code did: ``"validation"`` only when candidates were compare
 (``n_validation_items``), ``"config"`` when the configured setting was kept; ``selection["splits_read"]`` lists the
 splits selection asked for (``meddiff.protocols.base.ValidationView``). The model is never changed: candidate depths
 are copies of ``model.sampling`` (``dataclasses.replace(model.sampling, t_start=...)``) passed to
-``model.reconstruct(batch, sampling)``, and the chosen one is written into the report (``reconstruction``). ``report["runtime"]`` records the precision the model's network actually ran
-with during the test pass (parameter dtype, autocast) and torch's thread count. Batch fields switch add-ons on
+``model.reconstruct(batch, sampling)``, and the chosen one is written into the report (``reconstruction``); images
+are scored with ``model.anomaly_val.scoring`` (the anomaly-validation component's scorer) and the candidates.
+``report["runtime"]`` records the precision the model's network actually ran with during the test pass (parameter
+dtype, autocast) and torch's thread count. Batch fields switch add-ons on
 (``addons``): ``subtypes`` (RSNA CT) adds per-subtype results and figures (``ct_subtypes``).
 
 Files: ``options`` (``eval:``), ``interfaces`` (what is read from model and data), ``passes`` (one pass over a

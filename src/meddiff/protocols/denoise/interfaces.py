@@ -71,5 +71,6 @@ def check_model(model: Any) -> None:
     if missing:
         raise ConfigError(
             f"{type(model).__name__} lacks {missing} (see meddiff.protocols.denoise.DenoiseModel); the denoise "
-            "protocol needs a model with reconstruct(batch, sampling), sampling and schedule, e.g. ConditionalDiffusion (model=conditional)."
+            "protocol needs a model with reconstruct(batch, sampling), sampling and schedule, e.g. "
+            "ConditionalDiffusion (model=conditional)."
         )

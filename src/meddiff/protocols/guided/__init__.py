@@ -8,7 +8,8 @@ model and the data), ``translate`` (per-volume translation and metrics), ``selec
 Data come through public per-volume APIs only (:class:`~.interfaces.VolumeDataModule`: ``volumes(split)`` and
 ``input_volumes(spec, label)``, e.g. the ADNI slice DataModule); the model through
 :class:`~.interfaces.GuidedModel`. The model is never changed: ``eval.*`` translation overrides make a copy of
-``model.sampling`` (``dataclasses.replace``; ``report["translate"]`` records the settings used), and its device and train/eval flags are restored after the run (``evaluating``).
+``model.sampling`` (``dataclasses.replace``; ``report["translate"]`` records the settings used), and its device
+and train/eval flags are restored after the run (``evaluating``).
 
 Volumes: the test split of the DataModule, or ``eval.input`` = a ``.nii``/``.nii.gz`` volume (class from
 ``eval.input_label``, optional), a ``dataset.json`` (every entry; paths relative to the json's dir) or one

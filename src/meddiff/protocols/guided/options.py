@@ -20,8 +20,8 @@ class GuidedEvalOptions:
     """``eval:`` options of the guided protocol (``configs/eval/guided.yaml``; ``+eval.<key>=`` on the CLI).
 
     Translation overrides (``None`` = the model's ``model.sampling`` value): ``guidance_scale``, ``t_start``,
-    ``num_steps`` (``sampling.steps``), ``invert``. Inputs: ``input``, ``input_label``, ``max_volumes``, ``val_max_volumes``,
-    ``slice_stride``. Analysis: ``ssim_outlier``, ``n_worst``, ``ms_ssim_scales``, ``max_psnr``, ``reductions``,
+    ``num_steps`` (``sampling.steps``), ``invert``. Inputs: ``input``, ``input_label``, ``max_volumes``,
+    ``val_max_volumes``, ``slice_stride``. Analysis: ``ssim_outlier``, ``n_worst``, ``ms_ssim_scales``, ``max_psnr``, ``reductions``,
     ``n_boot``, ``seed``, ``volume_plots``. Baselines: ``baselines``, ``baseline_max_items``. Optional metrics:
     ``vsi``, ``lpips_torch_home``, ``fid_weights``.
     """
