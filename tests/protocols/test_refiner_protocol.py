@@ -25,7 +25,7 @@ from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion
 from meddiff.nets import build_net
 from meddiff.nets.gan import BrainomalyGenerator, PatchCritic
-from meddiff.protocols import get_protocol
+from meddiff.protocols import get_protocol, protocol_class
 from meddiff.protocols import refiner as protocol
 from meddiff.protocols.refiner.options import LABELS_NONE
 from meddiff.protocols.refiner.test import paired_auroc_difference
@@ -87,7 +87,9 @@ def flipped_copy(root, tmp_path):
 
 # ------------------------------------------------------------------------------------------ labels and pools
 def test_registry_runs_the_package(data_root, models, tmp_path):
-    assert get_protocol("refiner") is protocol.run
+    run = get_protocol("refiner")  # the registry runs the package's Protocol class (the skeleton's run)
+    assert protocol_class("refiner") is protocol.RefinerProtocol
+    assert isinstance(run.__self__, protocol.RefinerProtocol)
     assert isinstance(protocol.RefinerProtocol(), protocol.Protocol)
 
 
@@ -326,13 +328,13 @@ def test_baselines_come_from_training_known_healthy_only(tmp_path):
 
 
 def test_headline_uses_the_configured_num_steps(tmp_path):
-    """Rule (d): the headline is the model's estimate with its configured ``num_steps``; the steps sweep (where
+    """Rule (d): the headline is the model's estimate with its configured ``model.sampling.steps``; the steps sweep (where
     1 step is better here) is a measurement and cannot change it."""
     model, data, cfg = fakes.make(tmp_path)
     rep = protocol.run(model, data, {**cfg, "steps": [1, 2, 5]}, tmp_path / "a", "cpu")
     refined, y, _ = _test_scores(model, data, "refined")
     headline = detection_ci(refined, y, n_boot=0)["auroc"]
-    assert rep["headline_num_steps"] == model.num_steps == 3
+    assert rep["headline_num_steps"] == model.sampling.steps == 3
     assert rep["summary"]["inductive_auroc"] == pytest.approx(headline)
     sweep = {r["steps"]: r["auroc"] for r in rep["steps"] if r["estimate"] == "refined"}
     assert max(sweep.values()) > headline  # the scenario: a sweep entry beats the configured steps

@@ -138,7 +138,6 @@ class CoarseGenerator(L.LightningModule):
         # iterations done (critic updates): saved in checkpoints, so the LR schedule and the G cadence resume exactly
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
 
-    # protocol-facing: kept until protocols switch to model.sampling
     @property
     def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
         return self.anomaly_val.scoring

@@ -8,7 +8,7 @@
   carry a subject, subject-level AUROC, the paired refined − coarse difference and the paired margin of the primary
   estimate over the baseline **chosen on validation** (``select``), each with its verdict and ``resampled``.
 - **Steps sweep**: the coarse estimate and refinements with ``eval.steps`` steps on the first ``steps_max_images``
-  test images — a measurement: the headline is the model's own ``estimates`` (its configured ``num_steps``).
+  test images — a measurement: the headline is the model's own ``estimates`` (its configured ``model.sampling.steps``).
 - **Checkpoints**: the numbers of the run's other kept checkpoints (copies of the model; scored in the same pass).
 - **Pixel** AUROC/AUPRC and Dice at the validation threshold (oracle Dice labelled as such) where test masks exist.
 """
@@ -29,7 +29,7 @@ from meddiff.metrics.detection import aggregate_by_subject, detection_ci, paired
 from meddiff.metrics.pixel import PixelAccumulator
 from meddiff.protocols.base import Outcome
 from meddiff.protocols.common import auroc_margin
-from meddiff.protocols.refiner.interfaces import StepSweepable, implements, refinement_info
+from meddiff.protocols.refiner.interfaces import StepSweepable, implements, refinement_info, with_steps
 from meddiff.protocols.refiner.options import LABELS_MIXED, LABELS_NONE, LABELS_TEST, RefinerEvalOptions
 from meddiff.protocols.refiner.report import build_report
 from meddiff.protocols.refiner.scoring import (
@@ -139,7 +139,7 @@ def _valid_steps(model: Any, steps: Sequence[int]) -> tuple[list[int], dict[int,
     ok, skipped = [], {}
     for s in steps:
         try:
-            model.check_steps(int(s), model.t_start)
+            model.check_sampling(with_steps(model, s), "eval.steps")
             ok.append(int(s))
         except ConfigError as exc:
             skipped[int(s)] = str(exc)
@@ -266,8 +266,8 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
     parts["seconds_per_image"] = {k: v / n_all for k, v in seconds.items()}
     if sweep:
         parts["steps"] = steps_rows(test, skipped, sweep_seconds, opts.steps)
-        parts["steps_note"] = (f"a measurement on test, not a choice: the headline uses model.num_steps="
-                               f"{model.num_steps}")
+        parts["steps_note"] = (f"a measurement on test, not a choice: the headline uses model.sampling.steps="
+                               f"{model.sampling.steps}")
     if opts.pixel and pixel:
         parts["pixel"] = _pixel(pixel, sel.pixel_thresholds)
     if opts.compare_checkpoints and sel.rules:
