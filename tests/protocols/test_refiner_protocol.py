@@ -75,9 +75,11 @@ def models(tmp_path_factory):
 
 
 def flipped_copy(root, tmp_path):
-    """The same images with every label flipped (pos <-> neg folders of the mixed set and of test)."""
+    """The same images with every label flipped (pos <-> neg folders of the mixed set and of test; the lesion masks of
+    the former positives are dropped)."""
     new = tmp_path / "flipped"
     shutil.copytree(root, new)
+    shutil.rmtree(new / "test/anomaly_mask", ignore_errors=True)
     for a, b in (("train/pos", "train/neg_mixed"), ("test/pos", "test/neg")):
         (new / a).rename(new / "swap")
         (new / b).rename(new / a)
@@ -176,6 +178,8 @@ def test_full_report_has_baselines_paired_cis_steps_and_files(data_root, models,
     assert rep["refinement"]["num_steps"] == 2 and "not a choice" in rep["steps_note"]
     assert {"inductive_auroc", "transductive_auroc", "aucp_transductive", "refined_minus_coarse"} <= set(rep["summary"])
     assert all(type(v) is float for v in rep["summary"].values())
+    # the synthetic Brainomaly set writes test lesion masks (test/anomaly_mask): pixel metrics for both estimates
+    assert {"coarse", "refined"} <= set(rep["pixel"]) and "pixel_auroc" in rep["summary"]
     for name in ("refiner_report.md", "roc.png", "report.json", "metrics.csv"):  # report.json: the skeleton's
         assert (tmp_path / name).is_file(), name
     assert "Labels used" in (tmp_path / "refiner_report.md").read_text()

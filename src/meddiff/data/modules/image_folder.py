@@ -23,7 +23,9 @@ loaders ``[known_healthy_val, mixed, labelled_val]`` (those that exist), each it
 ``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.validation``); ``test`` = ``test``.
 
 Items (dicts, ``docs/contracts.md``): ``image [C, H, W]`` float32 in ``[-1, 1]``, ``id``, ``subject``, ``pool``,
-``label`` (int64, only where labels may be seen), ``mask`` (bool ``[1, H, W]``, BMAD labelled pools with masks),
+``label`` (int64, only where labels may be seen), ``mask`` (bool ``[1, H, W]``, labelled pools with masks: BMAD
+``anomaly_mask`` folders; Brainomaly ``val/anomaly_mask`` / ``test/anomaly_mask`` holding the masks of ``val/pos`` /
+``test/pos`` under the image's file name, BMAD-like; healthy images get an empty mask),
 ``brain_mask`` (bool ``[1, H, W]``, ``foreground_mask=true``: pixels above the image minimum).
 """
 
@@ -185,6 +187,34 @@ class HFlipped(Dataset):
         return item
 
 
+#: Brainomaly layout: the folder beside ``<split>/pos`` holding its images' lesion masks (BMAD's name)
+BRAINOMALY_MASK_FOLDER = "anomaly_mask"
+
+
+def brainomaly_masks(index: FolderIndex) -> FolderIndex:
+    """``index`` with the lesion masks of the labelled Brainomaly groups (``val``, ``test``): a ``<split>/anomaly_mask``
+    folder holds one mask per ``<split>/pos`` image, under the image's file name. Never for the unannotated mixed
+    set (its labels stay unread). DataError when the folder exists but misses a positive image's mask."""
+    records, has_masks = list(index.records), dict(index.has_masks)
+    for group in ("val", "test"):
+        folder = index.root / group / BRAINOMALY_MASK_FOLDER
+        if not folder.is_dir():
+            continue
+        missing = []
+        for k, r in enumerate(records):
+            if r.group != group or r.label != 1:
+                continue
+            path = folder / r.path.name
+            if not path.is_file():
+                missing.append(r.path.name)
+            records[k] = dataclasses.replace(r, mask_path=path)
+        if missing:
+            raise DataError(f"{len(missing)} images in {index.root / group / 'pos'} have no mask in {folder} "
+                            f"({', '.join(missing[:5])}); add the masks (same file name) or set data.use_masks=false.")
+        has_masks[group] = True
+    return dataclasses.replace(index, records=records, has_masks=has_masks)
+
+
 class ImageFolderAnomalyDataModule(SplitDataModule):
     """Brainomaly / BMAD image folders for anomaly detection with an unannotated pool (see the module docstring).
 
@@ -198,7 +228,8 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         val_fraction: share of known-healthy subjects held out for validation (AUCp's known-healthy side).
         train_pools: ``[known_healthy]`` (the refiner, diffusion models) or ``[known_healthy, mixed]`` (the GAN).
         val_max_per_pool: at most this many images per validation pool (a fixed seeded subset), or None.
-        use_masks: read BMAD ``anomaly_mask`` folders. foreground_mask: add ``brain_mask`` to items.
+        use_masks: read the ``anomaly_mask`` folders (BMAD; Brainomaly ``val/`` and ``test/``).
+        foreground_mask: add ``brain_mask`` to items.
         hflip: flip each training image left-right with probability 1/2 (Brainomaly's official training
             augmentation; training loaders only, per epoch from the seed: :class:`FlipSampler`).
         cache: keep preprocessed images in memory. synthetic: kwargs of
@@ -256,6 +287,8 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         if self.synthetic is not None:
             self.prepare_data()  # idempotent; makes setup() alone enough (tests, eval on a fresh machine)
         index = scan_image_folder(self.root, self.layout, self.subject_regex, use_masks=self.use_masks)
+        if index.layout == "brainomaly" and self.use_masks:
+            index = brainomaly_masks(index)
         if index.unparsed_subjects:
             log.warning("%d image name(s) under %s carry no subject id (%s does not match, e.g. %r): each such image "
                         "is its own subject, so subject-level scores and the leakage check cannot group its slices. "
