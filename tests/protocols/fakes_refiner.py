@@ -190,6 +190,42 @@ class FakeRefiner(nn.Module):
         return {"coarse": c, "refined": self.refine_with(batch["image"], c, self.sampling, ids=batch.get("id"))}
 
 
+def parse_id(rid: str) -> tuple[str, int]:
+    """``(pool prefix, label)`` of a fake record id ``<prefix><p|n><k>__<zzz>.png`` (``pool_records``)."""
+    subject = rid.split("__")[0].rstrip("0123456789")
+    return subject[:-1], int(subject[-1] == "p")
+
+
+class CraftedCheckpoints(nn.Module):
+    """A model whose weights set how well it separates each pool, for checkpoints with known selector numbers.
+
+    ``reconstruct(batch) = x - s``, so an image's L1 score is ``s = gain[pool] * label + r``: ``r`` in ``[0, 0.5)`` for
+    anomalous images and in ``[0.5, 1)`` for healthy ones (from the id), ``gain`` one weight per pool family (the
+    mixed set ``mx``, labelled validation ``va``, test ``te``; healthy pools have no anomalies). A pool's AUROC is
+    0 at gain 0 and 1 at gain >= 1; AUCp (held-out healthy vs the mixed set) grows with the mixed set's gain.
+    """
+
+    eval_protocol = "refiner"
+    POOLS = {"mx": 0, "va": 1, "te": 2}
+
+    def __init__(self, gains: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+        super().__init__()
+        self.scoring_cfg = ScoringConfig()
+        self.gain = nn.Parameter(torch.tensor([float(g) for g in gains]))
+
+    def shift(self, rid: str) -> float:
+        """The score ``s`` of image ``rid`` (see the class docstring)."""
+        prefix, label = parse_id(rid)
+        r = (zlib.crc32(rid.encode()) % 1000) / 1000 * 0.5 + (0.0 if label else 0.5)
+        g = float(self.gain.detach()[self.POOLS[prefix]]) if prefix in self.POOLS else 0.0
+        return g * label + r
+
+    def reconstruct(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch["image"]
+        s = torch.tensor([self.shift(str(i)) for i in batch["id"]], dtype=x.dtype).view(-1, 1, 1, 1)
+        return x - s
+
+
 def default_pools() -> dict[str, list[Record]]:
     return {
         "known_healthy": pool_records("kh", 0, 6),

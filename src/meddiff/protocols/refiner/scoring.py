@@ -27,6 +27,8 @@ MAP_MAX = {"l1": 2.0, "l2": 4.0, "ssim": 2.0}
 PIXEL_BINS = 1000
 
 Scorer = Callable[[Mapping[str, Any], int], "dict[str, np.ndarray]"]
+#: score-name prefix of a saved checkpoint's copy: ``ckpt/<key>/<estimate>``
+CKPT = "ckpt/"
 
 
 @dataclass
