@@ -447,6 +447,16 @@ def _expected(models, pools):
     return out
 
 
+def test_smoothed_aucp_and_spearman_known_cases():
+    from meddiff.protocols.refiner.selector import smoothed, spearman
+
+    assert smoothed([0.2, 0.9, 0.2, 0.6, 0.7]) == pytest.approx([0.55, 1.3 / 3, 1.7 / 3, 0.5, 0.65])
+    assert smoothed([None, 0.4]) == [0.4, 0.4]
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and spearman([1, 2, 3], [1, 5, 9]) == 1.0
+    assert spearman([1, 2, 3], [2, 1, 3]) == pytest.approx(0.5)
+    assert spearman([1, 1, 1], [1, 2, 3]) != spearman([1, 1, 1], [1, 2, 3])  # constant side: nan
+
+
 def test_aucp_selector_measured_over_every_saved_checkpoint(tmp_path):
     """Every saved checkpoint's AUCp beside its labelled-validation and test AUROC; Spearman and the regret of AUCp
     selection have known values here (AUCp rises while both AUROCs fall: rho = -1, regret = 1 - 0 = 1); all
@@ -468,9 +478,11 @@ def test_aucp_selector_measured_over_every_saved_checkpoint(tmp_path):
         assert rows[key]["aucp"] == pytest.approx(w["aucp"])
         assert rows[key]["val_auroc"] == pytest.approx(w["val"]) and rows[key]["test_auroc"] == pytest.approx(w["test"])
     assert [want[k]["test"] for k in rows][0] == 1.0 and want["val-step400"]["test"] == 0.0  # the crafted extremes
-    assert sel["picked"] == {"aucp": "val-step400", "labelled_validation": "val-step100", "last": "val-step400"}
+    assert sel["picked"] == {"aucp": "val-step400", "aucp_smoothed": "val-step400", "labelled_validation": "val-step100",
+                             "last": "val-step400"}
     assert sel["best_on_test"] == "val-step100"
-    assert sel["regret"] == {"aucp": pytest.approx(1.0), "labelled_validation": 0.0, "last": pytest.approx(1.0)}
+    assert sel["regret"] == {"aucp": pytest.approx(1.0), "aucp_smoothed": pytest.approx(1.0),
+                             "labelled_validation": 0.0, "last": pytest.approx(1.0)}
     rho = sel["spearman_aucp_vs_val_auroc"]
     expected_rho = spearmanr([w["aucp"] for w in want.values()], [w["val"] for w in want.values()]).statistic
     assert rho["rho"] == pytest.approx(expected_rho) == pytest.approx(-1.0)

@@ -9,8 +9,10 @@ the protocol's one test pass). Then:
   resamples the validation *subjects* of the three pools (known-healthy hold-out, unannotated pool, labelled
   validation) and recomputes every checkpoint's two numbers: how sure the ranking agreement is, given the data;
 - **regret** of a selection rule: test AUROC of the best checkpoint (an oracle) minus that of the checkpoint the rule
-  picks (AUCp: the highest AUCp; labelled validation: the highest validation AUROC; last: the latest step). Ties go
-  to the earliest checkpoint, as Lightning's ``ModelCheckpoint`` keeps the first best.
+  picks (AUCp: the highest AUCp; AUCp smoothed: the highest mean AUCp of a checkpoint and its neighbours in step
+  order, label-free and less swayed by one noisy validation; labelled validation: the highest validation AUROC;
+  last: the latest step). Ties go to the earliest checkpoint, as Lightning's ``ModelCheckpoint`` keeps the first
+  best. The rho-corrected AUCp, ``(AUCp - rho/2) / (1 - rho)``, is a monotone map of AUCp: it picks the same one.
 """
 
 from __future__ import annotations
@@ -97,6 +99,17 @@ def _pick(rows: Sequence[Mapping[str, Any]], field: str) -> str | None:
     return key
 
 
+def smoothed(values: Sequence[float | None]) -> list[float]:
+    """Each value averaged with its neighbours (a centred window of 3; 2 at the ends); None / nan are skipped."""
+    v = np.asarray([NAN if x is None else x for x in values], dtype=np.float64)
+    out = []
+    for i in range(v.size):
+        w = v[max(0, i - 1): i + 2]
+        w = w[np.isfinite(w)]
+        out.append(float(w.mean()) if w.size else NAN)
+    return out
+
+
 def measure(rows: list[dict[str, Any]], healthy: PoolScores, mixed: PoolScores, val: PoolScores | None,
             n_boot: int, seed: int) -> dict[str, Any]:
     """The selector measurement of ``rows`` (one per checkpoint, in step order, each with ``key``, ``aucp``,
@@ -104,8 +117,9 @@ def measure(rows: list[dict[str, Any]], healthy: PoolScores, mixed: PoolScores, 
     Spearman correlation with its CI."""
     test = {r["key"]: r["test_auroc"] for r in rows}
     best = _pick(rows, "test_auroc")
-    picks = {"aucp": _pick(rows, "aucp"), "labelled_validation": _pick(rows, "val_auroc"),
-             "last": rows[-1]["key"] if rows else None}
+    smooth = [{"key": r["key"], "s": v} for r, v in zip(rows, smoothed([r["aucp"] for r in rows]))]
+    picks = {"aucp": _pick(rows, "aucp"), "aucp_smoothed": _pick(smooth, "s"),
+             "labelled_validation": _pick(rows, "val_auroc"), "last": rows[-1]["key"] if rows else None}
     out: dict[str, Any] = {"n_checkpoints": len(rows), "best_on_test": best,
                            "best_test_auroc": test[best] if best else None, "picked": picks, "regret": {}}
     for rule, key in picks.items():
@@ -132,7 +146,8 @@ def verdict(m: Mapping[str, Any]) -> str:
     if reg.get("aucp") is None:
         return "AUCp selection: not measured (no checkpoint with a test AUROC)."
     text = (f"AUCp picked {m['picked']['aucp']} (test-AUROC regret {reg['aucp']:+.3f} vs the best checkpoint "
-            f"{m['best_on_test']}, an oracle)")
+            f"{m['best_on_test']}, an oracle); smoothed AUCp {m['picked']['aucp_smoothed']} (regret "
+            f"{reg['aucp_smoothed']:+.3f})")
     if reg.get("labelled_validation") is not None:
         text += (f"; labelled validation picked {m['picked']['labelled_validation']} (regret "
                  f"{reg['labelled_validation']:+.3f})")
