@@ -55,9 +55,9 @@ def _permuted(original: Path, dest: Path) -> Path:
     return dest
 
 
-def _module(root: Path) -> ImageFolderAnomalyDataModule:
+def _module(root: Path, hflip: bool = False) -> ImageFolderAnomalyDataModule:
     d = ImageFolderAnomalyDataModule(str(root), image_size=16, val_fraction=0.25, batch_size=3, seed=7,
-                                     train_pools=["known_healthy", "mixed"])
+                                     train_pools=["known_healthy", "mixed"], hflip=hflip)
     d.setup("fit")
     return d
 
@@ -75,9 +75,11 @@ def _drawn(d: ImageFolderAnomalyDataModule) -> dict[str, list]:
     return out
 
 
-def test_moving_files_between_label_folders_leaves_the_pool_bit_identical(original: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hflip", [False, True])  # training flips are drawn from the label-blind order
+def test_moving_files_between_label_folders_leaves_the_pool_bit_identical(original: Path, tmp_path: Path,
+                                                                          hflip: bool) -> None:
     permuted = _permuted(original, tmp_path / "b")
-    a, b = _module(original), _module(permuted)
+    a, b = _module(original, hflip), _module(permuted, hflip)
     labels_a, labels_b = a.unannotated_labels(), b.unannotated_labels()
     assert set(labels_a) == set(labels_b) and any(labels_a[k] != labels_b[k] for k in labels_a)  # labels did move
     assert all(labels_a[k] + labels_b[k] == 1 for k in labels_a)  # every image changed folder
@@ -113,7 +115,9 @@ def test_an_image_stored_twice_in_the_pool_is_an_error(original: Path, tmp_path:
         _module(root)
 
 
-def test_a_few_gan_steps_give_bit_identical_weights_and_pool_scores(original: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("hflip", [False, True])
+def test_a_few_gan_steps_give_bit_identical_weights_and_pool_scores(original: Path, tmp_path: Path,
+                                                                    hflip: bool) -> None:
     """The coarse GAN trains on the unannotated pool: permuting its labels changes neither the trained weights nor
     the transductive reconstructions (the pool's scores), with a fixed seed."""
     import lightning as L
@@ -128,7 +132,7 @@ def test_a_few_gan_steps_give_bit_identical_weights_and_pool_scores(original: Pa
         trainer = L.Trainer(max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             limit_val_batches=0)
-        d = _module(root)
+        d = _module(root, hflip)
         trainer.fit(model, datamodule=d)
         model.eval()
         with torch.no_grad():

@@ -63,6 +63,8 @@ def test_demo_refiner_two_stages_and_self_contained_eval(run, tmp_path):
     assert coarse["selection"]["rule"] in ("aucp", "last")  # derived from the weights; AUCp is the monitor
     ckpt = torch.load(tmp_path / "coarse/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert int(ckpt["state_dict"]["iterations"]) == 6 and ckpt["global_step"] == 9  # 6 critic + 3 generator steps
+    # every validation's weights kept: the AUCp-selector measurement over them (both stages)
+    assert coarse["aucp_selector"]["n_checkpoints"] >= 2 and "aucp" in coarse["aucp_selector"]["regret"]
 
     run("meddiff.train", *refiner_args(tmp_path), f"hydra.run.dir={tmp_path}/refiner")
     rep = json.loads((tmp_path / "refiner/report.json").read_text())
@@ -80,6 +82,12 @@ def test_demo_refiner_two_stages_and_self_contained_eval(run, tmp_path):
     assert rep["inductive"]["model_minus_best_baseline"]["baseline_chosen_on"] == "validation"
     assert rep["selection"]["baselines"]["built_from"] == "known_healthy"
     assert rep["headline_num_steps"] == 2 and "test" not in rep["selection"]["pools_read"]
+    # the synthetic set writes lesion masks (val/ and test/anomaly_mask): pixel metrics, Dice at the val threshold
+    assert "dice_at_val_threshold" in rep["pixel"]["refined"] and "pixel_auroc" in rep["summary"]
+    sel = rep["aucp_selector"]
+    assert sel["n_checkpoints"] >= 2 and all(r["val_auroc"] is not None for r in sel["checkpoints"])
+    assert any(r["is_evaluated_model"] for r in sel["checkpoints"])
+    assert (tmp_path / "refiner/aucp_selector.png").is_file()
     for name in ("refiner_report.md", "roc.png", "checkpoints/last.ckpt", "report.json", "metrics.csv"):
         assert (tmp_path / "refiner" / name).is_file(), name
     metrics = (tmp_path / "refiner/csv/metrics.csv").read_text()

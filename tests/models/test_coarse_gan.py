@@ -123,3 +123,19 @@ def test_bad_options(bad):
 def test_checkpoint_hyperparameters_are_plain():
     hp = tiny_gan(scoring={"reduction": "max"}).hparams
     assert hp["scoring"]["reduction"] == "max" and isinstance(hp["betas"], list)
+
+
+def test_identity_weight_follows_the_official_default():
+    """lambda_id = 1 as in the official Brainomaly code, in the model default and in configs/model/coarse_gan.yaml;
+    the Brainomaly experiments flip training images (data.hflip) as its training does."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    assert tiny_gan().lambda_id == 1.0 and tiny_gan().lambda_gp == 10.0
+    configs = Path(__file__).parents[2] / "configs"
+    cfg = OmegaConf.load(configs / "model/coarse_gan.yaml")
+    assert cfg.lambda_id == 1.0 and cfg.lambda_gp == 10.0
+    assert "official" in (configs / "model/coarse_gan.yaml").read_text()
+    for name in ("brainomaly_coarse", "brainomaly_refiner"):
+        assert OmegaConf.load(configs / f"experiment/{name}.yaml").data.hflip is True, name

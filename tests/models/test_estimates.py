@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from meddiff.diffusion import NoiseSchedule
@@ -54,5 +56,6 @@ def test_refiner_estimates_are_coarse_and_refined_with_the_configured_steps(tmp_
     for v in est.values():
         assert v.shape == batch["image"].shape and float(v.abs().max()) <= 1.0
     assert torch.equal(est["coarse"], ref.coarse(batch))
-    assert torch.equal(est["refined"], ref.reconstruct(batch))  # num_steps=3, noise seeded per id
-    assert not torch.equal(est["refined"], ref.refine(batch["image"], est["coarse"], num_steps=1, ids=batch["id"]))
+    assert torch.equal(est["refined"], ref.reconstruct(batch))  # sampling.steps=3, noise seeded per id
+    one_step = dataclasses.replace(ref.sampling, steps=1)
+    assert not torch.equal(est["refined"], ref.refine_with(batch["image"], est["coarse"], one_step, ids=batch["id"]))

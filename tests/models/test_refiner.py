@@ -4,6 +4,7 @@ the residual (pure noise or t_start), checkpoints are self-contained."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -186,13 +187,13 @@ def test_refined_is_coarse_plus_a_sampled_residual(coarse_path, t_start, sampler
     assert r1.shape == x.shape and r1.abs().max() <= 1
     assert torch.equal(r1, r2)  # seeded
     assert not torch.allclose(r1, model.coarse(batch))
-    assert model.refine(x, model.coarse(batch), num_steps=1).shape == x.shape
+    assert model.refine_with(x, model.coarse(batch), dataclasses.replace(model.sampling, steps=1)).shape == x.shape
 
 
 def test_steps_range_and_config_errors(coarse_path):
     model = make_refiner(coarse_path)
     with pytest.raises(ConfigError, match="1-50"):
-        model.refine(images(), model.coarse({"image": images()}), num_steps=51)
+        model.refine_with(images(), model.coarse({"image": images()}), dataclasses.replace(model.sampling, steps=51))
     with pytest.raises(ConfigError, match="sampling.steps"):
         make_refiner(coarse_path, num_steps=0)
     with pytest.raises(ConfigError, match="val_sampling.steps"):

@@ -5,9 +5,10 @@ template plus per-image noise; anomalous images add a bright disc (its ``mask`` 
 Subjects have two slices each. The datamodule counts what is read (``reads[pool]`` items, ``test_loaders``) so a
 test can check that the test split is read once.
 
-The fake refiner: ``coarse`` = the template (a perfect healthy estimate), ``refine(..., num_steps)`` = coarse plus
-noise seeded by image id whose size grows with ``num_steps`` (1 step: none), so its configured ``num_steps`` = 3 is
-*worse* than 1 step: a protocol that let the steps sweep pick the headline would report a different number.
+The fake refiner: ``coarse`` = the template (a perfect healthy estimate), ``refine_with(x, c, sampling)`` = coarse
+plus noise seeded by image id whose size grows with ``sampling.steps`` (1 step: none), so its configured
+``model.sampling.steps`` = 3 is *worse* than 1 step: a protocol that let the steps sweep pick the headline would
+report a different number.
 """
 
 from __future__ import annotations
@@ -144,6 +145,17 @@ class FakePools:
         return self.pool_loader("test")
 
 
+@dataclass
+class FakeSampling:
+    """The fake's ``model.sampling`` (the fields the protocol reads; replaced with ``dataclasses.replace``)."""
+
+    sampler: str = "fake"
+    steps: int = 3
+    t_start: int | None = None
+    eta: float = 0.0
+    spacing: str = "trailing"
+
+
 class FakeRefiner(nn.Module):
     """``estimates(batch) -> {"coarse", "refined"}`` like ``RefinerDiffusion`` (see the module docstring)."""
 
@@ -152,7 +164,7 @@ class FakeRefiner(nn.Module):
     def __init__(self, num_steps: int = 3, noise_per_step: float = 0.4) -> None:
         super().__init__()
         self.scoring_cfg = ScoringConfig()
-        self.num_steps, self.t_start, self.sampler = int(num_steps), None, "fake"
+        self.sampling = FakeSampling(steps=int(num_steps))
         self.noise_per_step = float(noise_per_step)
         self.w = nn.Parameter(torch.ones(1))  # weights to compare before / after a protocol run
 
@@ -160,14 +172,14 @@ class FakeRefiner(nn.Module):
         x = batch["image"]
         return (template().to(x) * self.w).expand_as(x).clone()
 
-    def check_steps(self, num_steps: int, t_start: int | None) -> None:
-        if not 1 <= int(num_steps) <= 10:
-            raise ConfigError(f"num_steps={num_steps} is outside [1, 10].")
+    def check_sampling(self, cfg: FakeSampling, where: str) -> None:
+        if not 1 <= int(cfg.steps) <= 10:
+            raise ConfigError(f"{where}.steps={cfg.steps} is outside [1, 10].")
 
-    def refine(self, x: torch.Tensor, coarse: torch.Tensor, num_steps: int | None = None,
-               ids: Sequence[str] | None = None) -> torch.Tensor:
-        steps = self.num_steps if num_steps is None else int(num_steps)
-        self.check_steps(steps, self.t_start)
+    def refine_with(self, x: torch.Tensor, coarse: torch.Tensor, cfg: FakeSampling,
+                    generator: torch.Generator | None = None, ids: Sequence[str] | None = None) -> torch.Tensor:
+        self.check_sampling(cfg, "sampling")
+        steps = int(cfg.steps)
         ids = list(ids) if ids is not None else [str(i) for i in range(x.shape[0])]
         z = torch.stack([_noise(f"refine{i}", x.shape[1:], 1.0) for i in ids]).to(x)
         return (coarse + self.noise_per_step * (steps - 1) * z).clamp(-1, 1)
@@ -175,7 +187,43 @@ class FakeRefiner(nn.Module):
     @torch.no_grad()
     def estimates(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         c = self.coarse(batch)
-        return {"coarse": c, "refined": self.refine(batch["image"], c, ids=batch.get("id"))}
+        return {"coarse": c, "refined": self.refine_with(batch["image"], c, self.sampling, ids=batch.get("id"))}
+
+
+def parse_id(rid: str) -> tuple[str, int]:
+    """``(pool prefix, label)`` of a fake record id ``<prefix><p|n><k>__<zzz>.png`` (``pool_records``)."""
+    subject = rid.split("__")[0].rstrip("0123456789")
+    return subject[:-1], int(subject[-1] == "p")
+
+
+class CraftedCheckpoints(nn.Module):
+    """A model whose weights set how well it separates each pool, for checkpoints with known selector numbers.
+
+    ``reconstruct(batch) = x - s``, so an image's L1 score is ``s = gain[pool] * label + r``: ``r`` in ``[0, 0.5)`` for
+    anomalous images and in ``[0.5, 1)`` for healthy ones (from the id), ``gain`` one weight per pool family (the
+    mixed set ``mx``, labelled validation ``va``, test ``te``; healthy pools have no anomalies). A pool's AUROC is
+    0 at gain 0 and 1 at gain >= 1; AUCp (held-out healthy vs the mixed set) grows with the mixed set's gain.
+    """
+
+    eval_protocol = "refiner"
+    POOLS = {"mx": 0, "va": 1, "te": 2}
+
+    def __init__(self, gains: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+        super().__init__()
+        self.scoring_cfg = ScoringConfig()
+        self.gain = nn.Parameter(torch.tensor([float(g) for g in gains]))
+
+    def shift(self, rid: str) -> float:
+        """The score ``s`` of image ``rid`` (see the class docstring)."""
+        prefix, label = parse_id(rid)
+        r = (zlib.crc32(rid.encode()) % 1000) / 1000 * 0.5 + (0.0 if label else 0.5)
+        g = float(self.gain.detach()[self.POOLS[prefix]]) if prefix in self.POOLS else 0.0
+        return g * label + r
+
+    def reconstruct(self, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch["image"]
+        s = torch.tensor([self.shift(str(i)) for i in batch["id"]], dtype=x.dtype).view(-1, 1, 1, 1)
+        return x - s
 
 
 def default_pools() -> dict[str, list[Record]]:

@@ -25,7 +25,7 @@ from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion
 from meddiff.nets import build_net
 from meddiff.nets.gan import BrainomalyGenerator, PatchCritic
-from meddiff.protocols import get_protocol
+from meddiff.protocols import get_protocol, protocol_class
 from meddiff.protocols import refiner as protocol
 from meddiff.protocols.refiner.options import LABELS_NONE
 from meddiff.protocols.refiner.test import paired_auroc_difference
@@ -75,9 +75,11 @@ def models(tmp_path_factory):
 
 
 def flipped_copy(root, tmp_path):
-    """The same images with every label flipped (pos <-> neg folders of the mixed set and of test)."""
+    """The same images with every label flipped (pos <-> neg folders of the mixed set and of test; the lesion masks of
+    the former positives are dropped)."""
     new = tmp_path / "flipped"
     shutil.copytree(root, new)
+    shutil.rmtree(new / "test/anomaly_mask", ignore_errors=True)
     for a, b in (("train/pos", "train/neg_mixed"), ("test/pos", "test/neg")):
         (new / a).rename(new / "swap")
         (new / b).rename(new / a)
@@ -87,7 +89,9 @@ def flipped_copy(root, tmp_path):
 
 # ------------------------------------------------------------------------------------------ labels and pools
 def test_registry_runs_the_package(data_root, models, tmp_path):
-    assert get_protocol("refiner") is protocol.run
+    run = get_protocol("refiner")  # the registry runs the package's Protocol class (the skeleton's run)
+    assert protocol_class("refiner") is protocol.RefinerProtocol
+    assert isinstance(run.__self__, protocol.RefinerProtocol)
     assert isinstance(protocol.RefinerProtocol(), protocol.Protocol)
 
 
@@ -174,6 +178,8 @@ def test_full_report_has_baselines_paired_cis_steps_and_files(data_root, models,
     assert rep["refinement"]["num_steps"] == 2 and "not a choice" in rep["steps_note"]
     assert {"inductive_auroc", "transductive_auroc", "aucp_transductive", "refined_minus_coarse"} <= set(rep["summary"])
     assert all(type(v) is float for v in rep["summary"].values())
+    # the synthetic Brainomaly set writes test lesion masks (test/anomaly_mask): pixel metrics for both estimates
+    assert {"coarse", "refined"} <= set(rep["pixel"]) and "pixel_auroc" in rep["summary"]
     for name in ("refiner_report.md", "roc.png", "report.json", "metrics.csv"):  # report.json: the skeleton's
         assert (tmp_path / name).is_file(), name
     assert "Labels used" in (tmp_path / "refiner_report.md").read_text()
@@ -326,13 +332,13 @@ def test_baselines_come_from_training_known_healthy_only(tmp_path):
 
 
 def test_headline_uses_the_configured_num_steps(tmp_path):
-    """Rule (d): the headline is the model's estimate with its configured ``num_steps``; the steps sweep (where
+    """Rule (d): the headline is the model's estimate with its configured ``model.sampling.steps``; the steps sweep (where
     1 step is better here) is a measurement and cannot change it."""
     model, data, cfg = fakes.make(tmp_path)
     rep = protocol.run(model, data, {**cfg, "steps": [1, 2, 5]}, tmp_path / "a", "cpu")
     refined, y, _ = _test_scores(model, data, "refined")
     headline = detection_ci(refined, y, n_boot=0)["auroc"]
-    assert rep["headline_num_steps"] == model.num_steps == 3
+    assert rep["headline_num_steps"] == model.sampling.steps == 3
     assert rep["summary"]["inductive_auroc"] == pytest.approx(headline)
     sweep = {r["steps"]: r["auroc"] for r in rep["steps"] if r["estimate"] == "refined"}
     assert max(sweep.values()) > headline  # the scenario: a sweep entry beats the configured steps
@@ -404,3 +410,96 @@ def test_reads_models_and_data_through_interfaces_only():
                 assert not any(n.startswith(("meddiff.models", "meddiff.data")) for n in names), (path.name, names)
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
                 assert "model" not in ast.unparse(node.args[0]), (path.name, ast.unparse(node))
+
+
+# ------------------------------------------------------------------------------------------ AUCp as a selector
+#: crafted checkpoints (step -> gains of the mixed set, labelled validation, test): AUCp rises with the step, the
+#: labelled-validation and test AUROCs fall from 1 to 0 — AUCp picks the worst checkpoint, validation the best
+CRAFTED = {100: (0.0, 1.0, 1.0), 200: (0.3, 0.6, 0.6), 300: (0.6, 0.3, 0.3), 400: (1.0, 0.0, 0.0)}
+
+
+def _crafted_run(tmp_path):
+    """A run dir with the four crafted checkpoints, ``last.ckpt`` = step 400 = the AUCp-selected one (evaluated)."""
+    ckdir = tmp_path / "checkpoints"
+    ckdir.mkdir()
+    models = {step: fakes.CraftedCheckpoints(g) for step, g in CRAFTED.items()}
+    for step, m in models.items():
+        torch.save({"state_dict": m.state_dict(), "global_step": step}, ckdir / f"val-step{step}.ckpt")
+    cbs = {"ModelCheckpoint{'monitor': 'val/aucp'}": {"monitor": "val/aucp",
+                                                       "best_model_path": str(ckdir / "val-step400.ckpt")}}
+    torch.save({"state_dict": models[400].state_dict(), "global_step": 400, "callbacks": cbs}, ckdir / "last.ckpt")
+    return models, ckdir
+
+
+def _expected(models, pools):
+    """AUCp / labelled-validation / test AUROC of every crafted checkpoint, computed here from the scores."""
+    from meddiff.metrics.aucp import aucp
+
+    def scores(m, pool):
+        return np.array([m.shift(r.id) for r in pools[pool]]), np.array([r.label for r in pools[pool]])
+
+    out = {}
+    for step, m in models.items():
+        (h, _), (mx, _), (v, yv), (t, yt) = (scores(m, p) for p in ("known_healthy_val", "mixed", "labelled_val",
+                                                                      "test"))
+        out[f"val-step{step}"] = {"aucp": aucp(h, mx), "val": detection_ci(v, yv, n_boot=0)["auroc"],
+                                  "test": detection_ci(t, yt, n_boot=0)["auroc"]}
+    return out
+
+
+def test_smoothed_aucp_and_spearman_known_cases():
+    from meddiff.protocols.refiner.selector import smoothed, spearman
+
+    assert smoothed([0.2, 0.9, 0.2, 0.6, 0.7]) == pytest.approx([0.55, 1.3 / 3, 1.7 / 3, 0.5, 0.65])
+    assert smoothed([None, 0.4]) == [0.4, 0.4]
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0) and spearman([1, 2, 3], [1, 5, 9]) == 1.0
+    assert spearman([1, 2, 3], [2, 1, 3]) == pytest.approx(0.5)
+    assert spearman([1, 1, 1], [1, 2, 3]) != spearman([1, 1, 1], [1, 2, 3])  # constant side: nan
+
+
+def test_aucp_selector_measured_over_every_saved_checkpoint(tmp_path):
+    """Every saved checkpoint's AUCp beside its labelled-validation and test AUROC; Spearman and the regret of AUCp
+    selection have known values here (AUCp rises while both AUROCs fall: rho = -1, regret = 1 - 0 = 1); all
+    checkpoints are scored in the one test pass, and the evaluated checkpoint and headline are unchanged."""
+    from scipy.stats import spearmanr
+
+    models, ckdir = _crafted_run(tmp_path)
+    pools = fakes.default_pools()
+    data = fakes.FakePools(pools)
+    cfg = {"n_boot": 100, "seed": 0, "steps": [], "figures": True, "checkpoint_dir": str(ckdir)}
+    model = copy.deepcopy(models[400]).eval()
+    rep = protocol.run(model, data, cfg, tmp_path / "out", "cpu")
+    sel = rep["aucp_selector"]
+    want = _expected(models, pools)
+    rows = {r["key"]: r for r in sel["checkpoints"]}
+    assert list(rows) == ["val-step100", "val-step200", "val-step300", "val-step400"]  # step order, last.ckpt merged
+    assert rows["val-step400"]["is_evaluated_model"] and set(rows["val-step400"]["rules"]) == {"aucp", "last"}
+    for key, w in want.items():
+        assert rows[key]["aucp"] == pytest.approx(w["aucp"])
+        assert rows[key]["val_auroc"] == pytest.approx(w["val"]) and rows[key]["test_auroc"] == pytest.approx(w["test"])
+    assert [want[k]["test"] for k in rows][0] == 1.0 and want["val-step400"]["test"] == 0.0  # the crafted extremes
+    assert sel["picked"] == {"aucp": "val-step400", "aucp_smoothed": "val-step400", "labelled_validation": "val-step100",
+                             "last": "val-step400"}
+    assert sel["best_on_test"] == "val-step100"
+    assert sel["regret"] == {"aucp": pytest.approx(1.0), "aucp_smoothed": pytest.approx(1.0),
+                             "labelled_validation": 0.0, "last": pytest.approx(1.0)}
+    rho = sel["spearman_aucp_vs_val_auroc"]
+    expected_rho = spearmanr([w["aucp"] for w in want.values()], [w["val"] for w in want.values()]).statistic
+    assert rho["rho"] == pytest.approx(expected_rho) == pytest.approx(-1.0)
+    assert rho["ci"][0] <= rho["rho"] <= rho["ci"][1] and rho["n_boot_used"] > 0 and "subjects" in rho["resampled"]
+    assert rep["summary"]["aucp_selection_regret"] == pytest.approx(1.0)
+    # a measurement only: the evaluated checkpoint, the headline and the by-rule table are the run's
+    assert rep["selection"]["rule"] == "aucp"
+    assert rep["summary"]["inductive_auroc"] == pytest.approx(want["val-step400"]["test"])
+    assert rep["checkpoints"]["aucp"]["is_evaluated_model"]
+    assert data.test_loaders == 1 and data.reads["test"] == len(pools["test"])  # four checkpoints, one test pass
+    # one validation pass for baselines and checkpoints (+ the first item, read once to see whether masks exist)
+    assert data.reads["labelled_val"] == len(pools["labelled_val"]) + 1
+    assert (tmp_path / "out/aucp_selector.png").is_file()
+    md = (tmp_path / "out/refiner_report.md").read_text()
+    assert "AUCp as a checkpoint selector" in md and "val-step100" in md and "regret" in md
+    plain = protocol.run(copy.deepcopy(models[400]).eval(), fakes.FakePools(fakes.default_pools()),
+                         {**cfg, "compare_checkpoints": False, "figures": False}, tmp_path / "plain", "cpu")
+    assert "aucp_selector" not in plain
+    assert {k: v for k, v in rep["summary"].items() if not k.startswith("aucp_")} == {
+        k: v for k, v in plain["summary"].items() if not k.startswith("aucp_")}

@@ -81,7 +81,8 @@ class CoarseGenerator(L.LightningModule):
         generator: ``BrainomalyGenerator`` (``healthy(x)``, ``forward(x) -> map``).
         critic: ``PatchCritic``.
         lr, betas: Adam settings of both optimizers.
-        lambda_gp: gradient-penalty weight (10). lambda_id: identity-loss weight on known-healthy images.
+        lambda_gp: gradient-penalty weight (10). lambda_id: identity-loss weight on known-healthy images (1, the
+            official Brainomaly default).
         n_critic: the generator is updated on every ``n_critic``-th iteration (2 in Brainomaly).
         num_iters: total iterations (critic updates); training stops there. ``None``: derived from the trainer
             (``max_steps`` converted from optimizer steps, else ``max_epochs`` x batches per epoch).
@@ -100,7 +101,7 @@ class CoarseGenerator(L.LightningModule):
         lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
         lambda_gp: float = 10.0,
-        lambda_id: float = 10.0,
+        lambda_id: float = 1.0,
         n_critic: int = 2,
         num_iters: int | None = None,
         decay_iters: int | None = None,
@@ -138,7 +139,6 @@ class CoarseGenerator(L.LightningModule):
         # iterations done (critic updates): saved in checkpoints, so the LR schedule and the G cadence resume exactly
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
 
-    # protocol-facing: kept until protocols switch to model.sampling
     @property
     def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
         return self.anomaly_val.scoring

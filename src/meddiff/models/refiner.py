@@ -113,36 +113,25 @@ class RefinerDiffusion(DiffusionModule):
         self.hparams["coarse_source"] = dict(self.coarse_info)
 
     def check_sampling(self, cfg: SamplingConfig, where: str) -> None:
+        """``ConfigError`` (naming ``where``) unless ``cfg`` is a refinement this model runs: ddim / ddpm,
+        ``steps`` in ``[1, 50]`` (at most ``t_start + 1``), ``t_start`` in ``[0, T)`` or None, no unused field."""
         if cfg.sampler not in SAMPLERS:
             raise ConfigError(f"{where}.sampler={cfg.sampler!r} is unknown here; choose one of {list(SAMPLERS)}.")
         cfg.require_unset(_UNUSED, "the refiner", where)
-        self.check_steps(cfg.steps, cfg.t_start, f"{where}.steps")
+        T = self.schedule.num_train_timesteps
+        if cfg.t_start is not None and not 0 <= int(cfg.t_start) < T:
+            raise ConfigError(f"{where}.t_start={cfg.t_start} is outside [0, {T}); use null to start from pure "
+                              "noise.")
+        hi = min(50, T if cfg.t_start is None else int(cfg.t_start) + 1)
+        steps = cfg.steps
+        if steps is None or isinstance(steps, bool) or not 1 <= int(steps) <= hi:
+            raise ConfigError(f"{where}.steps={steps} is outside [1, {hi}] (refinement takes 1-50 steps"
+                              f"{'' if cfg.t_start is None else ', at most t_start + 1'}).")
 
-    # protocol-facing: kept until protocols switch to model.sampling
     @property
     def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
+        """The anomaly scorer's settings (every protocol scores healthy estimates with them)."""
         return self.anomaly_val.scoring
-
-    # protocol-facing: kept until protocols switch to model.sampling (sampler, num_steps, eta, t_start, spacing)
-    @property
-    def sampler(self) -> str:
-        return self.sampling.sampler
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.sampling.steps)
-
-    @property
-    def eta(self) -> float:
-        return float(self.sampling.eta)
-
-    @property
-    def t_start(self) -> int | None:
-        return self.sampling.t_start
-
-    @property
-    def timestep_spacing(self) -> str:
-        return self.sampling.spacing
 
     # ------------------------------------------------------------------ the frozen coarse stage
     def train(self, mode: bool = True) -> RefinerDiffusion:
@@ -205,19 +194,6 @@ class RefinerDiffusion(DiffusionModule):
         return super().training_step(batch, batch_idx)
 
     # ------------------------------------------------------------------ inference
-    # protocol-facing: kept until protocols switch to model.sampling
-    def check_steps(self, num_steps: int | None, t_start: int | None, what: str = "num_steps") -> None:
-        """``ConfigError`` unless ``num_steps`` is in ``[1, 50]`` (at most ``t_start + 1``) and ``t_start`` in
-        ``[0, T)`` or None."""
-        T = self.schedule.num_train_timesteps
-        if t_start is not None and not 0 <= int(t_start) < T:
-            raise ConfigError(f"model.sampling.t_start={t_start} is outside [0, {T}); use null to start from pure "
-                              "noise.")
-        hi = min(50, T if t_start is None else int(t_start) + 1)
-        if num_steps is None or isinstance(num_steps, bool) or not 1 <= int(num_steps) <= hi:
-            raise ConfigError(f"{what}={num_steps} is outside [1, {hi}] (refinement takes 1-50 steps"
-                              f"{'' if t_start is None else ', at most t_start + 1'}).")
-
     def item_noise(self, ids: Sequence[str], seed: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """``noise_fn(like) -> z``: Gaussian noise whose row ``i`` comes from a generator seeded by the last path
         component of ``ids[i]`` (the file name; not its folder, which may encode the label) and ``seed`` (default
@@ -259,15 +235,6 @@ class RefinerDiffusion(DiffusionModule):
                                   eta=cfg.eta, generator=generator, clip_sample=clip, noise_fn=noise_fn)
         return (coarse + s * r0).clamp(-1.0, 1.0)
 
-    # protocol-facing: kept until protocols switch to model.sampling
-    def refine(self, x: torch.Tensor, coarse: torch.Tensor, num_steps: int | None = None,
-               sampler: str | None = None, generator: torch.Generator | None = None,
-               ids: Sequence[str] | None = None) -> torch.Tensor:
-        """:meth:`refine_with` ``model.sampling`` with ``steps`` / ``sampler`` changed when given."""
-        changes = {k: v for k, v in (("steps", num_steps), ("sampler", sampler)) if v is not None}
-        cfg = self.sampling.with_changes(changes, "refine()") if changes else self.sampling
-        return self.refine_with(x, coarse, cfg, generator=generator, ids=ids)
-
     def reconstruct(self, batch: Mapping[str, Any], sampling: SamplingConfig | None = None) -> torch.Tensor:
         """The refined healthy estimate of ``batch['image']`` with ``sampling`` (default ``model.sampling``):
         ``[B, C, H, W]`` in ``[-1, 1]`` (noise seeded per image id when the batch has ``id``)."""
@@ -294,9 +261,9 @@ class RefinerDiffusion(DiffusionModule):
     @torch.no_grad()
     def estimates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Both healthy estimates of ``batch['image']`` from one coarse pass: ``{"coarse": ..., "refined": ...}``,
-        each ``[B, C, H, W]`` in ``[-1, 1]``; ``refined`` with the configured ``num_steps`` (noise seeded per id)."""
+        each ``[B, C, H, W]`` in ``[-1, 1]``; ``refined`` with ``model.sampling`` (noise seeded per id)."""
         c = self.coarse(batch)
-        return {"coarse": c, "refined": self.refine(batch["image"], c, ids=batch.get("id"))}
+        return {"coarse": c, "refined": self.refine_with(batch["image"], c, self.sampling, ids=batch.get("id"))}
 
 
 __all__ = ["RefinerDiffusion"]

@@ -15,12 +15,17 @@ Pools (``pool_dataset(name)`` / ``pool_loader(name)``):
 - ``test``: the labelled test set.
 
 Lightning splits: ``train`` = ``known_healthy`` (with ``train_pools=[known_healthy, mixed]`` the training loader is
-``{"known_healthy": loader, "mixed": loader}``, cycled to the longer one, for the coarse GAN); ``val`` = a list of
+``{"known_healthy": loader, "mixed": loader}``, cycled to the longer one, for the coarse GAN; ``hflip=true``: each
+training image flipped left-right with probability 1/2, as Brainomaly's official training does, drawn from
+(seed, epoch, pool index) by :class:`FlipSampler`, so flips are label-blind and resumable; never in validation, test
+or the protocols' pools); ``val`` = a list of
 loaders ``[known_healthy_val, mixed, labelled_val]`` (those that exist), each item tagged ``pool`` =
 ``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.validation``); ``test`` = ``test``.
 
 Items (dicts, ``docs/contracts.md``): ``image [C, H, W]`` float32 in ``[-1, 1]``, ``id``, ``subject``, ``pool``,
-``label`` (int64, only where labels may be seen), ``mask`` (bool ``[1, H, W]``, BMAD labelled pools with masks),
+``label`` (int64, only where labels may be seen), ``mask`` (bool ``[1, H, W]``, labelled pools with masks: BMAD
+``anomaly_mask`` folders; Brainomaly ``val/anomaly_mask`` / ``test/anomaly_mask`` holding the masks of ``val/pos`` /
+``test/pos`` under the image's file name, BMAD-like; healthy images get an empty mask),
 ``brain_mask`` (bool ``[1, H, W]``, ``foreground_mask=true``: pixels above the image minimum).
 """
 
@@ -47,6 +52,7 @@ from meddiff.data.formats.folder_layout import (
 )
 from meddiff.data.formats.raster import read_image, read_size
 from meddiff.data.preprocess.intensity import scale_intensity
+from meddiff.data.resumable import EpochShuffleSampler, ResumableLoader
 from meddiff.data.splits import split_groups
 from meddiff.errors import ConfigError, DataError
 
@@ -138,6 +144,77 @@ class ImageFolderDataset(Dataset):
         return dict(item)
 
 
+#: item keys that are images of the slice (flipped together)
+FLIP_KEYS = ("image", "mask", "brain_mask")
+
+
+class FlipSampler(EpochShuffleSampler):
+    """:class:`EpochShuffleSampler` whose indices also carry a horizontal-flip bit: ``i + n`` = item ``i`` flipped.
+
+    The order and the flips of epoch ``e`` come from ``(seed, e)`` alone (the flip of item ``i`` is a fair coin of
+    ``(seed, e)`` indexed by ``i``, the item's place in the label-blind pool order), so a resumed run flips exactly as
+    an uninterrupted one, and the indices stay plain integers (workers and Lightning's sampler wrappers pass them on).
+    """
+
+    def flips(self, epoch: int) -> torch.Tensor:
+        """``[n]`` bool: which items epoch ``epoch`` flips."""
+        seed = int(np.random.SeedSequence([self.seed, int(epoch), 0xF1]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.rand(self.n, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[int]
+        start, self.start = self.start, 0
+        flips = self.flips(self.epoch)
+        for i in self.order(self.epoch)[start:]:
+            yield i + self.n * int(flips[i])
+
+
+class HFlipped(Dataset):
+    """A pool's dataset indexed by :class:`FlipSampler`: index ``i + n`` is item ``i`` with ``FLIP_KEYS`` flipped
+    left-right (``[C, H, W]`` along ``W``); ``len`` is the pool's."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        n = len(self)
+        item = self.dataset[j % n]
+        if j >= n:  # new tensors: a cached item is never modified
+            item = {k: (torch.flip(v, dims=(-1,)) if k in FLIP_KEYS and torch.is_tensor(v) else v)
+                    for k, v in item.items()}
+        return item
+
+
+#: Brainomaly layout: the folder beside ``<split>/pos`` holding its images' lesion masks (BMAD's name)
+BRAINOMALY_MASK_FOLDER = "anomaly_mask"
+
+
+def brainomaly_masks(index: FolderIndex) -> FolderIndex:
+    """``index`` with the lesion masks of the labelled Brainomaly groups (``val``, ``test``): a ``<split>/anomaly_mask``
+    folder holds one mask per ``<split>/pos`` image, under the image's file name. Never for the unannotated mixed
+    set (its labels stay unread). DataError when the folder exists but misses a positive image's mask."""
+    records, has_masks = list(index.records), dict(index.has_masks)
+    for group in ("val", "test"):
+        folder = index.root / group / BRAINOMALY_MASK_FOLDER
+        if not folder.is_dir():
+            continue
+        missing = []
+        for k, r in enumerate(records):
+            if r.group != group or r.label != 1:
+                continue
+            path = folder / r.path.name
+            if not path.is_file():
+                missing.append(r.path.name)
+            records[k] = dataclasses.replace(r, mask_path=path)
+        if missing:
+            raise DataError(f"{len(missing)} images in {index.root / group / 'pos'} have no mask in {folder} "
+                            f"({', '.join(missing[:5])}); add the masks (same file name) or set data.use_masks=false.")
+        has_masks[group] = True
+    return dataclasses.replace(index, records=records, has_masks=has_masks)
+
+
 class ImageFolderAnomalyDataModule(SplitDataModule):
     """Brainomaly / BMAD image folders for anomaly detection with an unannotated pool (see the module docstring).
 
@@ -151,7 +228,10 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         val_fraction: share of known-healthy subjects held out for validation (AUCp's known-healthy side).
         train_pools: ``[known_healthy]`` (the refiner, diffusion models) or ``[known_healthy, mixed]`` (the GAN).
         val_max_per_pool: at most this many images per validation pool (a fixed seeded subset), or None.
-        use_masks: read BMAD ``anomaly_mask`` folders. foreground_mask: add ``brain_mask`` to items.
+        use_masks: read the ``anomaly_mask`` folders (BMAD; Brainomaly ``val/`` and ``test/``).
+        foreground_mask: add ``brain_mask`` to items.
+        hflip: flip each training image left-right with probability 1/2 (Brainomaly's official training
+            augmentation; training loaders only, per epoch from the seed: :class:`FlipSampler`).
         cache: keep preprocessed images in memory. synthetic: kwargs of
             ``meddiff.data.synthetic.lesion_folders.write_synthetic_image_folder`` to write a phantom set into
             ``root`` when it has none (demos and tests), or None.
@@ -163,7 +243,8 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
                  subject_regex: str | None = DEFAULT_SUBJECT_REGEX, allow_subject_overlap: bool = False,
                  val_fraction: float = 0.1, train_pools: Sequence[str] = ("known_healthy",),
                  val_max_per_pool: int | None = None, use_masks: bool = True, foreground_mask: bool = False,
-                 cache: bool = False, synthetic: dict[str, Any] | None = None, batch_size: int = 16,
+                 cache: bool = False, hflip: bool = False, synthetic: dict[str, Any] | None = None,
+                 batch_size: int = 16,
                  num_workers: int = 0, pin_memory: bool = False, seed: int = 0, seeded_shuffle: bool = True) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
                          val_fraction=val_fraction, test_fraction=0.0, seeded_shuffle=seeded_shuffle)
@@ -185,6 +266,9 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         self.train_pools = tuple(pools)
         self.val_max_per_pool = None if val_max_per_pool is None else int(val_max_per_pool)
         self.use_masks, self.foreground_mask, self.cache = bool(use_masks), bool(foreground_mask), bool(cache)
+        if not isinstance(hflip, bool):
+            raise ConfigError(f"data.hflip={hflip!r} must be true or false.")
+        self.hflip = hflip
         self.synthetic = None if synthetic is None else dict(synthetic)
         self.index: FolderIndex | None = None
         self._pools: dict[str, ImageFolderDataset] = {}
@@ -203,6 +287,8 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         if self.synthetic is not None:
             self.prepare_data()  # idempotent; makes setup() alone enough (tests, eval on a fresh machine)
         index = scan_image_folder(self.root, self.layout, self.subject_regex, use_masks=self.use_masks)
+        if index.layout == "brainomaly" and self.use_masks:
+            index = brainomaly_masks(index)
         if index.unparsed_subjects:
             log.warning("%d image name(s) under %s carry no subject id (%s does not match, e.g. %r): each such image "
                         "is its own subject, so subject-level scores and the leakage check cannot group its slices. "
@@ -292,10 +378,21 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
             name = "known_healthy"
         return self.pool_dataset(name)
 
+    def _train_loader(self, name: str) -> DataLoader:
+        """The shuffled training loader of one pool; with ``hflip`` its items are flipped by :class:`FlipSampler`."""
+        if not self.hflip:
+            return self.pool_loader(name, shuffle=True)
+        ds = self.pool_dataset(name)
+        # as dict_loader: the seed is data.seed when seeded_shuffle, else one from torch's global RNG
+        seed = self.seed if self.seeded_shuffle else int(torch.randint(0, 2**62, ()).item())
+        return ResumableLoader(HFlipped(ds), batch_size=self.batch_size, seed=seed, sampler=FlipSampler(len(ds), seed),
+                               num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.num_workers > 0, drop_last=False)
+
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
         if self.train_pools == ("known_healthy",):
-            return self.pool_loader("known_healthy", shuffle=True)
-        return {p: self.pool_loader(p, shuffle=True) for p in self.train_pools}
+            return self._train_loader("known_healthy")
+        return {p: self._train_loader(p) for p in self.train_pools}
 
     def val_loader_pools(self) -> list[str]:
         """Pools of the validation loaders, in order."""

@@ -6,7 +6,10 @@ Rician noise) of which ``slices_per_subject`` axial slices around the centre are
 field of view), position (inside the brain) and kind — hyperintense (x1.3-1.6 of the local tissue) or hypointense
 (x0.3-0.6), half each, with soft edges — so that neither brightness nor size alone separates the classes; only
 slices that cut the lesion (>= ``min_lesion_px`` pixels) are written, so a diseased subject's slices all show it.
-Masks (BMAD ``anomaly_mask``) are the lesion voxels of the slice.
+Masks are the lesion voxels of the slice (0 / 255 PNGs with the image's file name): BMAD ``<split>/Ungood/anomaly_mask``;
+Brainomaly ``val/anomaly_mask`` and ``test/anomaly_mask`` for the labelled diseased images (BMAD-like, beside the image
+folders; ``ImageFolderAnomalyDataModule`` reads them) — never for the unannotated mixed set, whose labels a mask
+folder would reveal.
 
 Subjects per group (disjoint, so no subject spans two splits): known-healthy, the unannotated mixed set
 (diseased + healthy), a labelled validation set and a labelled test set. Layouts
@@ -18,7 +21,8 @@ Subjects per group (disjoint, so no subject spans two splits): known-healthy, th
 
 Subject ``k`` of group ``g`` is drawn from ``default_rng([seed, g, k])``. ``.meddiff_synthetic.json`` is written last
 (atomically): its presence means the folder is complete; a folder written with other settings is an error unless
-``overwrite``.
+``overwrite``; one written by an older version of this writer with the same settings is completed in place (the
+images are the same; newer versions add files, e.g. the Brainomaly masks of version 2).
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ _FOLDERS = {
              "val_pos": "valid/Ungood/img", "val_neg": "valid/good", "test_pos": "test/Ungood/img",
              "test_neg": "test/good"},
 }
+#: where each layout writes the lesion masks of a diseased group (relative to root); absent = no masks
+_MASK_FOLDERS = {
+    "brainomaly": {"val_pos": "val/anomaly_mask", "test_pos": "test/anomaly_mask"},
+    "bmad": {"mixed_pos": "valid/Ungood/anomaly_mask", "val_pos": "valid/Ungood/anomaly_mask",
+             "test_pos": "test/Ungood/anomaly_mask"},
+}
+#: the writer's version: 2 adds the Brainomaly masks (the images are those of version 1)
+VERSION = 2
 
 
 def _lesion(rng: np.random.Generator, labels: np.ndarray, z_lo: int, z_hi: int) -> tuple[np.ndarray, float]:
@@ -130,19 +142,21 @@ def write_synthetic_image_folder(
     root = Path(root).expanduser()
     settings: dict[str, Any] = {"layout": layout, "image_size": int(image_size), "counts": counts,
                                 "slices_per_subject": int(slices_per_subject), "min_lesion_px": int(min_lesion_px),
-                                "seed": int(seed), "version": 1}
+                                "seed": int(seed), "version": VERSION}
     marker = root / MARKER
     if marker.is_file():
-        if json.loads(marker.read_text()) == settings:
+        old = json.loads(marker.read_text())
+        if old == settings:
             return root
-        if not overwrite:
+        older = {**old, "version": VERSION} == settings and int(old.get("version", 0)) < VERSION
+        if not (overwrite or older):
             raise ConfigError(f"{root} holds a synthetic set written with other settings ({marker}); choose another "
                               "data.root or pass overwrite=True.")
     if overwrite and root.exists():
         for sub in ("train", "val", "valid", "test"):
             shutil.rmtree(root / sub, ignore_errors=True)
         marker.unlink(missing_ok=True)
-    folders = _FOLDERS[layout]
+    folders, mask_folders = _FOLDERS[layout], _MASK_FOLDERS[layout]
     for group, n in counts.items():
         for k in range(n):
             subject = f"{group.split('_')[0]}{'p' if group.endswith('_pos') else 'h'}{k:03d}"
@@ -150,8 +164,7 @@ def write_synthetic_image_folder(
                                          int(min_lesion_px)):
                 name = f"{subject}__{z:03d}.png"
                 _write_png(root / folders[group] / name, img)
-                if layout == "bmad" and group.endswith("_pos"):
-                    mask_dir = (root / folders[group]).parent / "anomaly_mask"
-                    _write_png(mask_dir / name, (mask * 255).astype(np.uint8))
+                if group in mask_folders:
+                    _write_png(root / mask_folders[group] / name, (mask * 255).astype(np.uint8))
     atomic_write_text(marker, json.dumps(settings, indent=2) + "\n")
     return root

@@ -8,8 +8,9 @@ On the shared skeleton (:class:`meddiff.protocols.base.Protocol`: ``check``, the
    baseline on labelled validation (``baseline_chosen_on``), Dice thresholds on labelled-validation masks, the
    checkpoint rule derived from the run's checkpoints;
 3. :func:`.test.evaluate_test`: one pass per pool, the test split read once; CIs resample subjects where known;
+   every saved checkpoint scored in the same passes for the AUCp-selector measurement (:mod:`.selector`);
 4. the skeleton writes ``report.json`` / ``metrics.csv``; :meth:`RefinerProtocol.write` adds
-   ``refiner_report.md`` and ``roc.png`` (:mod:`.report`).
+   ``refiner_report.md``, ``roc.png`` and ``aucp_selector.png`` (:mod:`.report`).
 
 Models are read through :mod:`.interfaces` (``estimates(batch)``; ``reconstruct`` for any other anomaly model),
 data through the pools interface (``ImageFolderAnomalyDataModule``). ``run`` is the registry's entry.
@@ -53,8 +54,9 @@ class RefinerProtocol(Protocol):
     def test(self, model: Any, datamodule: Any, opts: RefinerEvalOptions, selection: RefinerSelection,
              device: torch.device) -> Outcome:
         outcome = evaluate_test(model, datamodule, opts, selection, device)
-        if not opts.figures:  # no plot data: write() draws no roc.png
+        if not opts.figures:  # no plot data: write() draws no roc.png / aucp_selector.png
             outcome.figures.pop("curves", None)
+            outcome.figures.pop("aucp_selector", None)
         return outcome
 
     def write(self, outcome: Outcome, out_dir: Path) -> None:

@@ -9,6 +9,7 @@ the refinement-steps measurement. Capabilities are checked by the attributes an 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -37,17 +38,20 @@ class Reconstructs(Protocol):
 
 
 class StepSweepable(Protocol):
-    """A refiner whose refined estimate can be recomputed with another number of steps (a measurement only)."""
+    """A refiner whose refined estimate can be recomputed with another number of steps (a measurement only).
 
-    num_steps: int
-    t_start: int | None
+    ``sampling`` is the model's sampling dataclass (``model.sampling``: ``sampler``, ``steps``, ``eta``, ``t_start``,
+    ``spacing``, ...); the sweep runs ``refine_with`` on ``dataclasses.replace(model.sampling, steps=s)`` after
+    ``check_sampling`` accepted it."""
+
+    sampling: Any
 
     def coarse(self, batch: Mapping[str, Any]) -> torch.Tensor: ...
 
-    def refine(self, x: torch.Tensor, coarse: torch.Tensor, num_steps: int | None = None,
-               ids: Sequence[str] | None = None) -> torch.Tensor: ...
+    def refine_with(self, x: torch.Tensor, coarse: torch.Tensor, cfg: Any,
+                    generator: torch.Generator | None = None, ids: Sequence[str] | None = None) -> torch.Tensor: ...
 
-    def check_steps(self, num_steps: int, t_start: int | None) -> None: ...
+    def check_sampling(self, cfg: Any, where: str) -> None: ...
 
 
 class PoolData(Protocol):
@@ -66,8 +70,9 @@ class PoolData(Protocol):
     def test_dataloader(self) -> Any: ...
 
 
-#: the refinement settings a report records, when the model has them
-REFINEMENT_FIELDS = ("sampler", "num_steps", "t_start", "eta", "timestep_spacing")
+#: the refinement settings a report records (report key -> ``model.sampling`` field)
+REFINEMENT_FIELDS = {"sampler": "sampler", "num_steps": "steps", "t_start": "t_start", "eta": "eta",
+                     "timestep_spacing": "spacing"}
 
 
 def implements(obj: Any, interface: type) -> bool:
@@ -92,6 +97,11 @@ def check_model(model: Any) -> None:
                           "reconstruct(batch), and a scoring_cfg).")
 
 
+def with_steps(model: Any, steps: int) -> Any:
+    """``model.sampling`` with ``steps`` changed (a copy; the model's own sampling is never modified)."""
+    return dataclasses.replace(model.sampling, steps=int(steps))
+
+
 def estimates_of(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The model's named healthy estimates of ``batch`` (``{"model": reconstruct(batch)}`` without ``estimates``)."""
     if callable(getattr(model, "estimates", None)):
@@ -100,10 +110,12 @@ def estimates_of(model: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor
 
 
 def refinement_info(model: Any) -> dict[str, Any] | None:
-    """The refinement settings of a step-sweepable model (None otherwise); the headline uses these."""
+    """The refinement settings of a step-sweepable model, read from ``model.sampling`` (None otherwise); the
+    headline uses these."""
     if not implements(model, StepSweepable):
         return None
-    info: dict[str, Any] = {k: getattr(model, k) for k in REFINEMENT_FIELDS if hasattr(model, k)}
+    sampling = model.sampling
+    info: dict[str, Any] = {k: getattr(sampling, f) for k, f in REFINEMENT_FIELDS.items() if hasattr(sampling, f)}
     if hasattr(model, "residual_std"):
         info["residual_scale"] = float(model.residual_std)
     if hasattr(model, "coarse_info"):

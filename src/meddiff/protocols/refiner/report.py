@@ -1,5 +1,5 @@
 """The refiner protocol's report: the JSON report (``report.json`` is written by the skeleton), its ``summary`` of
-headline floats (``metrics.csv``), ``refiner_report.md`` and ``roc.png``."""
+headline floats (``metrics.csv``), ``refiner_report.md``, ``roc.png`` and ``aucp_selector.png``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def summary(report: Mapping[str, Any], primary: str) -> dict[str, float]:
         s["refined_minus_coarse"] = ind["refined_minus_coarse"]["difference"]
         s["refined_minus_coarse_ci_lo"], s["refined_minus_coarse_ci_hi"] = ind["refined_minus_coarse"]["ci"]
     s.update(margin_summary(ind.get("model_minus_best_baseline"), "inductive_auroc"))
+    sel = report.get("aucp_selector")
+    if sel:  # the measurement's headline: the regret of AUCp selection and the rank agreement (not a choice)
+        for key, v in (("aucp_selection_regret", sel["regret"].get("aucp")),
+                       ("aucp_vs_val_auroc_spearman", sel["spearman_aucp_vs_val_auroc"]["rho"])):
+            if v is not None:
+                s[key] = v
     pix = report.get("pixel", {}).get(primary)
     if pix:
         s["pixel_auroc"], s["pixel_auprc"] = pix["auroc"], pix["auprc"]
@@ -125,16 +131,74 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             else:
                 lines.append(f"| {rule} | {e['needs_labels']} | {_fmt(e, 'inductive_auroc')} | "
                              f"{e['transductive_auroc']:.3f} | {e['aucp_transductive']:.3f} |")
+    if "aucp_selector" in report:
+        lines += _selector_lines(report["aucp_selector"])
     return "\n".join(lines) + "\n"
 
 
+def _num(v: Any) -> str:
+    return "-" if v is None or v != v else f"{v:.3f}"
+
+
+def _selector_lines(sel: Mapping[str, Any]) -> list[str]:
+    """The AUCp-selector section: one row per saved checkpoint, the regrets and the Spearman correlation."""
+    lines = ["", f"## AUCp as a checkpoint selector ({sel['note']})", "",
+             f"{sel['aucp']}; validation AUROC: {sel['val_auroc']}; test AUROC: {sel['test_auroc']} "
+             f"(estimate: {sel['estimate']}).", "",
+             "| checkpoint | step | rules | AUCp | labelled-val AUROC | test AUROC [95% CI] |", "|---|---|---|---|---|---|"]
+    for r in sel["checkpoints"]:
+        mark = " (evaluated)" if r["is_evaluated_model"] else ""
+        lo, hi = r["test_auroc_ci"]
+        lines.append(f"| {r['key']}{mark} | {r['step'] if r['step'] is not None else '-'} | "
+                     f"{', '.join(r['rules']) or '-'} | {_num(r['aucp'])} | {_num(r['val_auroc'])} | "
+                     f"{_num(r['test_auroc'])} [{_num(lo)}, {_num(hi)}] |")
+    lines += ["", "| selection rule | picks | test-AUROC regret vs the best checkpoint (oracle) |", "|---|---|---|"]
+    for rule, key in sel["picked"].items():
+        lines.append(f"| {rule} | {key or '-'} | {_num(sel['regret'].get(rule))} |")
+    rho = sel["spearman_aucp_vs_val_auroc"]
+    lo, hi = rho["ci"]
+    text = (f"Spearman(AUCp, labelled-validation AUROC) across checkpoints: {_num(rho['rho'])} [{_num(lo)}, "
+            f"{_num(hi)}] (bootstrap resampling {rho['resampled']})")
+    lines += ["", text + (f"; {rho['why_not']}" if rho.get("why_not") else ""), "", sel["verdict"]]
+    return lines
+
+
+def save_selector_figure(path: Path, sel: Mapping[str, Any]) -> None:
+    """``aucp_selector.png``: AUCp, labelled-validation and test AUROC of every saved checkpoint (by step), the
+    AUCp-picked and the test-best checkpoints marked."""
+    from matplotlib.figure import Figure
+
+    from meddiff.viz.figures import save_figure
+
+    rows = sel["checkpoints"]
+    x = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for field, label, style in (("aucp", "AUCp (label-free)", "o-"), ("val_auroc", "labelled-val AUROC", "s--"),
+                                ("test_auroc", "test AUROC", "^:")):
+        y = [float("nan") if r[field] is None else r[field] for r in rows]
+        ax.plot(x, y, style, label=label)
+    for key, color, label in ((sel["picked"].get("aucp"), "tab:blue", "AUCp pick"),
+                              (sel.get("best_on_test"), "tab:green", "best on test (oracle)")):
+        if key is not None:
+            i = [r["key"] for r in rows].index(key)
+            ax.axvline(x[i], color=color, alpha=0.3, lw=4, label=label)
+    ax.set_xlabel("training step" if all(r["step"] is not None for r in rows) else "checkpoint")
+    ax.set_ylabel("AUC")
+    ax.set_title(f"AUCp as a selector (regret {_num(sel['regret'].get('aucp'))})")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
 def write_outputs(report: Mapping[str, Any], figures: Mapping[str, Any], out_dir: Path) -> None:
-    """``refiner_report.md``, ``roc.png`` of the inductive test set (when ``figures`` holds its curves) and the
-    summary table on the console (``common.print_summary``) with the margin's verdict."""
+    """``refiner_report.md``, ``roc.png`` of the inductive test set (when ``figures`` holds its curves),
+    ``aucp_selector.png`` (when it holds the selector measurement) and the summary table on the console (``common.print_summary``) with the margin's verdict."""
     if "curves" in figures:
         from meddiff.viz.figures import save_roc_pr
 
         save_roc_pr(out_dir / "roc.png", dict(figures["curves"]), title="Inductive test set")
+    if "aucp_selector" in figures:
+        save_selector_figure(out_dir / "aucp_selector.png", figures["aucp_selector"])
     atomic_write_text(out_dir / "refiner_report.md", render_markdown(report))
     margin = report["inductive"].get("model_minus_best_baseline")
     print_summary(report["summary"], f"Refiner protocol: {report['model']} ({report['primary_estimate']}); 95% CIs "

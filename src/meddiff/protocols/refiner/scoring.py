@@ -20,13 +20,15 @@ from meddiff.anomaly.scoring import ScoringConfig, score_batch
 from meddiff.metrics.baselines import mean_intensity_score
 from meddiff.metrics.pixel import PixelAccumulator
 from meddiff.protocols.common import MEAN_INTENSITY, HealthyBaseline
-from meddiff.protocols.refiner.interfaces import estimates_of
+from meddiff.protocols.refiner.interfaces import estimates_of, with_steps
 
 #: upper end of the pixel-score bins per map kind (an L2 map of [-1, 1] images reaches 4)
 MAP_MAX = {"l1": 2.0, "l2": 4.0, "ssim": 2.0}
 PIXEL_BINS = 1000
 
 Scorer = Callable[[Mapping[str, Any], int], "dict[str, np.ndarray]"]
+#: score-name prefix of a saved checkpoint's copy: ``ckpt/<key>/<estimate>``
+CKPT = "ckpt/"
 
 
 @dataclass
@@ -156,7 +158,8 @@ def baseline_scorer(baselines: Baselines, cfg: ScoringConfig,
 
 def steps_scorer(model: Any, steps: Sequence[int], max_images: int | None,
                  seconds: dict[str, float]) -> Scorer:
-    """The steps sweep (a measurement): the coarse estimate and refinements with each step count, on the first
+    """The steps sweep (a measurement): the coarse estimate and refinements with each step count (``model.sampling``
+    with ``steps`` replaced), on the first
     ``max_images`` images; each one's time into ``seconds`` (``"coarse"``, ``"refined@<s>"``)."""
     cfg = model.scoring_cfg
 
@@ -173,7 +176,7 @@ def steps_scorer(model: Any, steps: Sequence[int], max_images: int | None,
         out = {"steps/coarse": _scores(x, coarse, region, cfg, None, None, "")}
         for s in steps:
             t0 = time.perf_counter()
-            refined = model.refine(x, coarse, num_steps=int(s), ids=part.get("id"))
+            refined = model.refine_with(x, coarse, with_steps(model, s), ids=part.get("id"))
             seconds[f"refined@{s}"] = seconds.get(f"refined@{s}", 0.0) + time.perf_counter() - t0
             out[f"steps/{s}"] = _scores(x, refined, region, cfg, None, None, "")
         return out

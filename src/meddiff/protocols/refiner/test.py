@@ -8,14 +8,15 @@
   carry a subject, subject-level AUROC, the paired refined − coarse difference and the paired margin of the primary
   estimate over the baseline **chosen on validation** (``select``), each with its verdict and ``resampled``.
 - **Steps sweep**: the coarse estimate and refinements with ``eval.steps`` steps on the first ``steps_max_images``
-  test images — a measurement: the headline is the model's own ``estimates`` (its configured ``num_steps``).
-- **Checkpoints**: the numbers of the run's other kept checkpoints (copies of the model; scored in the same pass).
+  test images — a measurement: the headline is the model's own ``estimates`` (its configured ``model.sampling.steps``).
+- **Checkpoints**: the numbers of the run's other saved checkpoints (copies of the model; scored in the same pass),
+  by selection rule, and the **AUCp-selector measurement** over all of them (:mod:`.selector`: AUCp beside the
+  labelled-validation and test AUROC, their Spearman correlation, the regret of each rule) — never a choice.
 - **Pixel** AUROC/AUPRC and Dice at the validation threshold (oracle Dice labelled as such) where test masks exist.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -29,10 +30,11 @@ from meddiff.metrics.detection import aggregate_by_subject, detection_ci, paired
 from meddiff.metrics.pixel import PixelAccumulator
 from meddiff.protocols.base import Outcome
 from meddiff.protocols.common import auroc_margin
-from meddiff.protocols.refiner.interfaces import StepSweepable, implements, refinement_info
+from meddiff.protocols.refiner.interfaces import StepSweepable, implements, refinement_info, with_steps
 from meddiff.protocols.refiner.options import LABELS_MIXED, LABELS_NONE, LABELS_TEST, RefinerEvalOptions
 from meddiff.protocols.refiner.report import build_report
 from meddiff.protocols.refiner.scoring import (
+    CKPT,
     Scored,
     Scorer,
     baseline_scorer,
@@ -41,10 +43,10 @@ from meddiff.protocols.refiner.scoring import (
     steps_scorer,
 )
 from meddiff.protocols.refiner.select import RefinerSelection
-from meddiff.utils.checkpoint_selection import RULES_NEEDING_LABELS, load_weights_only
+from meddiff.protocols.refiner.selector import PoolScores, measure, verdict
+from meddiff.utils.checkpoint_selection import RULES_NEEDING_LABELS
 
 NAN_CI = (float("nan"), float("nan"))
-CKPT = "ckpt/"
 STEPS = "steps/"
 
 
@@ -116,30 +118,11 @@ def _labels_by_id(datamodule: Any, ids: Sequence[str]) -> np.ndarray:
     return np.asarray([by_id[i] for i in ids], dtype=np.int64)
 
 
-def _checkpoint_copies(model: Any, sel: RefinerSelection, opts: RefinerEvalOptions
-                       ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Copies of the model with the weights of each kept checkpoint it does not already equal (``rule -> copy``),
-    and ``rule -> error`` for checkpoints that do not load. The evaluated model itself is never changed."""
-    copies, errors = {}, {}
-    if not (opts.compare_checkpoints and sel.rules):
-        return copies, errors
-    for rule, path in sel.rules.items():
-        if rule in sel.matched:
-            continue
-        try:
-            other = copy.deepcopy(model)
-            other.load_state_dict(load_weights_only(path)["state_dict"])
-            copies[rule] = other.eval()
-        except ConfigError as exc:
-            errors[rule] = str(exc)
-    return copies, errors
-
-
 def _valid_steps(model: Any, steps: Sequence[int]) -> tuple[list[int], dict[int, str]]:
     ok, skipped = [], {}
     for s in steps:
         try:
-            model.check_steps(int(s), model.t_start)
+            model.check_sampling(with_steps(model, s), "eval.steps")
             ok.append(int(s))
         except ConfigError as exc:
             skipped[int(s)] = str(exc)
@@ -192,21 +175,52 @@ def _compact(parts: Mapping[str, Any], name: str, prefix: str = "") -> dict[str,
             "aucp_inductive": parts["aucp"][prefix + name]["inductive"]["aucp"]}
 
 
-def _checkpoint_entries(parts: Mapping[str, Any], sel: RefinerSelection, errors: Mapping[str, str],
-                        primary: str) -> dict[str, Any]:
-    """Each kept checkpoint's numbers (its primary estimate), the evaluated model's own under its matching rules."""
+def _checkpoint_entries(parts: Mapping[str, Any], sel: RefinerSelection, primary: str) -> dict[str, Any]:
+    """Each kept checkpoint's numbers (its primary estimate) by selection rule, the evaluated model's own under its
+    matching rules."""
     out: dict[str, Any] = {}
     for rule, path in sel.rules.items():
         entry: dict[str, Any] = {"path": str(path), "needs_labels": rule in RULES_NEEDING_LABELS,
                                  "is_evaluated_model": rule in sel.matched}
+        saved = next((e for e in sel.saved if rule in e.rules), None)
         if rule in sel.matched:
             entry.update(_compact(parts, primary))
-        elif rule in errors:
-            entry["error"] = errors[rule]
+        elif saved is not None and saved.key in sel.copies:
+            entry.update(_compact(parts, primary, f"{CKPT}{saved.key}/"))
         else:
-            entry.update(_compact(parts, primary, f"{CKPT}{rule}/"))
+            entry["error"] = saved.error if saved is not None and saved.error else "not loaded"
         out[rule] = entry
     return out
+
+
+def _selector(parts: Mapping[str, Any], sel: RefinerSelection, healthy: Scored, mixed: Scored, primary: str,
+              kh_pool: str, opts: RefinerEvalOptions) -> dict[str, Any] | None:
+    """The AUCp-selector measurement over every saved checkpoint that loads (:mod:`.selector`); None without any."""
+    rows, names = [], {}
+    for e in sel.saved:
+        if not (e.is_model or e.key in sel.copies):
+            continue
+        name = primary if e.is_model else f"{CKPT}{e.key}/{primary}"
+        names[e.key] = name
+        val, y = None, sel.val.y if sel.val is not None else None
+        if y is not None and name in sel.val.scores and 0 < int(y.sum()) < y.size:
+            val = detection_ci(sel.val.get(name), y, n_boot=0)["auroc"]
+        test = parts["inductive"]["image"][name]
+        rows.append({"key": e.key, "step": e.step, "rules": e.rules, "is_evaluated_model": e.is_model,
+                     "aucp": parts["aucp"][name]["transductive"]["aucp"], "val_auroc": val,
+                     "test_auroc": test["auroc"], "test_auroc_ci": test["auroc_ci"]})
+    if not rows:
+        return None
+
+    def pool(scored: Scored) -> PoolScores:
+        return PoolScores({k: scored.get(n) for k, n in names.items()}, scored.subjects, scored.y)
+
+    val_pool = pool(sel.val) if sel.val is not None and all(n in sel.val.scores for n in names.values()) else None
+    m = measure(rows, pool(healthy), pool(mixed), val_pool, opts.n_boot, opts.seed)
+    return {"note": "a measurement, not a choice: the evaluated checkpoint and the headline are the run's selection",
+            "estimate": primary, "aucp": f"transductive AUCp: {kh_pool} = 0 vs mixed = 1 (labels used: none)",
+            "val_auroc": "image AUROC on labelled_val", "test_auroc": "inductive image AUROC on test (one pass)",
+            "checkpoints": rows, **m, "verdict": verdict(m)}
 
 
 def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: RefinerSelection,
@@ -214,12 +228,11 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
     """AUCp, inductive and transductive numbers, the steps sweep and the other checkpoints: one pass per pool,
     the test split read once (``datamodule.test_dataloader()``)."""
     rho = opts.rho if opts.rho is not None else getattr(model, "aucp_rho", None)
-    copies, ckpt_errors = _checkpoint_copies(model, sel, opts)
     scorers: dict[str, Scorer] = {"model": model_scorer(model)}
     if sel.baselines is not None:
         scorers["baselines"] = baseline_scorer(sel.baselines, model.scoring_cfg)
-    for rule, other in copies.items():
-        scorers[f"checkpoint:{rule}"] = model_scorer(other, prefix=f"{CKPT}{rule}/")
+    for key, other in sel.copies.items():  # every saved checkpoint: scored in the same passes (test read once)
+        scorers[f"checkpoint:{key}"] = model_scorer(other, prefix=f"{CKPT}{key}/")
     kh_pool = "known_healthy_val" if datamodule.has_pool("known_healthy_val") else "known_healthy"
     p, cap = opts.progress, opts.max_images
     healthy = score_pool(datamodule.pool_loader(kh_pool), scorers, device, cap, "known healthy", p)
@@ -266,15 +279,21 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
     parts["seconds_per_image"] = {k: v / n_all for k, v in seconds.items()}
     if sweep:
         parts["steps"] = steps_rows(test, skipped, sweep_seconds, opts.steps)
-        parts["steps_note"] = (f"a measurement on test, not a choice: the headline uses model.num_steps="
-                               f"{model.num_steps}")
+        parts["steps_note"] = (f"a measurement on test, not a choice: the headline uses model.sampling.steps="
+                               f"{model.sampling.steps}")
     if opts.pixel and pixel:
         parts["pixel"] = _pixel(pixel, sel.pixel_thresholds)
     if opts.compare_checkpoints and sel.rules:
-        parts["checkpoints"] = _checkpoint_entries(parts, sel, ckpt_errors, estimates[-1])
+        parts["checkpoints"] = _checkpoint_entries(parts, sel, estimates[-1])
+    selector = _selector(parts, sel, healthy, mixed, estimates[-1], kh_pool, opts) if opts.compare_checkpoints else None
+    if selector is not None:
+        parts["aucp_selector"] = selector
     for part in ("inductive", "transductive"):  # the copies' rows live under "checkpoints", not beside the model
         parts[part]["image"] = {k: v for k, v in parts[part]["image"].items() if not k.startswith(CKPT)}
     parts["aucp"] = {k: v for k, v in parts["aucp"].items() if not k.startswith(CKPT)}
     curves = {name: (test.get(name), test.y) for name in names}
     report = build_report(model, opts, sel, parts, estimates, refinement_info(model), asdict(opts))
-    return Outcome(report=report, figures={"curves": curves})
+    figures: dict[str, Any] = {"curves": curves}
+    if selector is not None:
+        figures["aucp_selector"] = selector
+    return Outcome(report=report, figures=figures)
