@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -163,7 +164,7 @@ class FakeRefiner(nn.Module):
 
     def __init__(self, num_steps: int = 3, noise_per_step: float = 0.4) -> None:
         super().__init__()
-        self.scoring_cfg = ScoringConfig()
+        self.anomaly_val = SimpleNamespace(scoring=ScoringConfig())  # the scorer protocols read
         self.sampling = FakeSampling(steps=int(num_steps))
         self.noise_per_step = float(noise_per_step)
         self.w = nn.Parameter(torch.ones(1))  # weights to compare before / after a protocol run
@@ -210,7 +211,7 @@ class CraftedCheckpoints(nn.Module):
 
     def __init__(self, gains: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
         super().__init__()
-        self.scoring_cfg = ScoringConfig()
+        self.anomaly_val = SimpleNamespace(scoring=ScoringConfig())  # the scorer protocols read
         self.gain = nn.Parameter(torch.tensor([float(g) for g in gains]))
 
     def shift(self, rid: str) -> float:

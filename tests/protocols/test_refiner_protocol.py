@@ -10,6 +10,7 @@ import copy
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -214,9 +215,9 @@ def test_any_anomaly_model_gets_aucp_and_both_protocols(data_root, tmp_path):
     from meddiff.anomaly.scoring import ScoringConfig
 
     class Blur(nn.Module):
-        """A 'healthy estimate' by 3x3 average: any model with reconstruct + scoring_cfg."""
+        """A 'healthy estimate' by 3x3 average: any model with reconstruct + anomaly_val.scoring."""
 
-        scoring_cfg = ScoringConfig()
+        anomaly_val = SimpleNamespace(scoring=ScoringConfig())
 
         def reconstruct(self, batch):
             return torch.nn.functional.avg_pool2d(batch["image"], 3, 1, 1)
@@ -233,7 +234,7 @@ def _test_scores(model, data, name):
     items = [ds.records[i] for i in range(len(ds))]
     batch = {"image": torch.stack([r.image for r in items]), "id": [r.id for r in items]}
     est = model.estimates(batch)[name]
-    s = score_batch(batch["image"], est, None, model.scoring_cfg)["score"].numpy()
+    s = score_batch(batch["image"], est, None, model.anomaly_val.scoring)["score"].numpy()
     return s, np.array([r.label for r in items]), [r.subject for r in items]
 
 
@@ -368,7 +369,7 @@ def test_pixel_metrics_use_the_validation_threshold(tmp_path):
         acc = PixelAccumulator(1000, 2.0)
         recs = data.pools[name]
         batch = {"image": torch.stack([r.image for r in recs]), "id": [r.id for r in recs]}
-        res = score_batch(batch["image"], model.estimates(batch)["coarse"], None, model.scoring_cfg)
+        res = score_batch(batch["image"], model.estimates(batch)["coarse"], None, model.anomaly_val.scoring)
         acc.update(res["map"], torch.stack([r.mask for r in recs]), res["region"])
         return acc
 

@@ -139,10 +139,6 @@ class CoarseGenerator(L.LightningModule):
         # iterations done (critic updates): saved in checkpoints, so the LR schedule and the G cadence resume exactly
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
 
-    @property
-    def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
-        return self.anomaly_val.scoring
-
     # ------------------------------------------------------------------ the healthy estimate
     def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Healthy estimate ``tanh(x + G(x))`` of ``batch['image']``: ``[B, C, H, W]`` in ``(-1, 1)``."""

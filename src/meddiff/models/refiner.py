@@ -128,11 +128,6 @@ class RefinerDiffusion(DiffusionModule):
             raise ConfigError(f"{where}.steps={steps} is outside [1, {hi}] (refinement takes 1-50 steps"
                               f"{'' if cfg.t_start is None else ', at most t_start + 1'}).")
 
-    @property
-    def scoring_cfg(self):  # noqa: ANN201 - ScoringConfig
-        """The anomaly scorer's settings (every protocol scores healthy estimates with them)."""
-        return self.anomaly_val.scoring
-
     # ------------------------------------------------------------------ the frozen coarse stage
     def train(self, mode: bool = True) -> RefinerDiffusion:
         super().train(mode)

@@ -20,9 +20,10 @@ from meddiff.protocols.base import missing_members
 
 
 class HealthyEstimates(Protocol):
-    """A model with named healthy estimates, scored with its ``scoring_cfg`` (``meddiff.anomaly.scoring``)."""
+    """A model with named healthy estimates, scored with ``anomaly_val.scoring`` (its anomaly-validation
+    component's :class:`~meddiff.anomaly.scoring.ScoringConfig`, as in every protocol)."""
 
-    scoring_cfg: Any
+    anomaly_val: Any
 
     def estimates(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """``{name: [B, C, H, W] in [-1, 1]}``, the primary (headline) estimate last (e.g. coarse, refined)."""
@@ -32,7 +33,7 @@ class HealthyEstimates(Protocol):
 class Reconstructs(Protocol):
     """Any other anomaly model: one healthy estimate (scored as ``"model"``)."""
 
-    scoring_cfg: Any
+    anomaly_val: Any
 
     def reconstruct(self, batch: Mapping[str, Any]) -> torch.Tensor: ...
 
@@ -90,11 +91,11 @@ def check_data(datamodule: Any) -> None:
 
 
 def check_model(model: Any) -> None:
-    """``ConfigError`` unless the model has ``estimates`` or ``reconstruct`` and a ``scoring_cfg``."""
+    """``ConfigError`` unless the model has ``estimates`` or ``reconstruct`` and an ``anomaly_val`` (its ``scoring``)."""
     if not (implements(model, HealthyEstimates) or implements(model, Reconstructs)):
         raise ConfigError(f"the refiner protocol scores a model's healthy estimates: {type(model).__name__} lacks "
                           f"{missing_members(model, HealthyEstimates)} (estimates(batch) -> {{name: tensor}}, or "
-                          "reconstruct(batch), and a scoring_cfg).")
+                          "reconstruct(batch), and anomaly_val.scoring).")
 
 
 def with_steps(model: Any, steps: int) -> Any:

@@ -17,7 +17,7 @@ def build_report(model: Any, opts: Any, sel: Any, parts: dict[str, Any], estimat
     primary = estimates[-1]
     report: dict[str, Any] = {"protocol": "refiner", "model": type(model).__name__, "primary_estimate": primary,
                               "estimates": list(estimates), "options": options,
-                              "scoring": model.scoring_cfg.as_dict()}
+                              "scoring": model.anomaly_val.scoring.as_dict()}
     if refinement is not None:
         report["refinement"] = refinement
         report["headline_num_steps"] = refinement.get("num_steps")

@@ -115,7 +115,7 @@ def _scores(x: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None, c
 def model_scorer(model: Any, names: Sequence[str] | None = None, prefix: str = "",
                  pixel: dict[str, PixelAccumulator] | None = None) -> Scorer:
     """Scores of the model's estimates (``names``: a subset, e.g. the primary one) under ``prefix + name``."""
-    cfg = model.scoring_cfg
+    cfg = model.anomaly_val.scoring
 
     def scorer(batch: Mapping[str, Any], start: int) -> dict[str, np.ndarray]:
         x = batch["image"].float()
@@ -161,7 +161,7 @@ def steps_scorer(model: Any, steps: Sequence[int], max_images: int | None,
     """The steps sweep (a measurement): the coarse estimate and refinements with each step count (``model.sampling``
     with ``steps`` replaced), on the first
     ``max_images`` images; each one's time into ``seconds`` (``"coarse"``, ``"refined@<s>"``)."""
-    cfg = model.scoring_cfg
+    cfg = model.anomaly_val.scoring
 
     def scorer(batch: Mapping[str, Any], start: int) -> dict[str, np.ndarray]:
         b = int(batch["image"].shape[0])

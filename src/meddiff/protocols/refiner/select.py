@@ -139,7 +139,7 @@ def _labelled_val(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, basel
     Dice thresholds where masks exist; its scores the selector measurement) and every checkpoint copy."""
     if not pools.has_val("labelled_val"):
         return None, {}
-    cfg = model.scoring_cfg
+    cfg = model.anomaly_val.scoring
     masks = opts.pixel and "mask" in pools.dataset("labelled_val")[0]
     pixel: dict[str, PixelAccumulator] = {}
     scorers: dict[str, Scorer] = {}
@@ -168,7 +168,7 @@ def _validation_values(model: Any, pools: _PoolsRead, opts: RefinerEvalOptions, 
                     "n": int(val.n)}
         log.warning("the labelled validation pool has one class only; the best baseline is chosen by AUCp.")
     if pools.has_val("known_healthy_val") and pools.has_val("mixed"):
-        scorers = {"baselines": baseline_scorer(baselines, model.scoring_cfg)}
+        scorers = {"baselines": baseline_scorer(baselines, model.anomaly_val.scoring)}
         healthy = score_pool(pools.loader("known_healthy_val"), scorers, device, opts.max_images, "", False)
         mixed = score_pool(pools.loader("mixed"), scorers, device, opts.max_images, "", False)
         value = {n: aucp(healthy.get(n), mixed.get(n)) for n in names}

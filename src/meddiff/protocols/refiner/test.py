@@ -230,7 +230,7 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
     rho = opts.rho if opts.rho is not None else getattr(model, "aucp_rho", None)
     scorers: dict[str, Scorer] = {"model": model_scorer(model)}
     if sel.baselines is not None:
-        scorers["baselines"] = baseline_scorer(sel.baselines, model.scoring_cfg)
+        scorers["baselines"] = baseline_scorer(sel.baselines, model.anomaly_val.scoring)
     for key, other in sel.copies.items():  # every saved checkpoint: scored in the same passes (test read once)
         scorers[f"checkpoint:{key}"] = model_scorer(other, prefix=f"{CKPT}{key}/")
     kh_pool = "known_healthy_val" if datamodule.has_pool("known_healthy_val") else "known_healthy"
@@ -244,7 +244,7 @@ def evaluate_test(model: Any, datamodule: Any, opts: RefinerEvalOptions, sel: Re
     if opts.pixel:
         test_scorers["model"] = model_scorer(model, pixel=pixel)
         if sel.baselines is not None:
-            test_scorers["baselines"] = baseline_scorer(sel.baselines, model.scoring_cfg, pixel)
+            test_scorers["baselines"] = baseline_scorer(sel.baselines, model.anomaly_val.scoring, pixel)
     sweep_seconds: dict[str, float] = {}
     sweep = implements(model, StepSweepable) and bool(opts.steps)
     if sweep:
