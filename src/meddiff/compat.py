@@ -18,7 +18,13 @@ from typing import Any
 __all__ = ["KEY_TRANSLATORS", "MOVED_TARGETS", "translate_stored_config"]
 
 #: old ``_target_`` -> its current dotted path (add a row when a class a config can name moves)
-MOVED_TARGETS: dict[str, str] = {}
+MOVED_TARGETS: dict[str, str] = {
+    # the run wing moved out of utils/ and sweeps/ (runs/, callbacks/)
+    "meddiff.utils.checkpoint.LastCheckpoint": "meddiff.callbacks.LastCheckpoint",
+    "meddiff.utils.hydra_utils.StoreConfigInCheckpoint": "meddiff.callbacks.StoreConfigInCheckpoint",
+    "meddiff.utils.csv_history.CSVHistoryLogger": "meddiff.runs.csv_history.CSVHistoryLogger",
+    "meddiff.sweeps.callback.SweepSummary": "meddiff.runs.sweep.callback.SweepSummary",
+}
 
 #: in-place rewrites of renamed option keys in a whole stored config, applied in order
 KEY_TRANSLATORS: list[Callable[[MutableMapping[str, Any]], None]] = []

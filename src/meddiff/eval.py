@@ -8,7 +8,7 @@ prediction type (what the weights were trained to compute), is a ConfigError nam
 (``model.recon.*``: ``t_start``, ``num_steps`` respacing, ...) are the way to change how the model is used.
 
 Checkpoints are untrusted input: they load weights-only and their stored config may instantiate only the targets of
-``meddiff.utils.safety`` (``meddiff.utils.checkpoint``). The model's ``eval_protocol`` names the protocol
+``meddiff.utils.safety`` (``meddiff.runs.checkpoint_io``). The model's ``eval_protocol`` names the protocol
 (``meddiff.protocols``: ``anomaly``, ``denoise``, ``guided``, ...), which writes ``report.json``, ``metrics.csv`` and
 its figures into the run dir; the checkpoint path is recorded in ``report.json``.
 """
@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from meddiff.errors import ConfigError, DataError
 from meddiff.protocols import get_protocol
 from meddiff.protocols.base import record_checkpoint
-from meddiff.utils.checkpoint import load_checkpoint, stored_config
-from meddiff.utils.hydra_utils import resume_overrides  # noqa: F401  (also registers the run-dir resolver)
+from meddiff.runs.checkpoint_io import load_checkpoint, stored_config
+from meddiff.runs.resolvers import register_resolvers
 from meddiff.utils.options import as_dict
 from meddiff.utils.safety import check_config_targets
 
@@ -171,7 +171,7 @@ def _prepare(datamodule: L.LightningDataModule, single_input: bool) -> None:
 
 
 def _log_summary(loggers: list | None, report: dict[str, Any], out_dir: Path) -> None:
-    """The summary to every logger as ``test/<name>`` (figures: ``meddiff.sweeps.loggers.log_figures``, once)."""
+    """The summary to every logger as ``test/<name>`` (figures: ``meddiff.runs.log_outputs.log_figures``, once)."""
     for lg in loggers or []:
         lg.log_metrics({f"test/{k}": v for k, v in report.get("summary", {}).items()})
 
@@ -182,7 +182,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     shortcuts = {k: cfg.get(k) for k in ("input", "guidance_scale", "t_start") if cfg.get(k) is not None}
     if shortcuts:
         overrides = OmegaConf.merge(overrides, {"eval": shortcuts})
-    from meddiff.sweeps.loggers import eval_loggers, log_figures
+    from meddiff.runs.log_outputs import eval_loggers, log_figures
     from meddiff.utils.cpu import apply_threads
 
     if cfg.get("torch_threads") is not None:
@@ -199,6 +199,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    register_resolvers()  # ${meddiff.run_dir:...,unique} and ${meddiff.help:eval} in configs/eval.yaml
     _hydra_main()
 
 

@@ -4,9 +4,9 @@ Trains, keeps ``last.ckpt`` + the best checkpoint by ``optimized_metric`` (a val
 best checkpoint with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
 and thresholds are chosen on validation data and the test split is touched once. Returns the kept checkpoint's
 ``optimized_metric`` (validation) for Optuna sweeps; under multirun a failed job is recorded (``status.json``) and
-does not stop the sweep (``meddiff.sweeps``).
+does not stop the sweep (``meddiff.runs.job``).
 
-A run dir is one you can trust (``meddiff.utils.run_dir``, ``.checkpoint``, ``.resume``):
+A run dir is one you can trust (``meddiff.runs``, ``meddiff.callbacks``):
 
 - unique name, a lock file while the run is live, writability checked before training;
 - ``checkpoints/last.ckpt`` after every epoch, every ``checkpoint_every_n_steps`` steps, on SIGUSR1, and when
@@ -33,27 +33,18 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from meddiff.callbacks import LastCheckpoint, StoreConfigInCheckpoint, instantiate_callbacks
 from meddiff.errors import ConfigError
-from meddiff.sweeps.identity import run_identity
-from meddiff.sweeps.job import run_job, selection_summary
-from meddiff.sweeps.loggers import log_run_config, log_run_outputs
-from meddiff.utils.checkpoint import (
-    LAST_NAME,
-    AtomicCheckpointIO,
-    LastCheckpoint,
-    load_checkpoint,
-    logging_step_after_resume,
-    newest_checkpoint,
-)
-from meddiff.utils.hydra_utils import (
-    StoreConfigInCheckpoint,
-    instantiate_callbacks,
-    instantiate_loggers,
-    resume_overrides,
-)
+from meddiff.runs.checkpoint_io import LAST_NAME, AtomicCheckpointIO, load_checkpoint, newest_checkpoint
+from meddiff.runs.identity import run_identity
+from meddiff.runs.job import run_job, selection_summary
+from meddiff.runs.log_outputs import log_run_config, log_run_outputs
+from meddiff.runs.loggers import instantiate_loggers
+from meddiff.runs.loop_state import logging_step_after_resume
+from meddiff.runs.resolvers import register_resolvers
+from meddiff.runs.resume import RESOLVED_NAME, check_resume_config, resume_argv, stored_config
+from meddiff.runs.run_dir import RunLock, check_writable, is_slurm_requeue
 from meddiff.utils.io import atomic_write_text, remove_stale_tmp
-from meddiff.utils.resume import RESOLVED_NAME, check_resume_config, stored_config
-from meddiff.utils.run_dir import RunLock, check_writable, is_slurm_requeue
 from meddiff.utils.safety import check_config_targets
 
 log = logging.getLogger("meddiff.train")
@@ -182,7 +173,7 @@ def _start(cfg: DictConfig, out_dir: Path) -> Start:
 def _snapshot_dir(out_dir: Path) -> Path:
     """This launch's snapshot folder: ``hydra.output_subdir`` (``resume-<k>``, set by :func:`main`), else the next
     free ``resume-<k>`` (a programmatic call), so the run's original snapshot is never overwritten."""
-    from meddiff.utils.resume import SNAPSHOT_PREFIX, next_snapshot_name
+    from meddiff.runs.resume import SNAPSHOT_PREFIX, next_snapshot_name
 
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -261,7 +252,8 @@ def main() -> None:
     """Console script: handles the ``resume=`` shortcut (and checks an explicit run dir) before Hydra starts."""
     argv = sys.argv[1:]
     try:
-        new_argv = resume_overrides(argv, rank=getattr(rank_zero_only, "rank", 0) or 0)
+        register_resolvers()  # ${meddiff.run_dir:...}, ${meddiff.add:...}, ${meddiff.help:...}
+        new_argv = resume_argv(argv, rank=getattr(rank_zero_only, "rank", 0) or 0)
         _check_explicit_run_dir(new_argv)
     except ConfigError as e:
         sys.exit(f"meddiff-train: {e}")
@@ -272,7 +264,7 @@ def main() -> None:
 def _check_explicit_run_dir(argv: list[str]) -> None:
     """An explicit ``hydra.run.dir`` (``hydra.sweep.dir`` with ``-m``): can it be made, and is no live run using it?
     Checked before Hydra writes there."""
-    from meddiff.utils.run_dir import check_creatable
+    from meddiff.runs.run_dir import check_creatable
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="

@@ -66,7 +66,7 @@ def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast
     # compare --diff: exactly the key that differs between two jobs
     proc = run("meddiff.compare", str(sweep / "0"), str(sweep / "1"), "--diff")
     assert "1 config keys differ" in proc.stdout and "model.recon.t_start" in proc.stdout
-    from meddiff.sweeps.table import config_diff
+    from meddiff.runs.sweep.table import config_diff
 
     assert list(config_diff([sweep / "0", sweep / "1"])) == ["model.recon.t_start"]
     # compare prints the same table and writes it
@@ -87,7 +87,7 @@ def _optuna_args(fast, sweep, n_trials):
 
 
 def test_killed_optuna_sweep_resumes_its_study(tmp_path, fast):
-    from meddiff.sweeps.optuna_storage import load_trials
+    from meddiff.runs.sweep.optuna_storage import load_trials
 
     sweep = tmp_path / "opt"
     env = {**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",

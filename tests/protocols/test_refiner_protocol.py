@@ -18,7 +18,7 @@ from meddiff.models.refiner import RefinerDiffusion
 from meddiff.nets import build_net
 from meddiff.nets.gan import BrainomalyGenerator, PatchCritic
 from meddiff.protocols import refiner as protocol
-from meddiff.utils.hydra_utils import CKPT_CONFIG_KEY
+from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY
 
 OPTS = dict(n_boot=50, steps=[1, 2], figures=False, compare_checkpoints=True)
 

@@ -45,7 +45,7 @@ from meddiff.metrics.baselines import MeanHealthy, NearestHealthy, mean_intensit
 from meddiff.metrics.detection import aggregate_by_subject, image_level, paired_difference
 from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion
-from meddiff.utils.checkpoint_selection import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
+from meddiff.runs.checkpoint_selection import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
 from meddiff.utils.io import atomic_write_text
 from meddiff.utils.options import options_from
 

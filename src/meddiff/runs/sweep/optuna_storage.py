@@ -3,7 +3,7 @@
 The sweepers' configs point ``hydra.sweeper.storage`` here::
 
     storage:
-      _target_: meddiff.sweeps.optuna_storage.sqlite_storage
+      _target_: meddiff.runs.sweep.optuna_storage.sqlite_storage
       path: ${hydra.sweep.dir}/optuna.db
 
 Why not the plain ``sqlite:///...`` URL: ``hydra-optuna-sweeper`` 1.3 pins optuna < 3, and optuna 2.10's RDB storage

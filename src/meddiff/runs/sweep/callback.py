@@ -12,7 +12,7 @@ for Optuna ``optimization_results.yaml`` with the best trial's job dir and check
 
 Hydra 1.3's basic sweeper re-raises the first failed job's exception after its batch (which would skip this
 summary), so a train job inside a multirun records its failure in ``status.json`` and returns instead of raising
-(``meddiff.sweeps.job``); Optuna counts it as a failed trial (the presets allow any failure rate).
+(``meddiff.runs.job``); Optuna counts it as a failed trial (the presets allow any failure rate).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-import meddiff.sweeps.resolvers as resolvers
-from meddiff.sweeps.identity import swept_keys, write_sweep_info
+import meddiff.runs.resolvers as resolvers
+from meddiff.runs.identity import swept_keys, write_sweep_info
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class SweepSummary(Callback):
     def __init__(self, enabled: bool = True, resume_optuna: bool = True) -> None:
         self.enabled = enabled
         self.resume_optuna = resume_optuna
+        # job processes of remote launchers (submitit, joblib) build this callback before they resolve the job's
+        # hydra.sweep.subdir (${meddiff.add:...}) and never pass through meddiff.train.main
+        resolvers.register_resolvers()
 
     # ------------------------------------------------------------------ start
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -97,7 +100,7 @@ class SweepSummary(Callback):
             return out
         import optuna
 
-        from meddiff.sweeps.optuna_storage import sqlite_storage
+        from meddiff.runs.sweep.optuna_storage import sqlite_storage
 
         storage = sqlite_storage(db)
         try:
@@ -162,8 +165,8 @@ class SweepSummary(Callback):
 
 def write_sweep_summary(sweep_dir: str | Path, quiet: bool = False) -> dict[str, Path]:
     """Read every job of ``sweep_dir`` and write ``summary.csv/.md/.png`` there."""
-    from meddiff.sweeps.run_summary import find_runs, read_run
-    from meddiff.sweeps.table import build_table, write_summary
+    from meddiff.runs.sweep.run_summary import find_runs, read_run
+    from meddiff.runs.sweep.table import build_table, write_summary
 
     sweep_dir = Path(sweep_dir)
     records = [read_run(d) for d in find_runs([sweep_dir]) if d != sweep_dir]
@@ -179,8 +182,8 @@ def write_sweep_summary(sweep_dir: str | Path, quiet: bool = False) -> dict[str,
 def write_optimization_results(config: DictConfig, sweep_dir: Path) -> Path | None:
     """Complete Hydra's ``optimization_results.yaml`` (best params and value) with the best trial's number, job dir,
     checkpoint, the study and its trial counts."""
-    from meddiff.sweeps.optuna_storage import JOB_DIR_ATTR, load_trials
-    from meddiff.sweeps.run_summary import find_runs, read_run
+    from meddiff.runs.sweep.optuna_storage import JOB_DIR_ATTR, load_trials
+    from meddiff.runs.sweep.run_summary import find_runs, read_run
     from meddiff.utils.io import atomic_write_text
 
     db = optuna_db_path(config)

@@ -1,4 +1,4 @@
-"""Finding the checkpoints a run's selection rules picked (reading goes through ``meddiff.utils.checkpoint``).
+"""Finding the checkpoints a run's selection rules picked (reading goes through ``meddiff.runs.checkpoint_io``).
 
 - :func:`load_weights_only`: ``torch.load(weights_only=True)`` (tensors and plain containers only) with an error
   that names the file and the fix.
@@ -21,9 +21,9 @@ RULES_NEEDING_LABELS = ("labelled_validation",)
 
 
 def load_weights_only(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """A meddiff checkpoint read weights-only (:func:`meddiff.utils.checkpoint.load_checkpoint`: a missing, damaged
+    """A meddiff checkpoint read weights-only (:func:`meddiff.runs.checkpoint_io.load_checkpoint`: a missing, damaged
     or unsafe file is an error naming it); ConfigError when it holds no ``state_dict``."""
-    from meddiff.utils.checkpoint import load_checkpoint
+    from meddiff.runs.checkpoint_io import load_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -20,10 +20,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-import meddiff.sweeps.resolvers  # noqa: F401  (job dirs of resumed Optuna sweeps use ${meddiff.add:...})
-from meddiff.sweeps.identity import RunIdentity, read_sweep_info, run_identity
-from meddiff.sweeps.status import FAILED, OK, JobStatus
-from meddiff.utils.hydra_utils import is_rank_zero
+from meddiff.runs.identity import RunIdentity, read_sweep_info, run_identity
+from meddiff.runs.run_dir import is_rank_zero
+from meddiff.runs.status import FAILED, OK, JobStatus
 
 log = logging.getLogger("meddiff.job")
 
@@ -112,7 +111,7 @@ def _close_wandb_run() -> None:
 
 def _record_trial(db: str, trial: dict[str, Any], out_dir: Path, identity: RunIdentity) -> None:
     try:
-        from meddiff.sweeps.optuna_storage import record_job_dir
+        from meddiff.runs.sweep.optuna_storage import record_job_dir
 
         record_job_dir(db, trial["optuna_study"], trial["optuna_trial"], str(out_dir.resolve()),
                        params=identity.overrides)

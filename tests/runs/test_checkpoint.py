@@ -11,16 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from meddiff.callbacks import LastCheckpoint
 from meddiff.errors import ConfigError, DataError
-from meddiff.utils import checkpoint as ckpt_mod
-from meddiff.utils.checkpoint import (
+from meddiff.runs import checkpoint_io as ckpt_mod
+from meddiff.runs import rng
+from meddiff.runs.checkpoint_io import (
     AtomicCheckpointIO,
-    LastCheckpoint,
     load_checkpoint,
-    logging_step_after_resume,
     save_checkpoint_file,
     stored_config,
 )
+from meddiff.runs.loop_state import logging_step_after_resume
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "demo_tiny_v0.1.ckpt"
 
@@ -208,10 +209,10 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    state = ckpt_mod.rng_state()
+    state = rng.rng_state()
     expected = (torch.rand(3), np.random.rand(3), random.random())
     save_checkpoint_file({"state_dict": {}, "rng": state}, tmp_path / "r.ckpt")
     torch.rand(5), np.random.rand(5), random.random()
-    ckpt_mod.set_rng_state(load_checkpoint(tmp_path / "r.ckpt")["rng"])
+    rng.set_rng_state(load_checkpoint(tmp_path / "r.ckpt")["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]

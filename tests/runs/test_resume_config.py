@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from meddiff.errors import ConfigError
-from meddiff.utils.resume import (
+from meddiff.runs.resume import (
     check_resume_config,
     config_diff,
     latest_snapshot,

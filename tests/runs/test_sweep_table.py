@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from meddiff.sweeps.run_summary import find_runs, read_run, read_test_metrics
-from meddiff.sweeps.status import JobStatus, first_error_line, read_status
-from meddiff.sweeps.table import build_table, config_diff, to_markdown, write_summary
+from meddiff.runs.status import JobStatus, first_error_line, read_status
+from meddiff.runs.sweep.run_summary import find_runs, read_run, read_test_metrics
+from meddiff.runs.sweep.table import build_table, config_diff, to_markdown, write_summary
 
 
 def make_run(path, overrides, state="ok", best=None, error=None, report=None, cfg=None, sweep=None):
