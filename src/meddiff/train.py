@@ -42,10 +42,15 @@ from meddiff.runs.log_outputs import log_run_config, log_run_outputs
 from meddiff.runs.loggers import instantiate_loggers
 from meddiff.runs.loop_state import logging_step_after_resume
 from meddiff.runs.resolvers import register_resolvers
-from meddiff.runs.resume import RESOLVED_NAME, check_resume_config, resume_argv, stored_config
+from meddiff.runs.resume import (
+    RESOLVED_NAME,
+    check_resume_config,
+    check_resumed_config,
+    resume_argv,
+    stored_config,
+)
 from meddiff.runs.run_dir import RunLock, check_writable, is_slurm_requeue
 from meddiff.utils.io import atomic_write_text, remove_stale_tmp
-from meddiff.utils.safety import check_config_targets
 
 log = logging.getLogger("meddiff.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -147,7 +152,7 @@ def _start(cfg: DictConfig, out_dir: Path) -> Start:
                               f"{out_dir}; resume with `python -m meddiff.train resume={run_dir}` (meddiff-train).")
         snapshot_dir = _snapshot_dir(out_dir)
         current = OmegaConf.to_container(cfg, resolve=True)
-        check_config_targets({k: current.get(k) for k in ("data", "schedule", "net", "model")}, "resumed config")
+        check_resumed_config(current, out_dir)  # every group, callbacks/logger/trainer included
         if rank_zero_only.rank == 0:
             check_resume_config(stored_config(out_dir), current, out_dir, snapshot_dir,
                                 force=bool(cfg.get("resume_force", False)))

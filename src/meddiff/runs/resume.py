@@ -184,9 +184,37 @@ def resume_argv(argv: list[str], rank: int = 0) -> list[str]:
     hydra_args = [a for a in argv if a.startswith("hydra.") and not a.startswith(("hydra.run.dir=",
                                                                                   "hydra.output_subdir="))]
     merged = merge_overrides(_drop_keys(old, LAUNCH_KEYS), _drop_keys(new, ("resume", "ckpt_path")))
+    check_replayed_overrides(old, overrides_dir / "overrides.yaml")
+    check_replayed_overrides(merged, Path("the resumed command line"))
     subdir = next_snapshot_name(run_dir) if rank == 0 else "null"
     return [*flags, *merged, f"resume={_quote(run_dir)}", f"ckpt_path={_quote(ckpt)}", *hydra_args,
             f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir={subdir}"]
+
+
+def check_replayed_overrides(overrides: list[str], source: Path) -> None:
+    """Refuse, before Hydra starts, overrides that a run dir cannot legitimately hold: any ``hydra.*`` key (Hydra
+    would build its callbacks, launcher or sweeper from them before meddiff sees the config) and any ``_target_``
+    that is not a trusted class (:mod:`meddiff.utils.safety`). A :class:`ConfigError` naming the override and file."""
+    from meddiff.utils.safety import check_target
+
+    for text in overrides:
+        if not isinstance(text, str):
+            raise ConfigError(f"{source}: override {text!r} is not a string; this is not a meddiff run dir's file.")
+        key, _, value = text.partition("=")
+        key = key.lstrip("+~")
+        if key == "hydra" or key.startswith("hydra.") or key.startswith("hydra/"):
+            raise ConfigError(f"{source}: the replayed override {text!r} sets Hydra's own config; a run's "
+                              "overrides.yaml never holds hydra.* keys (a copied or edited run dir?). Refused.")
+        if key.split("@")[0].endswith("_target_"):
+            check_target(value.strip().strip("'\""), f"{source}: {key}")
+
+
+def check_resumed_config(cfg: dict[str, Any], run_dir: Path) -> None:
+    """Every ``_target_`` of the composed config a resume is about to build (every group: data, schedule, net,
+    model, callbacks, logger, trainer, ...) must be a trusted class."""
+    from meddiff.utils.safety import check_config_targets
+
+    check_config_targets(cfg, f"resume={run_dir}: config")
 
 
 def _quote(path: Path) -> str:
