@@ -23,6 +23,7 @@ import logging
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,21 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from meddiff.callbacks import LastCheckpoint, StoreConfigInCheckpoint, instantiate_callbacks
+from meddiff.callbacks import (
+    ConfiguredOptimizer,
+    LastCheckpoint,
+    RunStarted,
+    StoreConfigInCheckpoint,
+    instantiate_callbacks,
+)
 from meddiff.errors import ConfigError
-from meddiff.runs.checkpoint_io import LAST_NAME, AtomicCheckpointIO, load_checkpoint, newest_checkpoint
+from meddiff.runs.checkpoint_io import (
+    LAST_NAME,
+    AtomicCheckpointIO,
+    check_weights_fit,
+    load_checkpoint,
+    newest_checkpoint,
+)
 from meddiff.runs.identity import run_identity
 from meddiff.runs.job import run_job, selection_summary
 from meddiff.runs.log_outputs import log_run_config, log_run_outputs
@@ -49,7 +62,7 @@ from meddiff.runs.resume import (
     resume_argv,
     stored_config,
 )
-from meddiff.runs.run_dir import RunLock, check_writable, is_slurm_requeue
+from meddiff.runs.run_dir import RunDirInUse, RunLock, is_slurm_requeue
 from meddiff.utils.io import atomic_write_text, remove_stale_tmp
 
 log = logging.getLogger("meddiff.train")
@@ -66,33 +79,32 @@ class Start:
     resume_step: int | None
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (optionally resuming), then evaluate the best checkpoint. Returns the metrics."""
+def train(cfg: DictConfig, started: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Fit (optionally resuming), then evaluate the best checkpoint. Returns the metrics.
+
+    ``started()`` is called once training really started (on a resume: after the checkpoint was restored), or
+    before evaluation when nothing is trained; ``meddiff.runs.job.run_job`` (which holds the run dir's lock) records
+    ``status.json`` from there. Nothing in the run dir is written before the checks pass and the weights fit.
+    """
     out_dir = Path(cfg.paths.output_dir)
-    lock = None
-    if rank_zero_only.rank == 0:
-        check_writable(out_dir, "run dir")
-        lock = RunLock(out_dir).acquire()
-    try:
-        return _train(cfg, out_dir)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    started = started or (lambda: None)
     ckpt_dir = out_dir / "checkpoints"
-    if rank_zero_only.rank == 0:
-        for folder in (out_dir, ckpt_dir):  # temporary files of saves a kill -9 interrupted
-            remove_stale_tmp(folder)
     start = _start(cfg, out_dir)
     L.seed_everything(cfg.seed, workers=True)
-    if rank_zero_only.rank == 0:
-        atomic_write_text(start.snapshot_dir / RESOLVED_NAME, OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
-    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [StoreConfigInCheckpoint(cfg)]
+    if start.ckpt_path is not None and cfg.get("train", True):
+        # before anything is written: a checkpoint that does not fit is one clear error, and the run's files stay
+        check_weights_fit(model, load_checkpoint(start.ckpt_path, mmap=True), start.ckpt_path,
+                          strict=bool(getattr(model, "strict_loading", True)))
+    if rank_zero_only.rank == 0:
+        for folder in (out_dir, ckpt_dir):  # temporary files of saves a kill -9 interrupted
+            remove_stale_tmp(folder)
+        atomic_write_text(start.snapshot_dir / RESOLVED_NAME, OmegaConf.to_yaml(cfg, resolve=True))
+
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [StoreConfigInCheckpoint(cfg), ConfiguredOptimizer(),
+                                                                 RunStarted(started)]
     if cfg.trainer.get("enable_checkpointing", True) is False:
         log.warning("trainer.enable_checkpointing=false: no last.ckpt; this run cannot be resumed.")
     else:
@@ -119,6 +131,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             _finish_wandb(loggers)
             raise SystemExit(128 + signal.SIGTERM) from e
         raise
+    started()  # nothing trained (train=false, fast_dev_run): the run still starts here
     metrics["selection"] = selection_summary(trainer, cfg.get("optimized_metric"))
     report: dict[str, Any] = {}
 
@@ -248,7 +261,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # status.json, failures that do not stop a multirun, objective = best checkpoint's validation score
         return run_job(cfg, train)
     except BaseException as e:
-        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+        # a process refused by another run's lock must not write into that run's train.log either
+        if not (isinstance(e, SystemExit) and e.code in (0, None)) and not isinstance(e, RunDirInUse):
             _log_failure(e)
         raise
 

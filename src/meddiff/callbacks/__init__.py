@@ -1,7 +1,9 @@
 """The project's Lightning callbacks (the run machinery's side inside the Trainer).
 
 - :class:`LastCheckpoint`: ``last.ckpt`` every epoch / N steps / on signal / on an exception, with RNG states;
-- :class:`StoreConfigInCheckpoint`: the experiment config inside every checkpoint.
+- :class:`StoreConfigInCheckpoint`: the experiment config inside every checkpoint;
+- :class:`RunStarted`: a hook once training really started (the checkpoint restored);
+- :class:`ConfiguredOptimizer`: optimizer / LR-schedule overrides take effect on resume.
 
 :func:`instantiate_callbacks` builds the ``callbacks`` config group.
 """
@@ -13,9 +15,11 @@ from lightning.pytorch import Callback
 from omegaconf import DictConfig
 
 from meddiff.callbacks.last_checkpoint import LastCheckpoint
+from meddiff.callbacks.optimizer_overrides import ConfiguredOptimizer
+from meddiff.callbacks.run_started import RunStarted
 from meddiff.callbacks.store_config import StoreConfigInCheckpoint, config_for_checkpoint
 
-__all__ = ["LastCheckpoint", "StoreConfigInCheckpoint", "config_for_checkpoint", "instantiate_callbacks"]
+__all__ = ["ConfiguredOptimizer", "LastCheckpoint", "RunStarted", "StoreConfigInCheckpoint", "config_for_checkpoint", "instantiate_callbacks"]
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:

@@ -64,6 +64,7 @@ class LastCheckpoint(Checkpoint):
         self._signal_requested = False
         self._previous_usr1: Any = None
         self._logging_step_on_resume: int | None = None  # see on_load_checkpoint
+        self._train_started = False  # on_train_start ran: a resume's checkpoint was restored
 
     @property
     def path(self) -> Path:
@@ -94,6 +95,7 @@ class LastCheckpoint(Checkpoint):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # a resumed run starts at the step its checkpoint holds: nothing new to write at that step
         self._last_saved_step = trainer.global_step if trainer.global_step > 0 else -1
+        self._train_started = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._previous_usr1 is not None:
@@ -182,6 +184,11 @@ class LastCheckpoint(Checkpoint):
         what = type(exception).__name__
         keep = f"{self.path} from step {self._last_saved_step} is kept" if self._last_saved_step >= 0 \
             else f"no {self.filename} is written"
+        if not self._train_started:
+            # e.g. restoring ckpt_path failed: the model holds fresh weights, the files on disk are the run's work
+            log.warning("%s before training started (while restoring or setting up): %s unchanged.", what,
+                        self.path if self.path.is_file() else "nothing")
+            return
         if not trainer.training or trainer.sanity_checking:
             log.warning("%s outside a training step (validation or setup): %s.", what, keep)
             return

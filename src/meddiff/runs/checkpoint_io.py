@@ -183,3 +183,28 @@ def newest_checkpoint(candidates: list[Path]) -> Path | None:
         if best is None or key[:2] > best[:2]:
             best = key
     return None if best is None else best[2]
+
+
+def check_weights_fit(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path, strict: bool = True) -> None:
+    """Refuse, before anything is written, a checkpoint whose weights do not fit ``model``: one
+    :class:`ConfigError` listing the missing and unexpected keys (``strict``) and the shape mismatches."""
+    stored = ckpt.get("state_dict") or {}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(stored)) if strict else []
+    unexpected = sorted(set(stored) - set(own)) if strict else []
+    shapes = [f"{k}: checkpoint {tuple(stored[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(stored))
+              if hasattr(stored[k], "shape") and hasattr(own[k], "shape") and stored[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+
+    def _few(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+    parts = [f"{len(missing)} missing key(s): {_few(missing)}" if missing else "",
+             f"{len(unexpected)} unexpected key(s): {_few(unexpected)}" if unexpected else "",
+             f"{len(shapes)} shape mismatch(es): {_few(shapes)}" if shapes else ""]
+    raise ConfigError(
+        f"The weights in {path} do not fit the model this config builds ({'; '.join(p for p in parts if p)}). "
+        "Nothing was changed on disk. Resume with the network the run was trained with (drop the net/model "
+        "overrides), or start a new run.")

@@ -108,6 +108,10 @@ def resolve_run_dir(base: str, mode: str = "run") -> str:
     return str(Path(base) / (run_name() if mode == "run" else unique_name()))
 
 
+class RunDirInUse(ConfigError):
+    """Another live process holds the run dir's lock: this process must write nothing there (not even its log)."""
+
+
 class RunLock:
     """``<run_dir>/.lock`` while a run is live: one writer per run dir.
 
@@ -145,7 +149,7 @@ class RunLock:
         if is_slurm_requeue() and job != "-" and job == slurm_job_name():
             return  # an earlier attempt of this same SLURM job: SLURM never runs two attempts at once
         if host != socket.gethostname() or pid_alive(pid):
-            raise ConfigError(
+            raise RunDirInUse(
                 f"{self.path.parent} is in use by another run (process {pid} on {host}, lock file {self.path}). "
                 "Wait for it to finish or stop it; a run writes into a run dir alone. If that process is gone "
                 f"(e.g. it ran on another machine), delete {self.path}."

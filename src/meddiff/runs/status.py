@@ -68,6 +68,7 @@ class JobStatus:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self._t0 = time.perf_counter()
+        self.started = False  # start() was called by this process
 
     def start(self, **fields: Any) -> None:
         self._t0 = time.perf_counter()
@@ -77,6 +78,7 @@ class JobStatus:
         record = {"state": RUNNING, "started_at": _now(), "host": socket.gethostname(), "pid": os.getpid(),
                   "attempt": int(previous.get("attempt", 0)) + 1, **fields}
         atomic_write_json(path, record)
+        self.started = True
 
     def end(self, state: str, error: BaseException | None = None, **fields: Any) -> dict[str, Any]:
         extra: dict[str, Any] = {"error": first_error_line(error)} if error is not None else {}
