@@ -100,3 +100,53 @@ def test_the_selection_summary_names_the_real_last_ckpt(tmp_path):
     trainer = _fit(tmp_path, _Net(), epochs=1)
     summary = selection_summary(trainer, "val/auroc")
     assert summary["last_checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+# --------------------------------------------------------------------------------------- status.json and the lock
+def _cfg(run_dir: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"paths": {"output_dir": str(run_dir)}, "task_name": "t", "optimized_metric": "val/x"})
+
+
+def test_a_process_refused_by_the_lock_writes_nothing_into_the_run_dir(tmp_path):
+    import os
+    import socket
+
+    from meddiff.runs.job import run_job
+    from meddiff.runs.run_dir import RunDirInUse
+
+    (tmp_path / ".lock").write_text(f"{os.getppid()} {socket.gethostname()} -\n")  # a live holder
+    (tmp_path / "status.json").write_text('{"state": "running"}')
+    called = []
+    with pytest.raises(RunDirInUse, match=f"process {os.getppid()}"):
+        run_job(_cfg(tmp_path), lambda cfg, started: called.append(1))
+    assert not called and (tmp_path / "status.json").read_text() == '{"state": "running"}'
+
+
+def test_an_attempt_that_never_started_leaves_the_earlier_status_json_as_it_was(tmp_path):
+    from meddiff.runs.job import run_job
+
+    def refused(cfg, started):
+        raise ConfigError("refused before the restore")
+
+    (tmp_path / "status.json").write_text('{"state": "ok", "attempt": 1}')
+    with pytest.raises(ConfigError):
+        run_job(_cfg(tmp_path), refused)
+    assert (tmp_path / "status.json").read_text() == '{"state": "ok", "attempt": 1}'
+    assert not (tmp_path / ".lock").exists()
+    fresh = tmp_path / "fresh"  # a fresh run dir records the failure (sweep summaries list it)
+    with pytest.raises(ConfigError):
+        run_job(_cfg(fresh), refused)
+    import json
+
+    assert json.loads((fresh / "status.json").read_text())["state"] == "failed"
+
+    def fails_after_start(cfg, started):
+        started()
+        raise RuntimeError("crash in training")
+
+    with pytest.raises(RuntimeError):
+        run_job(_cfg(tmp_path), fails_after_start)
+    record = json.loads((tmp_path / "status.json").read_text())
+    assert record["state"] == "failed" and record["attempt"] == 2 and "crash in training" in record["error"]
