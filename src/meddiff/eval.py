@@ -129,10 +129,13 @@ def evaluate_checkpoint(
     overrides: DictConfig | None = None,
     loggers: list | None = None,
     device: str | torch.device | None = None,
+    checkpoint_rule: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or an in-memory model) with its protocol; write the report and figures to ``out_dir``.
 
-    ``eval_cfg`` (default: the checkpoint's ``eval``) holds the protocol's options; returns the report.
+    ``eval_cfg`` (default: the checkpoint's ``eval``) holds the protocol's options; ``checkpoint_rule`` (how the
+    checkpoint was chosen, e.g. by ``meddiff.train``) is recorded as ``report["checkpoint_rule"]``; returns the
+    report.
     """
     out_dir = Path(out_dir)
     cfg = None
@@ -151,6 +154,7 @@ def evaluate_checkpoint(
     model = model.to(device).eval()
     _prepare(datamodule, single_input=bool(options.get("input")))
     report = run(model, datamodule, options, out_dir, device)
+    report["checkpoint_rule"] = checkpoint_rule or ("given (ckpt_path)" if ckpt_path else "in-memory weights")
     record_checkpoint(report, out_dir, ckpt_path)
     _log_summary(loggers, report, out_dir)
     return report

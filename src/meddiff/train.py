@@ -49,6 +49,7 @@ from meddiff.runs.checkpoint_io import (
     load_checkpoint,
     newest_checkpoint,
 )
+from meddiff.runs.checkpoint_selection import checkpoint_to_evaluate
 from meddiff.runs.identity import run_identity
 from meddiff.runs.job import run_job, selection_summary
 from meddiff.runs.log_outputs import log_run_config, log_run_outputs
@@ -138,12 +139,16 @@ def train(cfg: DictConfig, started: Callable[[], None] | None = None) -> dict[st
     if cfg.get("evaluate", True) and trainer.is_global_zero and not trainer.fast_dev_run:
         from meddiff.eval import evaluate_checkpoint
 
-        ckpt = _best_checkpoint(trainer) or start.ckpt_path
+        ckpt, rule = checkpoint_to_evaluate(trainer, cfg.get("optimized_metric"))
+        if ckpt is None and start.ckpt_path is not None:
+            ckpt, rule = start.ckpt_path, "the checkpoint this run continued from (nothing newer was written)"
         if ckpt is None:
+            rule = "in-memory weights (no checkpoint written: checkpointing disabled?)"
             log.warning("No checkpoint to evaluate (checkpointing disabled?); evaluating the in-memory weights.")
+        log.info("Evaluating %s: %s.", ckpt or "the in-memory weights", rule)
         report = evaluate_checkpoint(
             ckpt, out_dir, eval_cfg=cfg.get("eval"), model=model if ckpt is None else None, datamodule=datamodule,
-            loggers=loggers,
+            loggers=loggers, checkpoint_rule=rule,
         )
         metrics.update({f"test/{k}": v for k, v in report.get("summary", {}).items()})
     if trainer.is_global_zero:
@@ -202,15 +207,6 @@ def _snapshot_dir(out_dir: Path) -> Path:
     if sub and str(sub).startswith(SNAPSHOT_PREFIX):
         return out_dir / str(sub)
     return out_dir / next_snapshot_name(out_dir)
-
-
-def _best_checkpoint(trainer: L.Trainer) -> str | None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and (cb.best_model_path or cb.last_model_path):
-            return cb.best_model_path or cb.last_model_path
-    return None
 
 
 def _finish_wandb(loggers: list) -> None:

@@ -5,6 +5,10 @@
 - :func:`selection_checkpoints`: which checkpoint of a run each selection rule picked. Every ``ModelCheckpoint``
   records in ``last.ckpt`` the metric it monitors and its best file, so the rules are read from what the run did:
   ``aucp`` (best ``val/aucp``: label-free), ``labelled_validation`` (best ``val/auroc``: needs labels) and ``last``.
+- :func:`checkpoint_to_evaluate`: the checkpoint ``meddiff-train`` evaluates after fitting, and the rule that chose
+  it: the best checkpoint of the ``ModelCheckpoint`` that monitors ``optimized_metric``; never another
+  ``ModelCheckpoint`` kept beside it (e.g. a label-selected one kept for comparison); ``last.ckpt`` when no
+  callback monitors ``optimized_metric`` or none has a file yet.
 """
 
 from __future__ import annotations
@@ -66,3 +70,20 @@ def selection_checkpoints(ckpt_dir: str | Path) -> dict[str, Path]:
                 if p.is_file():
                     out[rule] = p
     return out
+
+
+def checkpoint_to_evaluate(trainer: Any, optimized_metric: str | None) -> tuple[str | None, str]:
+    """``(path or None, rule)``: the checkpoint selected by ``optimized_metric`` (see the module docstring)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from meddiff.callbacks import LastCheckpoint
+
+    callbacks = list(getattr(trainer, "callbacks", []))
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and optimized_metric and cb.monitor == optimized_metric \
+                and cb.best_model_path and Path(cb.best_model_path).is_file():
+            return cb.best_model_path, f"best {optimized_metric} ({cb.mode}) on validation (optimized_metric)"
+    last = next((cb.path for cb in callbacks if isinstance(cb, LastCheckpoint) and cb.path.is_file()), None)
+    why = (f"no checkpoint monitors optimized_metric={optimized_metric}" if optimized_metric
+           else "optimized_metric is null")
+    return (None if last is None else str(last)), f"last ({why})"
