@@ -274,6 +274,21 @@ def main() -> None:
         sys.exit(f"meddiff-train: {e}")
     sys.argv[1:] = new_argv
     _hydra_main()
+    _exit_if_a_sweep_job_failed()
+
+
+def _exit_if_a_sweep_job_failed() -> None:
+    """A multirun whose jobs did not all end ``ok`` exits non-zero, naming the failures and the summary (each failed
+    job recorded its error and went on so that the others ran and the summary was written)."""
+    from meddiff.runs.sweep.callback import SWEEP_OUTCOMES
+
+    bad = [o for o in SWEEP_OUTCOMES if o.not_ok]
+    if not bad:
+        return
+    lines = [f"meddiff-train: {o.not_ok} of {o.jobs} sweep jobs did not finish ok in {o.sweep_dir}; see "
+             f"{o.summary or o.sweep_dir / 'summary.md'} (status and first error line per job) and each failed "
+             "job's train.log." for o in bad]
+    sys.exit("\n".join(lines))
 
 
 def _check_explicit_run_dir(argv: list[str]) -> None:

@@ -30,8 +30,15 @@ def wandb_records(run_dir: Path) -> list[dict]:
 
 def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast):
     sweep = tmp_path / "sweep"
-    run("meddiff.train", "-m", *fast, "logger=wandb", "model.recon.t_start=300,400,bad", f"hydra.sweep.dir={sweep}",
-        env={"WANDB_API_KEY": ""})
+    proc = subprocess.run([sys.executable, "-m", "meddiff.train", "-m", *fast, "logger=wandb",
+                           "model.recon.t_start=300,400,bad", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                          env={**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                               "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "WANDB_API_KEY": ""},
+                          capture_output=True, text=True, timeout=900)
+    # a sweep with a failed job fails loudly: non-zero exit, and the last words name the failures and the summary
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "1 of 3 sweep jobs did not finish ok" in last and str(sweep.resolve() / "summary.md") in last
 
     # the summary: one row per job, the swept column, the failed job as failed with its error's first line
     df = pd.read_csv(sweep / "summary.csv", dtype={"model.recon.t_start": str})

@@ -18,6 +18,7 @@ summary), so a train job inside a multirun records its failure in ``status.json`
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,30 @@ from meddiff.runs.identity import swept_keys, write_sweep_info
 log = logging.getLogger(__name__)
 
 DEFAULT_SUBDIR = "${hydra.job.num}"
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a finished multirun left: its folder, jobs, jobs not ``ok`` and the summary file (None if unwritten)."""
+
+    sweep_dir: Path
+    jobs: int
+    not_ok: int
+    summary: Path | None
+
+
+#: the outcome of each multirun this process ran (``meddiff.train.main`` exits non-zero when a job failed)
+SWEEP_OUTCOMES: list[SweepOutcome] = []
+
+
+def job_states(sweep_dir: Path) -> list[str]:
+    """The ``status.json`` state of every job dir of a sweep (``"missing"`` when a job left none)."""
+    from meddiff.runs.status import read_status
+
+    states = []
+    for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+        states.append(str((read_status(d) or {}).get("state", "missing")))
+    return states
 
 
 def is_optuna(config: DictConfig) -> bool:
@@ -151,11 +176,14 @@ class SweepSummary(Callback):
         if not self.enabled:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        summary = None
         try:
-            write_sweep_summary(sweep_dir)
+            summary = write_sweep_summary(sweep_dir).get("md")
         except Exception as e:
             log.warning("Could not write the sweep summary in %s: %s (meddiff-compare %s builds it too)",
                         sweep_dir, e, sweep_dir)
+        states = job_states(sweep_dir) if sweep_dir.is_dir() else []
+        SWEEP_OUTCOMES.append(SweepOutcome(sweep_dir, len(states), sum(s != "ok" for s in states), summary))
         if is_optuna(config):
             try:
                 write_optimization_results(config, sweep_dir)
