@@ -38,6 +38,31 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 #: parts of the stored config that the weights were trained with (overrides must fit them)
 TRAINED_PARTS = ("net", "schedule")
+#: eval presets (``configs/eval/<name>.yaml``) whose name is not the protocol whose options they hold
+PRESET_PROTOCOL = {"default": "anomaly"}
+
+
+def model_protocol(ckpt_path: str | Path) -> tuple[str | None, str]:
+    """``(eval_protocol, model class path)`` of the model a checkpoint's stored config builds (trust-checked; the
+    class is imported, nothing is built)."""
+    from meddiff.utils.safety import locate
+
+    path = Path(ckpt_path).expanduser()
+    target = str((stored_config(load_checkpoint(path, mmap=True), path).get("model") or {}).get("_target_", ""))
+    return getattr(locate(target), "eval_protocol", None), target
+
+
+def check_eval_preset(preset: str | None, protocol: str | None, model: str, ckpt_path: str | Path) -> None:
+    """An ``eval=<preset>`` of another protocol than the model's is a :class:`ConfigError` naming both and the preset
+    to use (instead of an interpolation error deep inside the preset)."""
+    if preset is None or protocol is None or PRESET_PROTOCOL.get(preset, preset) == protocol:
+        return
+    right = next((name for name, proto in PRESET_PROTOCOL.items() if proto == protocol), protocol)
+    raise ConfigError(
+        f"eval={preset} holds the options of the {PRESET_PROTOCOL.get(preset, preset)!r} protocol, but the model in "
+        f"{ckpt_path} ({model}) is evaluated by the {protocol!r} protocol (its eval_protocol). Use eval={right}, or "
+        "leave eval= out: the checkpoint carries the eval options it was trained with (change single ones with "
+        "+eval.<key>=...).")
 
 
 def load_from_checkpoint(ckpt_path: str | Path, overrides: DictConfig | None = None) -> tuple[L.LightningModule, DictConfig]:
@@ -182,6 +207,11 @@ def _log_summary(loggers: list | None, report: dict[str, Any], out_dir: Path) ->
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    preset = HydraConfig.get().runtime.choices.get("eval")
+    if preset is not None:
+        check_eval_preset(str(preset), *model_protocol(cfg.ckpt_path), cfg.ckpt_path)
     overrides = OmegaConf.create({k: cfg[k] for k in ("data", "model", "eval", *TRAINED_PARTS) if k in cfg})
     shortcuts = {k: cfg.get(k) for k in ("input", "guidance_scale", "t_start") if cfg.get(k) is not None}
     if shortcuts:
@@ -203,7 +233,16 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    """Console script: checks ``eval=<preset>`` against the checkpoint's model before Hydra starts."""
+    import sys
+
     register_resolvers()  # ${meddiff.run_dir:...,unique} and ${meddiff.help:eval} in configs/eval.yaml
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and not a.startswith(("-", "+", "~")))
+    if args.get("eval") and args.get("ckpt_path"):
+        try:
+            check_eval_preset(args["eval"], *model_protocol(args["ckpt_path"]), args["ckpt_path"])
+        except (ConfigError, DataError) as e:
+            sys.exit(f"meddiff-eval: {e}")
     _hydra_main()
 
 
