@@ -41,8 +41,8 @@ from meddiff.models.aucp_validation import KNOWN_HEALTHY, AUCpValidation, pool_n
 from meddiff.models.base import DiffusionModule, _select
 from meddiff.models.conditional import net_in_channels
 from meddiff.nets.gan import BrainomalyGenerator
-from meddiff.runs.checkpoint_selection import checkpoint_dir_of, load_weights_only, selection_checkpoints
 from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY
+from meddiff.runs.checkpoint_selection import checkpoint_dir_of, load_weights_only, selection_checkpoints
 from meddiff.utils.options import options_from
 
 log = logging.getLogger(__name__)
