@@ -18,6 +18,7 @@ summary), so a train job inside a multirun records its failure in ``status.json`
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,17 @@ class SweepOutcome:
 SWEEP_OUTCOMES: list[SweepOutcome] = []
 
 
-def job_states(sweep_dir: Path) -> list[str]:
-    """The ``status.json`` state of every job dir of a sweep (``"missing"`` when a job left none)."""
+def job_states(sweep_dir: Path, since: float = 0.0) -> list[str]:
+    """The ``status.json`` state of every job dir of a sweep launched at or after ``since`` (a time stamp: the jobs
+    of this launch, not those of an earlier, killed launch of a resumed Optuna sweep); ``"missing"`` when a job left
+    no status."""
     from meddiff.runs.status import read_status
 
     states = []
     for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
-        states.append(str((read_status(d) or {}).get("state", "missing")))
+        launched = max((f.stat().st_mtime for f in (d / ".hydra").iterdir()), default=0.0)
+        if launched >= since:
+            states.append(str((read_status(d) or {}).get("state", "missing")))
     return states
 
 
@@ -79,12 +84,14 @@ class SweepSummary(Callback):
     def __init__(self, enabled: bool = True, resume_optuna: bool = True) -> None:
         self.enabled = enabled
         self.resume_optuna = resume_optuna
+        self._started_at = 0.0  # on_multirun_start: the jobs launched from then on are this sweep's
         # job processes of remote launchers (submitit, joblib) build this callback before they resolve the job's
         # hydra.sweep.subdir (${meddiff.add:...}) and never pass through meddiff.train.main
         resolvers.register_resolvers()
 
     # ------------------------------------------------------------------ start
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started_at = time.time() - 1.0  # file times may be rounded down
         if not self.enabled:
             return
         try:
@@ -182,7 +189,7 @@ class SweepSummary(Callback):
         except Exception as e:
             log.warning("Could not write the sweep summary in %s: %s (meddiff-compare %s builds it too)",
                         sweep_dir, e, sweep_dir)
-        states = job_states(sweep_dir) if sweep_dir.is_dir() else []
+        states = job_states(sweep_dir, since=self._started_at) if sweep_dir.is_dir() else []
         SWEEP_OUTCOMES.append(SweepOutcome(sweep_dir, len(states), sum(s != "ok" for s in states), summary))
         if is_optuna(config):
             try:
