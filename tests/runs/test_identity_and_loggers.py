@@ -176,3 +176,39 @@ def test_standalone_eval_logs_a_wandb_eval_run_in_the_training_group(tmp_path):
                                                                                 "p")
     assert init["tags"] == ["demo", "eval"] and init["config"]["train_wandb_id"] == "abc123"
     assert eval_loggers(tmp_path / "loose.ckpt", tmp_path / "eval") == []
+
+
+def test_the_last_artifact_is_uploaded_from_a_real_runs_selection(tmp_path, monkeypatch):
+    """Not a hand-made dict: the selection summary of a real fit names LastCheckpoint's last.ckpt (issue 20)."""
+    import lightning as L
+    import torch
+    import wandb
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from meddiff.callbacks import LastCheckpoint
+    from meddiff.runs.checkpoint_io import AtomicCheckpointIO
+    from meddiff.runs.job import selection_summary
+    from meddiff.runs.log_outputs import log_checkpoints
+
+    class _M(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+
+    monkeypatch.setattr(wandb, "Artifact", _FakeArtifact)
+    trainer = L.Trainer(max_epochs=1, callbacks=[LastCheckpoint(tmp_path / "checkpoints")], logger=False,
+                        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.fit(_M())
+    online = WandbLogger(offline=False)
+    assert log_checkpoints([online], selection_summary(trainer, "val/auroc")) == 1
+    assert online.experiment.logged == [("model-abc123", ["last.ckpt"], ["last", "latest"])]
