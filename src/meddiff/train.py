@@ -1,14 +1,20 @@
 """Hydra entry point: ``python -m meddiff.train experiment=...`` (console script ``meddiff-train``).
 
 Trains, keeps ``last.ckpt`` + the best checkpoint by ``optimized_metric`` (a validation metric), then evaluates the
-best checkpoint with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
+checkpoint ``optimized_metric`` selected (``meddiff.runs.checkpoint_selection.checkpoint_to_evaluate``; the rule is
+recorded as ``report["checkpoint_rule"]``) with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
 and thresholds are chosen on validation data and the test split is touched once. Returns the kept checkpoint's
 ``optimized_metric`` (validation) for Optuna sweeps; under multirun a failed job is recorded (``status.json``) and
-does not stop the sweep (``meddiff.runs.job``).
+does not stop the sweep (``meddiff.runs.job``), and the sweep then exits non-zero naming the failures and its summary.
 
 A run dir is one you can trust (``meddiff.runs``, ``meddiff.callbacks``):
 
-- unique name, a lock file while the run is live, writability checked before training;
+- unique name, a lock file while the run is live (only its holder writes ``status.json``), writability checked
+  before training;
+- nothing written before the checks pass: on a resume, the config's targets are trusted classes, the changes are
+  allowed, and the checkpoint's weights fit the model; ``status.json`` becomes ``running`` only once the checkpoint
+  was restored, so a failed or refused resume leaves ``last.ckpt``, the best checkpoint and ``status.json`` as
+  they were; optimizer / LR-schedule overrides on resume take effect (``meddiff.callbacks.ConfiguredOptimizer``);
 - ``checkpoints/last.ckpt`` after every epoch, every ``checkpoint_every_n_steps`` steps, on SIGUSR1, and when
   training stops on SIGTERM / Ctrl-C / an exception; every checkpoint written atomically and verified, read
   weights-only;
