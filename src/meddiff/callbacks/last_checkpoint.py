@@ -71,6 +71,11 @@ class LastCheckpoint(Checkpoint):
         return self.dirpath / self.filename
 
     @property
+    def last_checkpoint_path(self) -> Path:
+        """What the run machinery reads as the run's ``last.ckpt`` (status.json, the wandb ``last`` artifact)."""
+        return self.path
+
+    @property
     def state_key(self) -> str:
         # fixed, so the RNG state is restored even when every_n_train_steps changes on resume
         return "LastCheckpoint"

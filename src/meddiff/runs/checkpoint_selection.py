@@ -76,14 +76,23 @@ def checkpoint_to_evaluate(trainer: Any, optimized_metric: str | None) -> tuple[
     """``(path or None, rule)``: the checkpoint selected by ``optimized_metric`` (see the module docstring)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from meddiff.callbacks import LastCheckpoint
-
     callbacks = list(getattr(trainer, "callbacks", []))
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint) and optimized_metric and cb.monitor == optimized_metric \
                 and cb.best_model_path and Path(cb.best_model_path).is_file():
             return cb.best_model_path, f"best {optimized_metric} ({cb.mode}) on validation (optimized_metric)"
-    last = next((cb.path for cb in callbacks if isinstance(cb, LastCheckpoint) and cb.path.is_file()), None)
+    last = last_checkpoint_of(trainer)
     why = (f"no checkpoint monitors optimized_metric={optimized_metric}" if optimized_metric
            else "optimized_metric is null")
     return (None if last is None else str(last)), f"last ({why})"
+
+
+def last_checkpoint_of(trainer: Any) -> Path | None:
+    """The run's ``last.ckpt`` as its keeper reports it (a callback with a ``last_checkpoint_path``, i.e.
+    :class:`meddiff.callbacks.LastCheckpoint`; read by attribute, so the run machinery does not import callbacks),
+    when the file exists."""
+    for cb in getattr(trainer, "callbacks", []):
+        path = getattr(cb, "last_checkpoint_path", None)
+        if path is not None and Path(path).is_file():
+            return Path(path)
+    return None

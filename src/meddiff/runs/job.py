@@ -34,11 +34,11 @@ def selection_summary(trainer: Any, monitor: str | None) -> dict[str, Any]:
     cbs = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, ModelCheckpoint)]
     best_cb = next((c for c in cbs if monitor and c.monitor == monitor), None) or next((c for c in cbs if c.monitor),
                                                                                         None)
-    from meddiff.callbacks import LastCheckpoint
+    from meddiff.runs.checkpoint_selection import last_checkpoint_of
 
     # last.ckpt is LastCheckpoint's (Lightning's ModelCheckpoint keeps no last file in meddiff runs)
-    last = next((c.path for c in getattr(trainer, "callbacks", []) if isinstance(c, LastCheckpoint)), None)
-    if last is None or not Path(last).is_file():
+    last = last_checkpoint_of(trainer)
+    if last is None:
         last_cb = next((c for c in cbs if c.last_model_path), None)
         last = (last_cb.last_model_path or None) if last_cb is not None else None
     score = None
