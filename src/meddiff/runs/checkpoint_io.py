@@ -18,6 +18,7 @@ a temporary file, re-opened and checked (keys, every state-dict tensor), and onl
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import pickle
@@ -136,10 +137,46 @@ def verify_checkpoint(path: str | Path, expected_state_keys: set[str], name: str
                         f"(e.g. {sorted(missing)[:3]}).")
 
 
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of tensor data in a (nested) checkpoint dict: what a save needs on disk, give or take the pickle."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(folder: Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _no_space(path: Path, need: int, free: int | None) -> DataError:
+    mb = 1024 * 1024
+    have = "" if free is None else f", {free / mb:.0f} MB free"
+    return DataError(f"No space left on {path.parent} to save {path.name}: need ~{need / mb:.0f} MB{have}. Free space "
+                     "there (old runs, temporary files) or choose another run dir; the previous checkpoint is kept.")
+
+
 def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically (temp file, fsync, verify, rename); plain containers only."""
+    """Write ``checkpoint`` to ``path`` atomically (temp file, fsync, verify, rename); plain containers only.
+
+    A disk without room for it is a :class:`DataError` saying so ("no space left on <folder>: need ~X MB"), checked
+    before writing and after a failed write (torch reports a full disk as an unrelated ``unexpected pos ...``)."""
     checkpoint = plain_containers(checkpoint)
     expected = set(checkpoint.get("state_dict", {}))
+    path = Path(path)
+    need = tensor_bytes(checkpoint) + (1 << 20)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = _free_bytes(path.parent)
+    if free is not None and free < need:
+        raise _no_space(path, need, free)
 
     def _write(tmp: Path) -> None:
         torch.save(checkpoint, tmp)
@@ -147,7 +184,13 @@ def save_checkpoint_file(checkpoint: dict[str, Any], path: str | Path) -> Path:
             os.fsync(fh.fileno())
         verify_checkpoint(tmp, expected, name=path)
 
-    return atomic_write(path, _write)
+    try:
+        return atomic_write(path, _write)
+    except (OSError, RuntimeError, DataError) as e:
+        free = _free_bytes(path.parent)  # the temp file is gone again: is the disk (nearly) full?
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < need):
+            raise _no_space(path, need, free) from e
+        raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
