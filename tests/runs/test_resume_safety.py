@@ -150,3 +150,17 @@ def test_an_attempt_that_never_started_leaves_the_earlier_status_json_as_it_was(
         run_job(_cfg(tmp_path), fails_after_start)
     record = json.loads((tmp_path / "status.json").read_text())
     assert record["state"] == "failed" and record["attempt"] == 2 and "crash in training" in record["error"]
+
+
+class _FailsAtOnce(_Net):
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("NaN at the first resumed step")
+
+
+def test_an_exception_at_the_resumed_step_does_not_rewrite_last_ckpt(tmp_path):
+    _fit(tmp_path, _Net(), epochs=1)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = _digest(last)
+    with pytest.raises(RuntimeError, match="NaN at the first resumed step"):
+        _fit(tmp_path, _FailsAtOnce(), epochs=2, ckpt_path=last)
+    assert _digest(last) == before  # the weights are the checkpoint's: nothing new to write
