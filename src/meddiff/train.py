@@ -47,6 +47,7 @@ from meddiff.callbacks import (
     StoreConfigInCheckpoint,
     instantiate_callbacks,
 )
+from meddiff.compat import translate_stored_config
 from meddiff.errors import ConfigError
 from meddiff.runs.checkpoint_io import (
     LAST_NAME,
@@ -66,6 +67,8 @@ from meddiff.runs.resume import (
     RESOLVED_NAME,
     check_resume_config,
     check_resumed_config,
+    command_line_keys,
+    restore_stored_values,
     resume_argv,
     stored_config,
 )
@@ -175,11 +178,16 @@ def _start(cfg: DictConfig, out_dir: Path) -> Start:
             raise ConfigError(f"resume={run_dir} continues that run in its own folder, but this run's folder is "
                               f"{out_dir}; resume with `python -m meddiff.train resume={run_dir}` (meddiff-train).")
         snapshot_dir = _snapshot_dir(out_dir)
+        stored = stored_config(out_dir)
+        if stored is not None:
+            translate_stored_config(stored)  # moved classes / renamed keys of older versions: today's names
+        # the run's own recipe, not today's YAMLs: values changed in configs/ since the run are put back (every rank)
+        ignored = restore_stored_values(cfg, stored, _command_line_keys(out_dir))
         current = OmegaConf.to_container(cfg, resolve=True)
         check_resumed_config(current, out_dir)  # every group, callbacks/logger/trainer included
         if rank_zero_only.rank == 0:
-            check_resume_config(stored_config(out_dir), current, out_dir, snapshot_dir,
-                                force=bool(cfg.get("resume_force", False)))
+            check_resume_config(stored, current, out_dir, snapshot_dir, force=bool(cfg.get("resume_force", False)),
+                                yaml_ignored=ignored)
         ckpt_path = ckpt_path or str(out_dir / "checkpoints" / LAST_NAME)
     elif ckpt_path is None:
         previous = [*sorted((out_dir / "checkpoints").glob(LAST_NAME)), *sorted(out_dir.glob("hpc_ckpt_*.ckpt"))]
@@ -197,6 +205,22 @@ def _start(cfg: DictConfig, out_dir: Path) -> Start:
         resume_step = logging_step_after_resume(load_checkpoint(ckpt_path, mmap=True))
     return Start(ckpt_path=None if ckpt_path is None else str(ckpt_path), snapshot_dir=snapshot_dir,
                  resume_step=resume_step)
+
+
+def _command_line_keys(out_dir: Path) -> list[str]:
+    """The keys this resume set on its command line (the run's replayed overrides excluded)."""
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+
+    from meddiff.runs.resume import LAUNCH_KEYS, latest_snapshot
+
+    try:
+        merged = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra: no command line
+        return []
+    _, folder = latest_snapshot(out_dir)
+    old = yaml.safe_load((folder / "overrides.yaml").read_text()) if (folder / "overrides.yaml").is_file() else []
+    return [k for k in command_line_keys(old or [], merged) if k not in LAUNCH_KEYS]
 
 
 def _snapshot_dir(out_dir: Path) -> Path:
