@@ -114,3 +114,8 @@ def test_values_changed_in_the_yamls_since_the_run_are_put_back_unless_given_on_
     assert cfg.model.new_option == 3                 # an option added since (absent in the run): kept
     assert restored == {"net.channels": {"yaml": [8, 32], "kept": [8, 16]},
                         "model.loss": {"yaml": "l2", "kept": "l1"}}
+    # a net change given on the command line (a forced resume): model.net keeps following it
+    cfg = OmegaConf.create({"net": {"channels": [8, 32], "depth": 2}, "model": {"net": "${net}"}})
+    stored = {"net": {"channels": [8, 16], "depth": 2}, "model": {"net": {"channels": [8, 16], "depth": 2}}}
+    assert restore_stored_values(cfg, stored, ["net.channels"]) == {}
+    assert OmegaConf.is_interpolation(cfg.model, "net") and cfg.model.net.channels == [8, 32]

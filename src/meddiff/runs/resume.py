@@ -275,8 +275,8 @@ def restore_stored_values(cfg: Any, stored: dict[str, Any] | None, given: list[s
             continue
         if any(key == g or key.startswith(g + ".") for g in given):
             continue
-        if OmegaConf.select(cfg, key) == was:
-            continue  # restored with an earlier key it interpolates
+        if OmegaConf.select(cfg, key) == was or _through_interpolation(cfg, key):
+            continue  # follows the key it interpolates (model.net: ${net}): restored there or given there
         with open_dict(cfg):
             OmegaConf.update(cfg, key, was, merge=False)
         restored[key] = {"yaml": now, "kept": was}
@@ -285,6 +285,20 @@ def restore_stored_values(cfg: Any, stored: dict[str, Any] | None, given: list[s
         log.warning("The configs changed since this run started; the run continues with its own values (give a key "
                     "on the command line to change it):\n%s", lines)
     return restored
+
+
+def _through_interpolation(cfg: Any, key: str) -> bool:
+    """Whether ``key`` or one of its parents is an interpolation in ``cfg`` (its value is another key's)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        if OmegaConf.is_interpolation(node, part):
+            return True
+        node = node._get_node(part)
+    return False
 
 
 def protected_changes(diff: dict[str, Any]) -> list[str]:
