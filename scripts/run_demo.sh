@@ -6,7 +6,8 @@
 set -euo pipefail
 py=$1; exp=$2; shift 2
 base=logs/$exp
-run=$(date +%Y-%m-%d_%H-%M-%S)
+# unique even for two `make demo` started in the same second: nanoseconds, this shell's pid and a random number
+run=$(date +%Y-%m-%d_%H-%M-%S-%N)_$$_$RANDOM
 mkdir -p "$base"
 if [ -d "$base/latest" ] && [ ! -L "$base/latest" ]; then  # a real folder from an older meddiff: keep it
   mv "$base/latest" "$base/$run-previous"

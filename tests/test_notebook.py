@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from meddiff.utils.checkpoint import load_checkpoint, save_checkpoint_file
+from meddiff.runs.checkpoint_io import load_checkpoint, save_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "walkthrough.ipynb"

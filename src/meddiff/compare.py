@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meddiff.sweeps.run_summary import find_runs, read_run
-from meddiff.sweeps.table import build_table, config_diff, print_table, write_table
+from meddiff.runs.sweep.run_summary import find_runs, read_run
+from meddiff.runs.sweep.table import build_table, config_diff, print_table, write_table
 
 
 def _parser() -> argparse.ArgumentParser:

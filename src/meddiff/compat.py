@@ -29,6 +29,11 @@ MOVED_TARGETS: dict[str, str] = {
     "meddiff.data.adni_slices.ADNISliceDataModule": "meddiff.data.modules.adni.datamodule.ADNISliceDataModule",
     "meddiff.data.image_folder.ImageFolderAnomalyDataModule":
         "meddiff.data.modules.image_folder.ImageFolderAnomalyDataModule",
+    # the run wing moved out of utils/ and sweeps/ (runs/, callbacks/)
+    "meddiff.utils.checkpoint.LastCheckpoint": "meddiff.callbacks.LastCheckpoint",
+    "meddiff.utils.hydra_utils.StoreConfigInCheckpoint": "meddiff.callbacks.StoreConfigInCheckpoint",
+    "meddiff.utils.csv_history.CSVHistoryLogger": "meddiff.runs.csv_history.CSVHistoryLogger",
+    "meddiff.sweeps.callback.SweepSummary": "meddiff.runs.sweep.callback.SweepSummary",
 }
 
 #: ADNI split options of meddiff <= 0.1.0 -> today's names (the DataModule no longer accepts the old ones)

@@ -8,7 +8,7 @@ prediction type (what the weights were trained to compute), is a ConfigError nam
 (``model.sampling.*``: ``t_start``, ``steps`` respacing, ...) are the way to change how the model is used.
 
 Checkpoints are untrusted input: they load weights-only and their stored config may instantiate only the targets of
-``meddiff.utils.safety`` (``meddiff.utils.checkpoint``). The model's ``eval_protocol`` names the protocol
+``meddiff.utils.safety`` (``meddiff.runs.checkpoint_io``). The model's ``eval_protocol`` names the protocol
 (``meddiff.protocols``: ``anomaly``, ``denoise``, ``guided``, ...), which writes ``report.json``, ``metrics.csv`` and
 its figures into the run dir; the checkpoint path is recorded in ``report.json``.
 """
@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from meddiff.errors import ConfigError, DataError
 from meddiff.protocols import get_protocol
 from meddiff.protocols.base import record_checkpoint
-from meddiff.utils.checkpoint import load_checkpoint, stored_config
-from meddiff.utils.hydra_utils import resume_overrides  # noqa: F401  (also registers the run-dir resolver)
+from meddiff.runs.checkpoint_io import load_checkpoint, stored_config
+from meddiff.runs.resolvers import register_resolvers
 from meddiff.utils.options import as_dict
 from meddiff.utils.safety import check_config_targets
 
@@ -38,6 +38,31 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 #: parts of the stored config that the weights were trained with (overrides must fit them)
 TRAINED_PARTS = ("net", "schedule")
+#: eval presets (``configs/eval/<name>.yaml``) whose name is not the protocol whose options they hold
+PRESET_PROTOCOL = {"default": "anomaly"}
+
+
+def model_protocol(ckpt_path: str | Path) -> tuple[str | None, str]:
+    """``(eval_protocol, model class path)`` of the model a checkpoint's stored config builds (trust-checked; the
+    class is imported, nothing is built)."""
+    from meddiff.utils.safety import locate
+
+    path = Path(ckpt_path).expanduser()
+    target = str((stored_config(load_checkpoint(path, mmap=True), path).get("model") or {}).get("_target_", ""))
+    return getattr(locate(target), "eval_protocol", None), target
+
+
+def check_eval_preset(preset: str | None, protocol: str | None, model: str, ckpt_path: str | Path) -> None:
+    """An ``eval=<preset>`` of another protocol than the model's is a :class:`ConfigError` naming both and the preset
+    to use (instead of an interpolation error deep inside the preset)."""
+    if preset is None or protocol is None or PRESET_PROTOCOL.get(preset, preset) == protocol:
+        return
+    right = next((name for name, proto in PRESET_PROTOCOL.items() if proto == protocol), protocol)
+    raise ConfigError(
+        f"eval={preset} holds the options of the {PRESET_PROTOCOL.get(preset, preset)!r} protocol, but the model in "
+        f"{ckpt_path} ({model}) is evaluated by the {protocol!r} protocol (its eval_protocol). Use eval={right}, or "
+        "leave eval= out: the checkpoint carries the eval options it was trained with (change single ones with "
+        "+eval.<key>=...).")
 
 
 def load_from_checkpoint(ckpt_path: str | Path, overrides: DictConfig | None = None) -> tuple[L.LightningModule, DictConfig]:
@@ -129,10 +154,13 @@ def evaluate_checkpoint(
     overrides: DictConfig | None = None,
     loggers: list | None = None,
     device: str | torch.device | None = None,
+    checkpoint_rule: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or an in-memory model) with its protocol; write the report and figures to ``out_dir``.
 
-    ``eval_cfg`` (default: the checkpoint's ``eval``) holds the protocol's options; returns the report.
+    ``eval_cfg`` (default: the checkpoint's ``eval``) holds the protocol's options; ``checkpoint_rule`` (how the
+    checkpoint was chosen, e.g. by ``meddiff.train``) is recorded as ``report["checkpoint_rule"]``; returns the
+    report.
     """
     out_dir = Path(out_dir)
     cfg = None
@@ -151,6 +179,7 @@ def evaluate_checkpoint(
     model = model.to(device).eval()
     _prepare(datamodule, single_input=bool(options.get("input")))
     report = run(model, datamodule, options, out_dir, device)
+    report["checkpoint_rule"] = checkpoint_rule or ("given (ckpt_path)" if ckpt_path else "in-memory weights")
     record_checkpoint(report, out_dir, ckpt_path)
     _log_summary(loggers, report, out_dir)
     return report
@@ -171,18 +200,23 @@ def _prepare(datamodule: L.LightningDataModule, single_input: bool) -> None:
 
 
 def _log_summary(loggers: list | None, report: dict[str, Any], out_dir: Path) -> None:
-    """The summary to every logger as ``test/<name>`` (figures: ``meddiff.sweeps.loggers.log_figures``, once)."""
+    """The summary to every logger as ``test/<name>`` (figures: ``meddiff.runs.log_outputs.log_figures``, once)."""
     for lg in loggers or []:
         lg.log_metrics({f"test/{k}": v for k, v in report.get("summary", {}).items()})
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    preset = HydraConfig.get().runtime.choices.get("eval")
+    if preset is not None:
+        check_eval_preset(str(preset), *model_protocol(cfg.ckpt_path), cfg.ckpt_path)
     overrides = OmegaConf.create({k: cfg[k] for k in ("data", "model", "eval", *TRAINED_PARTS) if k in cfg})
     shortcuts = {k: cfg.get(k) for k in ("input", "guidance_scale", "t_start") if cfg.get(k) is not None}
     if shortcuts:
         overrides = OmegaConf.merge(overrides, {"eval": shortcuts})
-    from meddiff.sweeps.loggers import eval_loggers, log_figures
+    from meddiff.runs.log_outputs import eval_loggers, log_figures
     from meddiff.utils.cpu import apply_threads
 
     if cfg.get("torch_threads") is not None:
@@ -199,6 +233,16 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    """Console script: checks ``eval=<preset>`` against the checkpoint's model before Hydra starts."""
+    import sys
+
+    register_resolvers()  # ${meddiff.run_dir:...,unique} and ${meddiff.help:eval} in configs/eval.yaml
+    args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and not a.startswith(("-", "+", "~")))
+    if args.get("eval") and args.get("ckpt_path"):
+        try:
+            check_eval_preset(args["eval"], *model_protocol(args["ckpt_path"]), args["ckpt_path"])
+        except (ConfigError, DataError) as e:
+            sys.exit(f"meddiff-eval: {e}")
     _hydra_main()
 
 

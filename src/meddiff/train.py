@@ -1,14 +1,20 @@
 """Hydra entry point: ``python -m meddiff.train experiment=...`` (console script ``meddiff-train``).
 
 Trains, keeps ``last.ckpt`` + the best checkpoint by ``optimized_metric`` (a validation metric), then evaluates the
-best checkpoint with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
+checkpoint ``optimized_metric`` selected (``meddiff.runs.checkpoint_selection.checkpoint_to_evaluate``; the rule is
+recorded as ``report["checkpoint_rule"]``) with the model's protocol (``meddiff.protocols``, via ``meddiff.eval.evaluate_checkpoint``): settings
 and thresholds are chosen on validation data and the test split is touched once. Returns the kept checkpoint's
 ``optimized_metric`` (validation) for Optuna sweeps; under multirun a failed job is recorded (``status.json``) and
-does not stop the sweep (``meddiff.sweeps``).
+does not stop the sweep (``meddiff.runs.job``), and the sweep then exits non-zero naming the failures and its summary.
 
-A run dir is one you can trust (``meddiff.utils.run_dir``, ``.checkpoint``, ``.resume``):
+A run dir is one you can trust (``meddiff.runs``, ``meddiff.callbacks``):
 
-- unique name, a lock file while the run is live, writability checked before training;
+- unique name, a lock file while the run is live (only its holder writes ``status.json``), writability checked
+  before training;
+- nothing written before the checks pass: on a resume, the config's targets are trusted classes, the changes are
+  allowed, and the checkpoint's weights fit the model; ``status.json`` becomes ``running`` only once the checkpoint
+  was restored, so a failed or refused resume leaves ``last.ckpt``, the best checkpoint and ``status.json`` as
+  they were; optimizer / LR-schedule overrides on resume take effect (``meddiff.callbacks.ConfiguredOptimizer``);
 - ``checkpoints/last.ckpt`` after every epoch, every ``checkpoint_every_n_steps`` steps, on SIGUSR1, and when
   training stops on SIGTERM / Ctrl-C / an exception; every checkpoint written atomically and verified, read
   weights-only;
@@ -23,6 +29,7 @@ import logging
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,28 +40,40 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from meddiff.errors import ConfigError
-from meddiff.sweeps.identity import run_identity
-from meddiff.sweeps.job import run_job, selection_summary
-from meddiff.sweeps.loggers import log_run_config, log_run_outputs
-from meddiff.utils.checkpoint import (
-    LAST_NAME,
-    AtomicCheckpointIO,
+from meddiff.callbacks import (
+    ConfiguredOptimizer,
     LastCheckpoint,
-    load_checkpoint,
-    logging_step_after_resume,
-    newest_checkpoint,
-)
-from meddiff.utils.hydra_utils import (
+    RunStarted,
     StoreConfigInCheckpoint,
     instantiate_callbacks,
-    instantiate_loggers,
-    resume_overrides,
 )
+from meddiff.compat import translate_stored_config
+from meddiff.errors import ConfigError
+from meddiff.runs.checkpoint_io import (
+    LAST_NAME,
+    AtomicCheckpointIO,
+    check_weights_fit,
+    load_checkpoint,
+    newest_checkpoint,
+)
+from meddiff.runs.checkpoint_selection import checkpoint_to_evaluate
+from meddiff.runs.identity import run_identity
+from meddiff.runs.job import run_job, selection_summary
+from meddiff.runs.log_outputs import log_run_config, log_run_outputs
+from meddiff.runs.loggers import instantiate_loggers
+from meddiff.runs.loop_state import logging_step_after_resume
+from meddiff.runs.resolvers import register_resolvers
+from meddiff.runs.resume import (
+    RESOLVED_NAME,
+    check_resume_config,
+    check_resumed_config,
+    command_line_keys,
+    restore_stored_values,
+    resume_argv,
+    stored_config,
+)
+from meddiff.runs.run_dir import RunDirInUse, RunLock, is_slurm_requeue
 from meddiff.utils.io import atomic_write_text, remove_stale_tmp
-from meddiff.utils.resume import RESOLVED_NAME, check_resume_config, stored_config
-from meddiff.utils.run_dir import RunLock, check_writable, is_slurm_requeue
-from meddiff.utils.safety import check_config_targets
 
 log = logging.getLogger("meddiff.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -70,33 +89,32 @@ class Start:
     resume_step: int | None
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (optionally resuming), then evaluate the best checkpoint. Returns the metrics."""
+def train(cfg: DictConfig, started: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Fit (optionally resuming), then evaluate the best checkpoint. Returns the metrics.
+
+    ``started()`` is called once training really started (on a resume: after the checkpoint was restored), or
+    before evaluation when nothing is trained; ``meddiff.runs.job.run_job`` (which holds the run dir's lock) records
+    ``status.json`` from there. Nothing in the run dir is written before the checks pass and the weights fit.
+    """
     out_dir = Path(cfg.paths.output_dir)
-    lock = None
-    if rank_zero_only.rank == 0:
-        check_writable(out_dir, "run dir")
-        lock = RunLock(out_dir).acquire()
-    try:
-        return _train(cfg, out_dir)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    started = started or (lambda: None)
     ckpt_dir = out_dir / "checkpoints"
-    if rank_zero_only.rank == 0:
-        for folder in (out_dir, ckpt_dir):  # temporary files of saves a kill -9 interrupted
-            remove_stale_tmp(folder)
     start = _start(cfg, out_dir)
     L.seed_everything(cfg.seed, workers=True)
-    if rank_zero_only.rank == 0:
-        atomic_write_text(start.snapshot_dir / RESOLVED_NAME, OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
-    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [StoreConfigInCheckpoint(cfg)]
+    if start.ckpt_path is not None and cfg.get("train", True):
+        # before anything is written: a checkpoint that does not fit is one clear error, and the run's files stay
+        check_weights_fit(model, load_checkpoint(start.ckpt_path, mmap=True), start.ckpt_path,
+                          strict=bool(getattr(model, "strict_loading", True)))
+    if rank_zero_only.rank == 0:
+        for folder in (out_dir, ckpt_dir):  # temporary files of saves a kill -9 interrupted
+            remove_stale_tmp(folder)
+        atomic_write_text(start.snapshot_dir / RESOLVED_NAME, OmegaConf.to_yaml(cfg, resolve=True))
+
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + [StoreConfigInCheckpoint(cfg), ConfiguredOptimizer(),
+                                                                 RunStarted(started)]
     if cfg.trainer.get("enable_checkpointing", True) is False:
         log.warning("trainer.enable_checkpointing=false: no last.ckpt; this run cannot be resumed.")
     else:
@@ -123,18 +141,23 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             _finish_wandb(loggers)
             raise SystemExit(128 + signal.SIGTERM) from e
         raise
+    started()  # nothing trained (train=false, fast_dev_run): the run still starts here
     metrics["selection"] = selection_summary(trainer, cfg.get("optimized_metric"))
     report: dict[str, Any] = {}
 
     if cfg.get("evaluate", True) and trainer.is_global_zero and not trainer.fast_dev_run:
         from meddiff.eval import evaluate_checkpoint
 
-        ckpt = _best_checkpoint(trainer) or start.ckpt_path
+        ckpt, rule = checkpoint_to_evaluate(trainer, cfg.get("optimized_metric"))
+        if ckpt is None and start.ckpt_path is not None:
+            ckpt, rule = start.ckpt_path, "the checkpoint this run continued from (nothing newer was written)"
         if ckpt is None:
+            rule = "in-memory weights (no checkpoint written: checkpointing disabled?)"
             log.warning("No checkpoint to evaluate (checkpointing disabled?); evaluating the in-memory weights.")
+        log.info("Evaluating %s: %s.", ckpt or "the in-memory weights", rule)
         report = evaluate_checkpoint(
             ckpt, out_dir, eval_cfg=cfg.get("eval"), model=model if ckpt is None else None, datamodule=datamodule,
-            loggers=loggers,
+            loggers=loggers, checkpoint_rule=rule,
         )
         metrics.update({f"test/{k}": v for k, v in report.get("summary", {}).items()})
     if trainer.is_global_zero:
@@ -155,11 +178,16 @@ def _start(cfg: DictConfig, out_dir: Path) -> Start:
             raise ConfigError(f"resume={run_dir} continues that run in its own folder, but this run's folder is "
                               f"{out_dir}; resume with `python -m meddiff.train resume={run_dir}` (meddiff-train).")
         snapshot_dir = _snapshot_dir(out_dir)
+        stored = stored_config(out_dir)
+        if stored is not None:
+            translate_stored_config(stored)  # moved classes / renamed keys of older versions: today's names
+        # the run's own recipe, not today's YAMLs: values changed in configs/ since the run are put back (every rank)
+        ignored = restore_stored_values(cfg, stored, _command_line_keys(out_dir))
         current = OmegaConf.to_container(cfg, resolve=True)
-        check_config_targets({k: current.get(k) for k in ("data", "schedule", "net", "model")}, "resumed config")
+        check_resumed_config(current, out_dir)  # every group, callbacks/logger/trainer included
         if rank_zero_only.rank == 0:
-            check_resume_config(stored_config(out_dir), current, out_dir, snapshot_dir,
-                                force=bool(cfg.get("resume_force", False)))
+            check_resume_config(stored, current, out_dir, snapshot_dir, force=bool(cfg.get("resume_force", False)),
+                                yaml_ignored=ignored)
         ckpt_path = ckpt_path or str(out_dir / "checkpoints" / LAST_NAME)
     elif ckpt_path is None:
         previous = [*sorted((out_dir / "checkpoints").glob(LAST_NAME)), *sorted(out_dir.glob("hpc_ckpt_*.ckpt"))]
@@ -179,10 +207,26 @@ def _start(cfg: DictConfig, out_dir: Path) -> Start:
                  resume_step=resume_step)
 
 
+def _command_line_keys(out_dir: Path) -> list[str]:
+    """The keys this resume set on its command line (the run's replayed overrides excluded)."""
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+
+    from meddiff.runs.resume import LAUNCH_KEYS, latest_snapshot
+
+    try:
+        merged = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra: no command line
+        return []
+    _, folder = latest_snapshot(out_dir)
+    old = yaml.safe_load((folder / "overrides.yaml").read_text()) if (folder / "overrides.yaml").is_file() else []
+    return [k for k in command_line_keys(old or [], merged) if k not in LAUNCH_KEYS]
+
+
 def _snapshot_dir(out_dir: Path) -> Path:
     """This launch's snapshot folder: ``hydra.output_subdir`` (``resume-<k>``, set by :func:`main`), else the next
     free ``resume-<k>`` (a programmatic call), so the run's original snapshot is never overwritten."""
-    from meddiff.utils.resume import SNAPSHOT_PREFIX, next_snapshot_name
+    from meddiff.runs.resume import SNAPSHOT_PREFIX, next_snapshot_name
 
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -193,15 +237,6 @@ def _snapshot_dir(out_dir: Path) -> Path:
     if sub and str(sub).startswith(SNAPSHOT_PREFIX):
         return out_dir / str(sub)
     return out_dir / next_snapshot_name(out_dir)
-
-
-def _best_checkpoint(trainer: L.Trainer) -> str | None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and (cb.best_model_path or cb.last_model_path):
-            return cb.best_model_path or cb.last_model_path
-    return None
 
 
 def _finish_wandb(loggers: list) -> None:
@@ -252,7 +287,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # status.json, failures that do not stop a multirun, objective = best checkpoint's validation score
         return run_job(cfg, train)
     except BaseException as e:
-        if not (isinstance(e, SystemExit) and e.code in (0, None)):
+        # a process refused by another run's lock must not write into that run's train.log either
+        if not (isinstance(e, SystemExit) and e.code in (0, None)) and not isinstance(e, RunDirInUse):
             _log_failure(e)
         raise
 
@@ -261,18 +297,34 @@ def main() -> None:
     """Console script: handles the ``resume=`` shortcut (and checks an explicit run dir) before Hydra starts."""
     argv = sys.argv[1:]
     try:
-        new_argv = resume_overrides(argv, rank=getattr(rank_zero_only, "rank", 0) or 0)
+        register_resolvers()  # ${meddiff.run_dir:...}, ${meddiff.add:...}, ${meddiff.help:...}
+        new_argv = resume_argv(argv, rank=getattr(rank_zero_only, "rank", 0) or 0)
         _check_explicit_run_dir(new_argv)
     except ConfigError as e:
         sys.exit(f"meddiff-train: {e}")
     sys.argv[1:] = new_argv
     _hydra_main()
+    _exit_if_a_sweep_job_failed()
+
+
+def _exit_if_a_sweep_job_failed() -> None:
+    """A multirun whose jobs did not all end ``ok`` exits non-zero, naming the failures and the summary (each failed
+    job recorded its error and went on so that the others ran and the summary was written)."""
+    from meddiff.runs.sweep.callback import SWEEP_OUTCOMES
+
+    bad = [o for o in SWEEP_OUTCOMES if o.not_ok]
+    if not bad:
+        return
+    lines = [f"meddiff-train: {o.not_ok} of {o.jobs} sweep jobs did not finish ok in {o.sweep_dir}; see "
+             f"{o.summary or o.sweep_dir / 'summary.md'} (status and first error line per job) and each failed "
+             "job's train.log." for o in bad]
+    sys.exit("\n".join(lines))
 
 
 def _check_explicit_run_dir(argv: list[str]) -> None:
     """An explicit ``hydra.run.dir`` (``hydra.sweep.dir`` with ``-m``): can it be made, and is no live run using it?
     Checked before Hydra writes there."""
-    from meddiff.utils.run_dir import check_creatable
+    from meddiff.runs.run_dir import check_creatable
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="

@@ -357,3 +357,49 @@ def test_resume_refuses_a_network_change_unless_forced(run, tmp_path, fast):
     snap = sorted(p.name for p in run_dir.glob("resume-*") if (p / "config_resolved.yaml").is_file())
     assert snap == ["resume-3"]
     assert json.loads(json.dumps(_ckpt(run_dir)["meddiff_config"]["schedule"]))["prediction_type"] == "sample"
+
+
+def _digests(run_dir: Path) -> dict[str, str]:
+    import hashlib
+
+    files = [*sorted((run_dir / "checkpoints").glob("*.ckpt")), run_dir / "status.json",
+             run_dir / "config_resolved.yaml", run_dir / "csv" / "metrics.csv"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_a_failed_or_refused_resume_changes_nothing_and_overrides_on_resume_take_effect(run, tmp_path, fast):
+    import shutil
+
+    import yaml
+
+    run_dir = tmp_path / "run"
+    run("meddiff.train", *fast, "evaluate=false", f"hydra.run.dir={run_dir}")
+    before = _digests(run_dir)
+    assert len([k for k in before if k.endswith(".ckpt")]) >= 2  # last.ckpt and the best one
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "ok" and status["last_checkpoint"] == str(run_dir / "checkpoints" / "last.ckpt")
+
+    # weights that do not fit (a forced network change): one clear error, nothing on disk changed
+    out = _fails([f"resume={run_dir}", "net.channels=[8,32]", "+resume_force=true"], tmp_path)
+    assert "do not fit" in out and "shape mismatch" in out and "Nothing was changed" in out
+    assert _digests(run_dir) == before
+
+    # a copied run dir whose overrides add a function as a callback: refused naming it, no file written
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    stolen = tmp_path / "stolen.txt"
+    overrides = yaml.safe_load((copy / ".hydra" / "overrides.yaml").read_text())
+    overrides += ["+callbacks.x._target_=shutil.copyfile", f"+callbacks.x.src={copy / 'status.json'}",
+                  f"+callbacks.x.dst={stolen}"]
+    (copy / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    copied = _digests(copy)
+    out = _fails([f"resume={copy}"], tmp_path)
+    assert "'shutil.copyfile' is refused" in out and not stolen.exists() and _digests(copy) == copied
+
+    # an optimizer override on resume is what the resumed run trains with (and records)
+    run("meddiff.train", f"resume={run_dir}", "trainer.max_epochs=2", "model.optimizer.lr=1e-5")
+    ckpt = _ckpt(run_dir)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 1e-5
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [1e-5]
+    assert ckpt["meddiff_config"]["model"]["optimizer"]["lr"] == 1e-5
+    assert json.loads((run_dir / "status.json").read_text())["attempt"] == 2

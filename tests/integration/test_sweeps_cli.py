@@ -30,8 +30,15 @@ def wandb_records(run_dir: Path) -> list[dict]:
 
 def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast):
     sweep = tmp_path / "sweep"
-    run("meddiff.train", "-m", *fast, "logger=wandb", "model.sampling.t_start=300,400,bad", f"hydra.sweep.dir={sweep}",
-        env={"WANDB_API_KEY": ""})
+    proc = subprocess.run([sys.executable, "-m", "meddiff.train", "-m", *fast, "logger=wandb",
+                           "model.sampling.t_start=300,400,bad", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                          env={**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                               "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "WANDB_API_KEY": ""},
+                          capture_output=True, text=True, timeout=900)
+    # a sweep with a failed job fails loudly: non-zero exit, and the last words name the failures and the summary
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "1 of 3 sweep jobs did not finish ok" in last and str(sweep.resolve() / "summary.md") in last
 
     # the summary: one row per job, the swept column, the failed job as failed with its error's first line
     df = pd.read_csv(sweep / "summary.csv", dtype={"model.sampling.t_start": str})
@@ -66,7 +73,7 @@ def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast
     # compare --diff: exactly the key that differs between two jobs
     proc = run("meddiff.compare", str(sweep / "0"), str(sweep / "1"), "--diff")
     assert "1 config keys differ" in proc.stdout and "model.sampling.t_start" in proc.stdout
-    from meddiff.sweeps.table import config_diff
+    from meddiff.runs.sweep.table import config_diff
 
     assert list(config_diff([sweep / "0", sweep / "1"])) == ["model.sampling.t_start"]
     # compare prints the same table and writes it
@@ -87,7 +94,7 @@ def _optuna_args(fast, sweep, n_trials):
 
 
 def test_killed_optuna_sweep_resumes_its_study(tmp_path, fast):
-    from meddiff.sweeps.optuna_storage import load_trials
+    from meddiff.runs.sweep.optuna_storage import load_trials
 
     sweep = tmp_path / "opt"
     env = {**os.environ, "MPLBACKEND": "Agg", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",

@@ -22,6 +22,7 @@ def test_train_writes_report_figures_and_a_self_describing_checkpoint(run, tmp_p
         assert (run_dir / name).is_file(), name
     report = json.loads((run_dir / "report.json").read_text())
     assert report["selection"]["chosen_on"] == "validation"
+    assert report["checkpoint_rule"].startswith("best val/auroc")  # the checkpoint optimized_metric selected
     assert {"model", "baseline_mean_intensity"} <= set(report["image"])
     lo, hi = report["image"]["model"]["auroc_ci"]
     assert lo <= report["image"]["model"]["auroc"] <= hi
@@ -38,6 +39,22 @@ def test_train_writes_report_figures_and_a_self_describing_checkpoint(run, tmp_p
     run("meddiff.eval", f"ckpt_path={best}", f"hydra.run.dir={eval_dir}")
     again = json.loads((eval_dir / "report.json").read_text())
     assert again["image"]["model"]["auroc"] == pytest.approx(report["image"]["model"]["auroc"], abs=1e-6)
+
+
+def test_an_eval_preset_of_another_protocol_is_a_clear_error_naming_both(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "demo_tiny_v0.1.ckpt"  # an anomaly model
+    proc = subprocess.run([sys.executable, "-m", "meddiff.eval", f"ckpt_path={fixture}", "eval=denoise",
+                           f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    out = proc.stderr.strip().splitlines()
+    assert out[-1].startswith("meddiff-eval: eval=denoise") and "'anomaly' protocol" in out[-1]
+    assert "Use eval=default" in out[-1] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "eval").exists()
 
 
 def test_resume_continues_the_same_run(run, tmp_path, fast):

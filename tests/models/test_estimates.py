@@ -12,7 +12,7 @@ from meddiff.models.coarse_gan import CoarseGenerator
 from meddiff.models.refiner import RefinerDiffusion
 from meddiff.nets import build_net
 from meddiff.nets.gan import BrainomalyGenerator, PatchCritic
-from meddiff.utils.hydra_utils import CKPT_CONFIG_KEY
+from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY
 
 GEN_CFG = {"_target_": "meddiff.nets.gan.BrainomalyGenerator", "channels": 1, "conv_dim": 8, "num_down": 2,
            "num_res_blocks": 1}

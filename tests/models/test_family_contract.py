@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
 from meddiff.protocols import PROTOCOLS
-from meddiff.utils.checkpoint import CKPT_CONFIG_KEY, load_checkpoint
+from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY, load_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FAMILIES = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if p.stem != "diffusion_base")

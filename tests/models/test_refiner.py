@@ -18,7 +18,7 @@ from meddiff.models.frozen import load_coarse_generator
 from meddiff.models.refiner import RefinerDiffusion
 from meddiff.nets import build_net
 from meddiff.nets.gan import BrainomalyGenerator, PatchCritic
-from meddiff.utils.checkpoint import CKPT_CONFIG_KEY
+from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY
 
 GEN_CFG = {"_target_": "meddiff.nets.gan.BrainomalyGenerator", "channels": 1, "conv_dim": 8, "num_down": 2,
            "num_res_blocks": 1}

@@ -30,7 +30,7 @@ from meddiff.protocols import get_protocol, protocol_class
 from meddiff.protocols import refiner as protocol
 from meddiff.protocols.refiner.options import LABELS_NONE
 from meddiff.protocols.refiner.test import paired_auroc_difference
-from meddiff.utils.hydra_utils import CKPT_CONFIG_KEY
+from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fakes_refiner as fakes  # noqa: E402

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-#: marks the state of this loader inside a checkpoint (``meddiff.utils.checkpoint`` sets its position when a
+#: marks the state of this loader inside a checkpoint (``meddiff.runs.loop_state`` sets its position when a
 #: checkpoint is written between two batches)
 STATE_MARKER = "meddiff_resumable_loader"
 

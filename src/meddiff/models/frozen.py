@@ -18,7 +18,7 @@ from torch import nn
 
 from meddiff.errors import ConfigError
 from meddiff.nets.gan import BrainomalyGenerator
-from meddiff.utils.checkpoint_selection import checkpoint_dir_of, load_weights_only, selection_checkpoints
+from meddiff.runs.checkpoint_selection import checkpoint_dir_of, load_weights_only, selection_checkpoints
 
 __all__ = ["GENERATOR_TARGETS", "build_generator", "frozen_first_stage", "generator_arch", "load_coarse_generator",
            "plain", "resolve_coarse_checkpoint"]

@@ -41,7 +41,7 @@ from meddiff.models.base import DiffusionModule
 from meddiff.models.conditional import net_in_channels
 from meddiff.models.frozen import frozen_first_stage, plain
 from meddiff.models.validation import AnomalyValidation
-from meddiff.utils.checkpoint import CKPT_CONFIG_KEY
+from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY
 
 log = logging.getLogger(__name__)
 

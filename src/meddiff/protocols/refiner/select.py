@@ -48,7 +48,7 @@ from meddiff.protocols.refiner.scoring import (
     model_scorer,
     score_pool,
 )
-from meddiff.utils.checkpoint_selection import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
+from meddiff.runs.checkpoint_selection import RULES_NEEDING_LABELS, load_weights_only, selection_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def saved_checkpoints(model: Any, ckpt_dir: Path, rules: Mapping[str, Path]
                       ) -> tuple[list[SavedCheckpoint], dict[str, Any]]:
     """Every ``*.ckpt`` in ``ckpt_dir``, one entry per distinct weights in step order, and ``key -> copy`` of the
     model with each one's weights (not for the model's own weights). The evaluated model is never changed."""
-    from meddiff.utils.checkpoint_selection import checkpoint_dir_of
+    from meddiff.runs.checkpoint_selection import checkpoint_dir_of
 
     folder = checkpoint_dir_of(ckpt_dir)
     if not folder.is_dir():

@@ -44,7 +44,7 @@ from meddiff.protocols.refiner.scoring import (
 )
 from meddiff.protocols.refiner.select import RefinerSelection
 from meddiff.protocols.refiner.selector import PoolScores, measure, verdict
-from meddiff.utils.checkpoint_selection import RULES_NEEDING_LABELS
+from meddiff.runs.checkpoint_selection import RULES_NEEDING_LABELS
 
 NAN_CI = (float("nan"), float("nan"))
 STEPS = "steps/"

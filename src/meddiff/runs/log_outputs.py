@@ -179,8 +179,8 @@ def eval_loggers(ckpt_path: str | Path | None, out_dir: str | Path) -> list:
     when the training did not use wandb (an evaluation never starts a wandb run of its own accord)."""
     import yaml
 
-    from meddiff.sweeps.status import read_status
-    from meddiff.utils.hydra_utils import WANDB_ID_FILE, _wandb_online, new_wandb_id
+    from meddiff.runs.loggers import WANDB_ID_FILE, _wandb_online, new_wandb_id
+    from meddiff.runs.status import read_status
 
     run_dir = train_run_dir_of(ckpt_path)
     if run_dir is None or not (run_dir / WANDB_ID_FILE).is_file():

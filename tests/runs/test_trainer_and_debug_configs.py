@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from meddiff.sweeps.cli_help import CONFIG_DIR
+from meddiff.runs.cli_help import CONFIG_DIR
 
 
 def _trainer(*overrides: str) -> dict:

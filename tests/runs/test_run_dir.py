@@ -12,14 +12,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from meddiff.errors import ConfigError
-from meddiff.utils import run_dir
-from meddiff.utils.run_dir import RunLock, check_creatable, check_writable, run_name
+from meddiff.runs import run_dir
+from meddiff.runs.run_dir import RunLock, check_creatable, check_writable, run_name
 
 _NAME = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}_[0-9a-f]{4}"
 
 
 def _name_in_new_process(env: dict | None = None) -> str:
-    code = "from meddiff.utils.run_dir import run_name; print(run_name())"
+    code = "from meddiff.runs.run_dir import run_name; print(run_name())"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, **(env or {})}).stdout.strip()
 
@@ -38,6 +38,9 @@ def test_slurm_jobs_get_the_job_id_so_a_requeued_job_finds_its_run():
 
 
 def test_the_resolver_checks_the_base_folder(tmp_path):
+    from meddiff.runs.resolvers import register_resolvers
+
+    register_resolvers()  # explicit, as both entry points do (no import side effect)
     cfg = OmegaConf.create({"dir": f"${{meddiff.run_dir:{tmp_path}/logs/runs}}"})
     assert cfg.dir == f"{tmp_path}/logs/runs/{run_name()}"
     blocker = tmp_path / "file"
@@ -97,3 +100,14 @@ def test_a_requeued_slurm_job_takes_over_the_lock_of_its_earlier_attempt(tmp_pat
     lock = RunLock(tmp_path).acquire()
     assert lock.held and (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
     lock.release()
+
+
+def test_resolvers_are_registered_explicitly_not_by_importing_the_run_wing():
+    import subprocess
+    import sys
+
+    code = ("import meddiff.train, meddiff.eval; from omegaconf import OmegaConf; "
+            "assert not OmegaConf.has_resolver('meddiff.run_dir'); "
+            "from meddiff.runs.resolvers import register_resolvers; register_resolvers(); register_resolvers(); "
+            "assert all(OmegaConf.has_resolver(r) for r in ('meddiff.run_dir', 'meddiff.add', 'meddiff.help'))")
+    subprocess.run([sys.executable, "-c", code], check=True)

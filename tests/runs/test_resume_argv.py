@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from meddiff.errors import ConfigError
-from meddiff.utils.hydra_utils import resume_overrides
+from meddiff.runs.resume import resume_argv as resume_overrides
 from meddiff.utils.io import atomic_write_json
 
 

@@ -11,16 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from meddiff.callbacks import LastCheckpoint
 from meddiff.errors import ConfigError, DataError
-from meddiff.utils import checkpoint as ckpt_mod
-from meddiff.utils.checkpoint import (
+from meddiff.runs import checkpoint_io as ckpt_mod
+from meddiff.runs import rng
+from meddiff.runs.checkpoint_io import (
     AtomicCheckpointIO,
-    LastCheckpoint,
     load_checkpoint,
-    logging_step_after_resume,
     save_checkpoint_file,
     stored_config,
 )
+from meddiff.runs.loop_state import logging_step_after_resume
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "demo_tiny_v0.1.ckpt"
 
@@ -208,10 +209,34 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    state = ckpt_mod.rng_state()
+    state = rng.rng_state()
     expected = (torch.rand(3), np.random.rand(3), random.random())
     save_checkpoint_file({"state_dict": {}, "rng": state}, tmp_path / "r.ckpt")
     torch.rand(5), np.random.rand(5), random.random()
-    ckpt_mod.set_rng_state(load_checkpoint(tmp_path / "r.ckpt")["rng"])
+    rng.set_rng_state(load_checkpoint(tmp_path / "r.ckpt")["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    target = tmp_path / "last.ckpt"
+    save_checkpoint_file({"state_dict": {"w": torch.zeros(4)}}, target)
+    before = target.read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1000))  # ~1 kB free
+    big = {"state_dict": {"w": torch.zeros(1_000_000)}}  # ~4 MB
+    with pytest.raises(DataError, match=rf"No space left on {tmp_path} to save last.ckpt: need ~5 MB, 0 MB free"):
+        save_checkpoint_file(big, target)
+    free = iter([10 ** 12, 1000])  # room before the write, none after it failed as torch reports a full disk
+
+    def failing_save(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 4096 vs 2048")
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, next(free)))
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(DataError, match="No space left on"):
+        save_checkpoint_file(big, target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

@@ -11,6 +11,7 @@
 - :class:`RunLock`: ``<run_dir>/.lock`` (pid and host) while a run is live; a second run into the same folder fails
   fast naming the holder's pid; the lock of a dead process on this host is taken over with a warning.
 - :func:`check_writable`: a folder can be created and written, else a :class:`ConfigError` naming it.
+- :func:`is_rank_zero`: whether this process may write run files (False in the extra processes of a DDP run).
 """
 
 from __future__ import annotations
@@ -23,15 +24,13 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from meddiff.errors import ConfigError
 from meddiff.utils.io import pid_alive
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-RESOLVER = "meddiff.run_dir"
+RESOLVER = "meddiff.run_dir"  # registered by meddiff.runs.resolvers.register_resolvers
 
 # one name per process: Hydra may resolve run.dir more than once, and run.dir / sweep.dir of one launch match
 _NAME: dict[str, str] = {}
@@ -100,7 +99,7 @@ def unique_name() -> str:
     return _NAME["unique"]
 
 
-def _resolve_run_dir(base: str, mode: str = "run") -> str:
+def resolve_run_dir(base: str, mode: str = "run") -> str:
     """``<base>/<name>``: ``mode="run"`` (training) names SLURM runs by their job, ``"unique"`` (evaluation, which
     never resumes: two evaluations in one SLURM job must not share a folder) never does."""
     if mode not in ("run", "unique"):
@@ -109,13 +108,8 @@ def _resolve_run_dir(base: str, mode: str = "run") -> str:
     return str(Path(base) / (run_name() if mode == "run" else unique_name()))
 
 
-def register_resolver() -> None:
-    """Register ``${meddiff.run_dir:<base>}`` (idempotent)."""
-    if not OmegaConf.has_resolver(RESOLVER):
-        OmegaConf.register_new_resolver(RESOLVER, _resolve_run_dir, use_cache=True)
-
-
-register_resolver()
+class RunDirInUse(ConfigError):
+    """Another live process holds the run dir's lock: this process must write nothing there (not even its log)."""
 
 
 class RunLock:
@@ -155,7 +149,7 @@ class RunLock:
         if is_slurm_requeue() and job != "-" and job == slurm_job_name():
             return  # an earlier attempt of this same SLURM job: SLURM never runs two attempts at once
         if host != socket.gethostname() or pid_alive(pid):
-            raise ConfigError(
+            raise RunDirInUse(
                 f"{self.path.parent} is in use by another run (process {pid} on {host}, lock file {self.path}). "
                 "Wait for it to finish or stop it; a run writes into a run dir alone. If that process is gone "
                 f"(e.g. it ran on another machine), delete {self.path}."
@@ -198,3 +192,10 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def is_rank_zero() -> bool:
+    """False in the extra processes of a DDP run (they re-run the entry point and must not write run files)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0

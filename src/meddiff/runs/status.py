@@ -1,5 +1,8 @@
 """``<run_dir>/status.json``: what happened to one job, written atomically at its start and at its end.
 
+Only the process holding the run dir's lock writes it (``meddiff.runs.job``), and a resume rewrites it only once its
+checkpoint was restored: a refused or failed attempt leaves the earlier record as it was.
+
 A job that is still ``running`` when nobody runs it was killed (or is on another machine); a ``failed`` job
 carries the first line of its error (the full traceback is in the job's log). Fields::
 
@@ -8,7 +11,7 @@ carries the first line of its error (the full traceback is in the job's log). Fi
     started_at / ended_at: ISO times;  wall_time_s: float
     host, pid
     monitor, mode, best_score: the validation metric model selection keeps and its best value
-    best_checkpoint, last_checkpoint: paths
+    best_checkpoint, last_checkpoint: paths (last_checkpoint: LastCheckpoint's last.ckpt)
     optuna_trial: int (Optuna sweeps)
 """
 
@@ -68,6 +71,7 @@ class JobStatus:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self._t0 = time.perf_counter()
+        self.started = False  # start() was called by this process
 
     def start(self, **fields: Any) -> None:
         self._t0 = time.perf_counter()
@@ -77,6 +81,7 @@ class JobStatus:
         record = {"state": RUNNING, "started_at": _now(), "host": socket.gethostname(), "pid": os.getpid(),
                   "attempt": int(previous.get("attempt", 0)) + 1, **fields}
         atomic_write_json(path, record)
+        self.started = True
 
     def end(self, state: str, error: BaseException | None = None, **fields: Any) -> dict[str, Any]:
         extra: dict[str, Any] = {"error": first_error_line(error)} if error is not None else {}

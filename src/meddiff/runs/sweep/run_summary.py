@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from meddiff.sweeps.identity import parse_override_lines, read_sweep_info
-from meddiff.sweeps.status import OK, RUNNING, read_status
+from meddiff.runs.identity import parse_override_lines, read_sweep_info
+from meddiff.runs.status import OK, RUNNING, read_status
 
 RUN_MARKERS = (".hydra", "status.json", "config_resolved.yaml", "report.json")
 SKIP_DIRS = {"checkpoints", "wandb", "tensorboard", "csv", ".hydra", "__pycache__"}

@@ -17,9 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from meddiff.sweeps.identity import is_identity_key, read_sweep_info, short_value
-from meddiff.sweeps.run_summary import RunRecord, flatten, load_config
-from meddiff.sweeps.status import OK
+from meddiff.runs.identity import is_identity_key, read_sweep_info, short_value
+from meddiff.runs.status import OK
+from meddiff.runs.sweep.run_summary import RunRecord, flatten, load_config
 from meddiff.utils.io import atomic_write, atomic_write_csv, atomic_write_text
 
 SHOWN_TEST_METRICS = 4  # Markdown / terminal tables show the first few test metrics (CSV has them all)

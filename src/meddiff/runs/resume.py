@@ -36,6 +36,9 @@ LAUNCH_KEYS = ("resume", "ckpt_path", "resume_force")
 PROTECTED = ("net", "model.net", "schedule.prediction_type", "model.schedule.prediction_type", "model._target_")
 #: keys left out of the comparison (they name the launch, not the experiment)
 NOT_COMPARED = ("resume", "ckpt_path", "resume_force")
+#: groups whose values a resume takes from the run's stored config when today's YAMLs changed them (the training
+#: recipe); data paths and devices (data, trainer, paths) follow this machine and are only reported
+RESTORED_GROUPS = ("model", "net", "schedule")
 
 
 # ------------------------------------------------------------------------------------------- run dir contents
@@ -184,9 +187,37 @@ def resume_argv(argv: list[str], rank: int = 0) -> list[str]:
     hydra_args = [a for a in argv if a.startswith("hydra.") and not a.startswith(("hydra.run.dir=",
                                                                                   "hydra.output_subdir="))]
     merged = merge_overrides(_drop_keys(old, LAUNCH_KEYS), _drop_keys(new, ("resume", "ckpt_path")))
+    check_replayed_overrides(old, overrides_dir / "overrides.yaml")
+    check_replayed_overrides(merged, Path("the resumed command line"))
     subdir = next_snapshot_name(run_dir) if rank == 0 else "null"
     return [*flags, *merged, f"resume={_quote(run_dir)}", f"ckpt_path={_quote(ckpt)}", *hydra_args,
             f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir={subdir}"]
+
+
+def check_replayed_overrides(overrides: list[str], source: Path) -> None:
+    """Refuse, before Hydra starts, overrides that a run dir cannot legitimately hold: any ``hydra.*`` key (Hydra
+    would build its callbacks, launcher or sweeper from them before meddiff sees the config) and any ``_target_``
+    that is not a trusted class (:mod:`meddiff.utils.safety`). A :class:`ConfigError` naming the override and file."""
+    from meddiff.utils.safety import check_target
+
+    for text in overrides:
+        if not isinstance(text, str):
+            raise ConfigError(f"{source}: override {text!r} is not a string; this is not a meddiff run dir's file.")
+        key, _, value = text.partition("=")
+        key = key.lstrip("+~")
+        if key == "hydra" or key.startswith("hydra.") or key.startswith("hydra/"):
+            raise ConfigError(f"{source}: the replayed override {text!r} sets Hydra's own config; a run's "
+                              "overrides.yaml never holds hydra.* keys (a copied or edited run dir?). Refused.")
+        if key.split("@")[0].endswith("_target_"):
+            check_target(value.strip().strip("'\""), f"{source}: {key}")
+
+
+def check_resumed_config(cfg: dict[str, Any], run_dir: Path) -> None:
+    """Every ``_target_`` of the composed config a resume is about to build (every group: data, schedule, net,
+    model, callbacks, logger, trainer, ...) must be a trusted class."""
+    from meddiff.utils.safety import check_config_targets
+
+    check_config_targets(cfg, f"resume={run_dir}: config")
 
 
 def _quote(path: Path) -> str:
@@ -220,12 +251,62 @@ def config_diff(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, di
     return diff
 
 
+def command_line_keys(old: list[str], merged: list[str]) -> list[str]:
+    """The keys (or groups) this launch set on its command line: the merged overrides that are not the run's own."""
+    previous = set(old)
+    return [o.key.split("@")[0].replace("/", ".") for o in _parse([a for a in merged if a not in previous])]
+
+
+def restore_stored_values(cfg: Any, stored: dict[str, Any] | None, given: list[str]) -> dict[str, dict[str, Any]]:
+    """Put the run's stored values back where today's YAMLs changed them since the run (``RESTORED_GROUPS`` only,
+    values that exist in both; keys under ``given`` -- this launch's command line -- keep the new value). Changes
+    ``cfg`` (an OmegaConf config) in place; returns ``{key: {"yaml": ignored value, "kept": stored value}}``."""
+    from omegaconf import OmegaConf, open_dict
+
+    if not stored:
+        return {}
+    current = OmegaConf.to_container(cfg, resolve=True)
+    diff = config_diff(stored, current)
+    restored: dict[str, dict[str, Any]] = {}
+    # top-level groups first: model.net is ${net}, restoring net.* restores model.net.* with it
+    for key in sorted(diff, key=lambda k: (k.startswith("model."), k)):
+        was, now = diff[key]["was"], diff[key]["now"]
+        if key.split(".")[0] not in RESTORED_GROUPS or "<absent>" in (was, now):
+            continue
+        if any(key == g or key.startswith(g + ".") for g in given):
+            continue
+        if OmegaConf.select(cfg, key) == was or _through_interpolation(cfg, key):
+            continue  # follows the key it interpolates (model.net: ${net}): restored there or given there
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, was, merge=False)
+        restored[key] = {"yaml": now, "kept": was}
+    if restored:
+        lines = "\n".join(f"  {k}: {v['kept']!r} (today's YAML: {v['yaml']!r})" for k, v in restored.items())
+        log.warning("The configs changed since this run started; the run continues with its own values (give a key "
+                    "on the command line to change it):\n%s", lines)
+    return restored
+
+
+def _through_interpolation(cfg: Any, key: str) -> bool:
+    """Whether ``key`` or one of its parents is an interpolation in ``cfg`` (its value is another key's)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        if OmegaConf.is_interpolation(node, part):
+            return True
+        node = node._get_node(part)
+    return False
+
+
 def protected_changes(diff: dict[str, Any]) -> list[str]:
     return [k for k in diff if any(k == p or k.startswith(p + ".") for p in PROTECTED)]
 
 
 def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], run_dir: Path, snapshot: Path,
-                        force: bool) -> dict[str, dict[str, Any]]:
+                        force: bool, yaml_ignored: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Log and record (``<snapshot>/resume_diff.yaml``) how ``current`` differs from the run's stored config; a
     :class:`ConfigError` naming the keys when the network, the prediction type or the model class would change
     (unless ``force``). Returns the difference."""
@@ -251,6 +332,6 @@ def check_resume_config(stored: dict[str, Any] | None, current: dict[str, Any], 
     if bad:
         log.warning("+resume_force=true: continuing with changed %s.", ", ".join(shown))
     snapshot.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(snapshot / DIFF_NAME, yaml.safe_dump({"changes": diff, "forced": bool(bad and force)},
-                                                          sort_keys=False))
+    record = {"changes": diff, "forced": bool(bad and force), "yaml_changes_ignored": yaml_ignored or {}}
+    atomic_write_text(snapshot / DIFF_NAME, yaml.safe_dump(record, sort_keys=False))
     return diff

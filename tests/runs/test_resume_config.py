@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from meddiff.errors import ConfigError
-from meddiff.utils.resume import (
+from meddiff.runs.resume import (
     check_resume_config,
     config_diff,
     latest_snapshot,
@@ -87,3 +87,35 @@ def test_check_resume_config_records_the_diff_and_refuses_shape_changes(tmp_path
     check_resume_config(stored, {"net": {"channels": [8, 32]}, "trainer": {"max_epochs": 1}}, tmp_path,
                         tmp_path / "resume-2", force=True)
     assert yaml.safe_load((tmp_path / "resume-2" / "resume_diff.yaml").read_text())["forced"] is True
+
+
+# ------------------------------------------------------------------------- the run's own values, not today's YAMLs
+def test_values_changed_in_the_yamls_since_the_run_are_put_back_unless_given_on_the_command_line():
+    from omegaconf import OmegaConf
+
+    from meddiff.runs.resume import command_line_keys, restore_stored_values
+
+    # today's YAMLs: loss l2 (was l1), net.channels [8, 32] (was [8, 16]); model.net interpolates net
+    cfg = OmegaConf.create({"net": {"channels": [8, 32]}, "model": {"loss": "l2", "net": "${net}",
+                                                                    "optimizer": {"lr": 1e-5}, "new_option": 3},
+                            "data": {"root": "/new/place"}, "trainer": {"max_epochs": 2}})
+    stored = {"net": {"channels": [8, 16]}, "model": {"loss": "l1", "net": {"channels": [8, 16]},
+                                                      "optimizer": {"lr": 1e-3}},
+              "data": {"root": "/old/place"}, "trainer": {"max_epochs": 1}}
+    old = ["experiment=demo", "trainer.max_epochs=1"]
+    merged = ["experiment=demo", "trainer.max_epochs=2", "model.optimizer.lr=1e-5", "resume=/r", "ckpt_path=/r/x"]
+    given = command_line_keys(old, merged)
+    assert given == ["trainer.max_epochs", "model.optimizer.lr", "resume", "ckpt_path"]
+    restored = restore_stored_values(cfg, stored, given)
+    assert cfg.model.loss == "l1" and list(cfg.net.channels) == [8, 16] and list(cfg.model.net.channels) == [8, 16]
+    assert cfg.model.net == {"channels": [8, 16]} and OmegaConf.is_interpolation(cfg.model, "net")
+    assert cfg.model.optimizer.lr == 1e-5            # given on the command line: the new value
+    assert cfg.trainer.max_epochs == 2 and cfg.data.root == "/new/place"  # devices/paths follow this machine
+    assert cfg.model.new_option == 3                 # an option added since (absent in the run): kept
+    assert restored == {"net.channels": {"yaml": [8, 32], "kept": [8, 16]},
+                        "model.loss": {"yaml": "l2", "kept": "l1"}}
+    # a net change given on the command line (a forced resume): model.net keeps following it
+    cfg = OmegaConf.create({"net": {"channels": [8, 32], "depth": 2}, "model": {"net": "${net}"}})
+    stored = {"net": {"channels": [8, 16], "depth": 2}, "model": {"net": {"channels": [8, 16], "depth": 2}}}
+    assert restore_stored_values(cfg, stored, ["net.channels"]) == {}
+    assert OmegaConf.is_interpolation(cfg.model, "net") and cfg.model.net.channels == [8, 32]

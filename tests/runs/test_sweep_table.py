@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from meddiff.sweeps.run_summary import find_runs, read_run, read_test_metrics
-from meddiff.sweeps.status import JobStatus, first_error_line, read_status
-from meddiff.sweeps.table import build_table, config_diff, to_markdown, write_summary
+from meddiff.runs.status import JobStatus, first_error_line, read_status
+from meddiff.runs.sweep.run_summary import find_runs, read_run, read_test_metrics
+from meddiff.runs.sweep.table import build_table, config_diff, to_markdown, write_summary
 
 
 def make_run(path, overrides, state="ok", best=None, error=None, report=None, cfg=None, sweep=None):
@@ -166,3 +166,16 @@ def test_first_error_line_looks_through_hydra_instantiation_errors():
             raise InstantiationException("Error in call to target 'x.Y':\nValueError(...)") from e
     except InstantiationException as e:
         assert first_error_line(e) == "ValueError: invalid literal for int() with base 10: 'bad'"
+
+
+def test_a_damaged_optuna_db_is_a_clear_error_naming_the_file(tmp_path):
+    import pytest
+
+    from meddiff.errors import ConfigError
+    from meddiff.runs.sweep.optuna_storage import sqlite_storage
+
+    db = tmp_path / "optuna.db"
+    db.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)  # a header, then garbage
+    with pytest.raises(ConfigError, match=rf"Optuna study file {db} is damaged.*mv {db} {db}.broken"):
+        sqlite_storage(db)
+    sqlite_storage(tmp_path / "fresh.db")  # a missing file is still created

@@ -2,7 +2,7 @@
 
 Lightning's ``CSVLogger`` deletes ``metrics.csv`` when it starts, so a resumed run kept only the rows logged after
 the resume. :class:`CSVHistoryLogger` (same arguments, plus ``resume_step``) keeps the earlier rows: those logged
-before the logger step at which the resumed run continues (``meddiff.utils.checkpoint.logging_step_after_resume``);
+before the logger step at which the resumed run continues (``meddiff.runs.loop_state.logging_step_after_resume``);
 rows at or after it were logged after the checkpoint was written (e.g. before a ``kill -9``) and are logged again by
 the resumed run. Steps continue in the same file.
 """

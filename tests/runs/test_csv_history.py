@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from meddiff.utils.csv_history import CSVHistoryLogger
+from meddiff.runs.csv_history import CSVHistoryLogger
 
 
 def _rows(path):

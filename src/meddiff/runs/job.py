@@ -20,10 +20,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-import meddiff.sweeps.resolvers  # noqa: F401  (job dirs of resumed Optuna sweeps use ${meddiff.add:...})
-from meddiff.sweeps.identity import RunIdentity, read_sweep_info, run_identity
-from meddiff.sweeps.status import FAILED, OK, JobStatus
-from meddiff.utils.hydra_utils import is_rank_zero
+from meddiff.runs.identity import RunIdentity, read_sweep_info, run_identity
+from meddiff.runs.run_dir import RunLock, check_writable, is_rank_zero
+from meddiff.runs.status import FAILED, OK, JobStatus, read_status
 
 log = logging.getLogger("meddiff.job")
 
@@ -35,7 +34,13 @@ def selection_summary(trainer: Any, monitor: str | None) -> dict[str, Any]:
     cbs = [c for c in getattr(trainer, "callbacks", []) if isinstance(c, ModelCheckpoint)]
     best_cb = next((c for c in cbs if monitor and c.monitor == monitor), None) or next((c for c in cbs if c.monitor),
                                                                                         None)
-    last_cb = next((c for c in cbs if c.last_model_path), None)
+    from meddiff.runs.checkpoint_selection import last_checkpoint_of
+
+    # last.ckpt is LastCheckpoint's (Lightning's ModelCheckpoint keeps no last file in meddiff runs)
+    last = last_checkpoint_of(trainer)
+    if last is None:
+        last_cb = next((c for c in cbs if c.last_model_path), None)
+        last = (last_cb.last_model_path or None) if last_cb is not None else None
     score = None
     if best_cb is not None and best_cb.best_model_score is not None:
         score = float(best_cb.best_model_score)
@@ -45,7 +50,7 @@ def selection_summary(trainer: Any, monitor: str | None) -> dict[str, Any]:
         "mode": best_cb.mode if best_cb is not None else None,
         "best_score": score,
         "best_checkpoint": (best_cb.best_model_path or None) if best_cb is not None else None,
-        "last_checkpoint": (last_cb.last_model_path or None) if last_cb is not None else None,
+        "last_checkpoint": None if last is None else str(last),
     }
 
 
@@ -60,32 +65,62 @@ def optuna_trial_of(identity: RunIdentity) -> dict[str, Any]:
             "optuna_study": opt["study_name"], "_optuna_db": opt["db"]}
 
 
-def run_job(cfg: DictConfig, train_fn: Callable[[DictConfig], dict[str, Any]]) -> float | None:
-    """Run ``train_fn(cfg)`` and record it; returns the objective for the sweeper (None when there is none).
+def run_job(cfg: DictConfig, train_fn: Callable[[DictConfig, Callable[[], None]], dict[str, Any]]) -> float | None:
+    """Run ``train_fn(cfg, started)`` under the run dir's lock and record it; returns the objective for the sweeper
+    (None when there is none).
 
+    Only the process holding ``<run_dir>/.lock`` (rank 0) writes ``status.json``, and only from the moment
+    ``train_fn`` calls ``started()`` (after its checks and, on a resume, after the checkpoint was restored): a second
+    process into a locked run dir, or a refused or failed resume, leaves the earlier run's ``status.json`` as it
+    was. A job that fails before it started in a fresh run dir is recorded ``failed`` (sweeps list it).
     ``train_fn`` returns its metrics with a ``"selection"`` entry (:func:`selection_summary`). In a multirun a failed
-    job is logged with its traceback, marked ``failed`` and returns None, so the sweep goes on; a single run raises.
+    job is logged with its traceback and returns None, so the sweep goes on; a single run raises.
     """
     out_dir = Path(cfg.paths.output_dir)
-    identity = run_identity(cfg)
     rank0 = is_rank_zero()
+    lock = None
+    if rank0:
+        check_writable(out_dir, "run dir")
+        lock = RunLock(out_dir).acquire()  # a live holder: ConfigError, and nothing is written here
+    try:
+        return _run_locked(cfg, train_fn, out_dir, rank0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: DictConfig, train_fn: Callable[..., dict[str, Any]], out_dir: Path, rank0: bool) -> float | None:
+    identity = run_identity(cfg)
     status = JobStatus(out_dir)
+    had_status = read_status(out_dir) is not None
     trial = optuna_trial_of(identity)
     db = trial.pop("_optuna_db", None)
-    if rank0:
+
+    def started() -> None:
+        if not rank0 or status.started:
+            return
         status.start(name=identity.name, group=identity.group, **trial)
         if db is not None:
             _record_trial(db, trial, out_dir, identity)
+
     try:
-        metrics = train_fn(cfg)
+        metrics = train_fn(cfg, started)
     except Exception as e:
         if rank0:
-            status.end(FAILED, error=e)
+            if status.started:
+                status.end(FAILED, error=e)
+            elif not had_status:
+                started()  # a fresh run dir: record the failure (sweep summaries list it)
+                status.end(FAILED, error=e)
+            else:
+                log.error("%s: the earlier run's status.json is left as it was (this attempt never started).",
+                          out_dir)
         _close_wandb_run()  # or the next job of the sweep would log into this run
         if identity.sweep_dir is None:
             raise
         log.exception("Job %s failed; the sweep goes on (status.json, summary.csv).", out_dir)
         return None
+    started()  # a run that trained nothing (train=false, fast_dev_run) is still recorded
     selection = dict(metrics.get("selection") or {})
     if rank0:
         status.end(OK, **selection)
@@ -112,7 +147,7 @@ def _close_wandb_run() -> None:
 
 def _record_trial(db: str, trial: dict[str, Any], out_dir: Path, identity: RunIdentity) -> None:
     try:
-        from meddiff.sweeps.optuna_storage import record_job_dir
+        from meddiff.runs.sweep.optuna_storage import record_job_dir
 
         record_job_dir(db, trial["optuna_study"], trial["optuna_trial"], str(out_dir.resolve()),
                        params=identity.overrides)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 HELP_RESOLVER = "meddiff.help"
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
@@ -93,8 +91,3 @@ def help_text(job_name: str) -> str:
     if str(job_name) == "eval":
         return EVAL_HELP
     return TRAIN_HELP.format(experiments="\n".join(experiment_lines()))
-
-
-def register() -> None:
-    if not OmegaConf.has_resolver(HELP_RESOLVER):
-        OmegaConf.register_new_resolver(HELP_RESOLVER, help_text)

@@ -3,7 +3,7 @@
 The sweepers' configs point ``hydra.sweeper.storage`` here::
 
     storage:
-      _target_: meddiff.sweeps.optuna_storage.sqlite_storage
+      _target_: meddiff.runs.sweep.optuna_storage.sqlite_storage
       path: ${hydra.sweep.dir}/optuna.db
 
 Why not the plain ``sqlite:///...`` URL: ``hydra-optuna-sweeper`` 1.3 pins optuna < 3, and optuna 2.10's RDB storage
@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+
+from meddiff.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,38 @@ def sqlite_storage(path: str | Path, timeout_s: float = 60.0) -> Any:
 
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_readable_db(path)
     url = f"sqlite:///{path}"
-    if _needs_prestamp():
-        _prestamp(url)
-    return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": timeout_s}})
+    try:
+        if _needs_prestamp():
+            _prestamp(url)
+        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": timeout_s}})
+    except Exception as e:  # sqlalchemy / alembic errors of a damaged or foreign file
+        raise _damaged(path, e) from e
+
+
+def _damaged(path: Path, e: BaseException) -> ConfigError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ConfigError(
+        f"The Optuna study file {path} is damaged or not an Optuna database ({type(e).__name__}: {first}). Move it "
+        f"away (e.g. `mv {path} {path}.broken`) to start a new study there, or start the sweep in another folder "
+        "(hydra.sweep.dir=...) or under another hydra.sweeper.study_name.")
+
+
+def check_readable_db(path: Path) -> None:
+    """An existing ``path`` must be a readable SQLite database (a :class:`ConfigError` naming it otherwise); a
+    missing one is created later by optuna."""
+    import sqlite3
+
+    if not path.exists():
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            row = con.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise _damaged(path, e) from e
+    if not row or row[0] != "ok":
+        raise _damaged(path, RuntimeError(f"integrity check: {row[0] if row else 'no answer'}"))
 
 
 def load_trials(db_path: str | Path, study_name: str | None = None) -> tuple[str, list[Any]]:

@@ -12,24 +12,54 @@ for Optuna ``optimization_results.yaml`` with the best trial's job dir and check
 
 Hydra 1.3's basic sweeper re-raises the first failed job's exception after its batch (which would skip this
 summary), so a train job inside a multirun records its failure in ``status.json`` and returns instead of raising
-(``meddiff.sweeps.job``); Optuna counts it as a failed trial (the presets allow any failure rate).
+(``meddiff.runs.job``); Optuna counts it as a failed trial (the presets allow any failure rate).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-import meddiff.sweeps.resolvers as resolvers
-from meddiff.sweeps.identity import swept_keys, write_sweep_info
+import meddiff.runs.resolvers as resolvers
+from meddiff.runs.identity import swept_keys, write_sweep_info
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SUBDIR = "${hydra.job.num}"
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a finished multirun left: its folder, jobs, jobs not ``ok`` and the summary file (None if unwritten)."""
+
+    sweep_dir: Path
+    jobs: int
+    not_ok: int
+    summary: Path | None
+
+
+#: the outcome of each multirun this process ran (``meddiff.train.main`` exits non-zero when a job failed)
+SWEEP_OUTCOMES: list[SweepOutcome] = []
+
+
+def job_states(sweep_dir: Path, since: float = 0.0) -> list[str]:
+    """The ``status.json`` state of every job dir of a sweep launched at or after ``since`` (a time stamp: the jobs
+    of this launch, not those of an earlier, killed launch of a resumed Optuna sweep); ``"missing"`` when a job left
+    no status."""
+    from meddiff.runs.status import read_status
+
+    states = []
+    for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+        launched = max((f.stat().st_mtime for f in (d / ".hydra").iterdir()), default=0.0)
+        if launched >= since:
+            states.append(str((read_status(d) or {}).get("state", "missing")))
+    return states
 
 
 def is_optuna(config: DictConfig) -> bool:
@@ -54,9 +84,14 @@ class SweepSummary(Callback):
     def __init__(self, enabled: bool = True, resume_optuna: bool = True) -> None:
         self.enabled = enabled
         self.resume_optuna = resume_optuna
+        self._started_at = 0.0  # on_multirun_start: the jobs launched from then on are this sweep's
+        # job processes of remote launchers (submitit, joblib) build this callback before they resolve the job's
+        # hydra.sweep.subdir (${meddiff.add:...}) and never pass through meddiff.train.main
+        resolvers.register_resolvers()
 
     # ------------------------------------------------------------------ start
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started_at = time.time() - 1.0  # file times may be rounded down
         if not self.enabled:
             return
         try:
@@ -97,7 +132,7 @@ class SweepSummary(Callback):
             return out
         import optuna
 
-        from meddiff.sweeps.optuna_storage import sqlite_storage
+        from meddiff.runs.sweep.optuna_storage import sqlite_storage
 
         storage = sqlite_storage(db)
         try:
@@ -148,11 +183,14 @@ class SweepSummary(Callback):
         if not self.enabled:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        summary = None
         try:
-            write_sweep_summary(sweep_dir)
+            summary = write_sweep_summary(sweep_dir).get("md")
         except Exception as e:
             log.warning("Could not write the sweep summary in %s: %s (meddiff-compare %s builds it too)",
                         sweep_dir, e, sweep_dir)
+        states = job_states(sweep_dir, since=self._started_at) if sweep_dir.is_dir() else []
+        SWEEP_OUTCOMES.append(SweepOutcome(sweep_dir, len(states), sum(s != "ok" for s in states), summary))
         if is_optuna(config):
             try:
                 write_optimization_results(config, sweep_dir)
@@ -162,8 +200,8 @@ class SweepSummary(Callback):
 
 def write_sweep_summary(sweep_dir: str | Path, quiet: bool = False) -> dict[str, Path]:
     """Read every job of ``sweep_dir`` and write ``summary.csv/.md/.png`` there."""
-    from meddiff.sweeps.run_summary import find_runs, read_run
-    from meddiff.sweeps.table import build_table, write_summary
+    from meddiff.runs.sweep.run_summary import find_runs, read_run
+    from meddiff.runs.sweep.table import build_table, write_summary
 
     sweep_dir = Path(sweep_dir)
     records = [read_run(d) for d in find_runs([sweep_dir]) if d != sweep_dir]
@@ -179,8 +217,8 @@ def write_sweep_summary(sweep_dir: str | Path, quiet: bool = False) -> dict[str,
 def write_optimization_results(config: DictConfig, sweep_dir: Path) -> Path | None:
     """Complete Hydra's ``optimization_results.yaml`` (best params and value) with the best trial's number, job dir,
     checkpoint, the study and its trial counts."""
-    from meddiff.sweeps.optuna_storage import JOB_DIR_ATTR, load_trials
-    from meddiff.sweeps.run_summary import find_runs, read_run
+    from meddiff.runs.sweep.optuna_storage import JOB_DIR_ATTR, load_trials
+    from meddiff.runs.sweep.run_summary import find_runs, read_run
     from meddiff.utils.io import atomic_write_text
 
     db = optuna_db_path(config)

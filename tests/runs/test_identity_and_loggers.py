@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meddiff.sweeps.identity import format_overrides, short_keys, short_value, swept_keys
+from meddiff.runs.identity import format_overrides, short_keys, short_value, swept_keys
 
 
 def test_short_keys_are_the_shortest_unique_suffix():
@@ -37,7 +37,7 @@ def test_swept_keys_from_command_line_and_sweeper_params():
 def test_sqlite_storage_persists_a_study_across_openings(tmp_path):
     import optuna
 
-    from meddiff.sweeps.optuna_storage import count_trials, load_trials, record_job_dir, sqlite_storage
+    from meddiff.runs.sweep.optuna_storage import count_trials, load_trials, record_job_dir, sqlite_storage
 
     db = tmp_path / "sub" / "optuna.db"
     for _ in range(2):  # the second opening must find the first one's trials (a resumed sweep)
@@ -58,7 +58,7 @@ def test_sqlite_storage_persists_a_study_across_openings(tmp_path):
 def test_wandb_id_file_never_holds_none(tmp_path):
     from omegaconf import OmegaConf
 
-    from meddiff.utils.hydra_utils import WANDB_ID_FILE, _stored_wandb_id, instantiate_loggers
+    from meddiff.runs.loggers import WANDB_ID_FILE, _stored_wandb_id, instantiate_loggers
 
     (tmp_path / WANDB_ID_FILE).write_text("None")  # what older runs wrote
     assert _stored_wandb_id(tmp_path / WANDB_ID_FILE) is None
@@ -94,7 +94,7 @@ class _FakeRun:
         self.logged.append((art.name, art.files, aliases))
 
 
-class WandbLogger:  # the class name is what meddiff.sweeps.loggers.kind() looks at
+class WandbLogger:  # the class name is what meddiff.runs.log_outputs.kind() looks at
     def __init__(self, offline):
         self.experiment = _FakeRun(offline)
 
@@ -102,7 +102,7 @@ class WandbLogger:  # the class name is what meddiff.sweeps.loggers.kind() looks
 def test_checkpoints_become_artifacts_online_only(tmp_path, monkeypatch, caplog):
     import wandb
 
-    from meddiff.sweeps.loggers import log_checkpoints
+    from meddiff.runs.log_outputs import log_checkpoints
 
     monkeypatch.setattr(wandb, "Artifact", _FakeArtifact)
     (tmp_path / "best.ckpt").write_bytes(b"b")
@@ -114,7 +114,7 @@ def test_checkpoints_become_artifacts_online_only(tmp_path, monkeypatch, caplog)
     assert online.experiment.logged == [("model-abc123", ["best.ckpt"], ["best"]),
                                         ("model-abc123", ["last.ckpt"], ["last", "latest"])]
     offline = WandbLogger(offline=True)
-    with caplog.at_level(logging.INFO, logger="meddiff.sweeps.loggers"):
+    with caplog.at_level(logging.INFO, logger="meddiff.runs.log_outputs"):
         assert log_checkpoints([offline], sel) == 0
     assert offline.experiment.logged == []
     assert sum("offline" in r.message for r in caplog.records) == 1
@@ -127,7 +127,7 @@ def test_checkpoints_become_artifacts_online_only(tmp_path, monkeypatch, caplog)
 def test_run_config_is_logged_once_and_clean(tmp_path):
     from omegaconf import OmegaConf
 
-    from meddiff.sweeps.loggers import log_run_config
+    from meddiff.runs.log_outputs import log_run_config
 
     class CSVLogger:
         def __init__(self):
@@ -148,7 +148,7 @@ def test_run_config_is_logged_once_and_clean(tmp_path):
 
 
 def test_help_lists_every_experiment_with_its_first_comment_line():
-    from meddiff.sweeps.cli_help import CONFIG_DIR, help_text
+    from meddiff.runs.cli_help import CONFIG_DIR, help_text
 
     text = help_text("train")
     for f in sorted(Path(CONFIG_DIR, "experiment").glob("*.yaml")):
@@ -160,7 +160,7 @@ def test_help_lists_every_experiment_with_its_first_comment_line():
 def test_standalone_eval_logs_a_wandb_eval_run_in_the_training_group(tmp_path):
     import json
 
-    from meddiff.sweeps.loggers import eval_loggers
+    from meddiff.runs.log_outputs import eval_loggers
 
     run = tmp_path / "sweep" / "3"
     (run / "checkpoints").mkdir(parents=True)
@@ -176,3 +176,39 @@ def test_standalone_eval_logs_a_wandb_eval_run_in_the_training_group(tmp_path):
                                                                                 "p")
     assert init["tags"] == ["demo", "eval"] and init["config"]["train_wandb_id"] == "abc123"
     assert eval_loggers(tmp_path / "loose.ckpt", tmp_path / "eval") == []
+
+
+def test_the_last_artifact_is_uploaded_from_a_real_runs_selection(tmp_path, monkeypatch):
+    """Not a hand-made dict: the selection summary of a real fit names LastCheckpoint's last.ckpt (issue 20)."""
+    import lightning as L
+    import torch
+    import wandb
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from meddiff.callbacks import LastCheckpoint
+    from meddiff.runs.checkpoint_io import AtomicCheckpointIO
+    from meddiff.runs.job import selection_summary
+    from meddiff.runs.log_outputs import log_checkpoints
+
+    class _M(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+
+    monkeypatch.setattr(wandb, "Artifact", _FakeArtifact)
+    trainer = L.Trainer(max_epochs=1, callbacks=[LastCheckpoint(tmp_path / "checkpoints")], logger=False,
+                        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1)
+    trainer.fit(_M())
+    online = WandbLogger(offline=False)
+    assert log_checkpoints([online], selection_summary(trainer, "val/auroc")) == 1
+    assert online.experiment.logged == [("model-abc123", ["last.ckpt"], ["last", "latest"])]

@@ -1,0 +1,1 @@
+"""Sweeps of runs: the multirun callback, the Optuna study storage, the summary table (see :mod:`meddiff.runs`)."""
