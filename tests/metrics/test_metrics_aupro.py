@@ -122,3 +122,34 @@ def test_area_up_to_interpolates_and_refuses_short_curves():
     assert area_up_to(np.array([1.0, 0.3, 0.0]), np.array([1.0, 1.0, 1.0]), 0.3) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         area_up_to(np.array([0.0, 0.2]), np.array([0.0, 1.0]), 0.3)
+
+
+def test_the_anomaly_protocol_reports_aupro_and_f1_max_beside_auroc():
+    """New keys beside pixel AUROC/AUPRC/Dice, for the model, its fixed scoring and the intensity baseline (the
+    protocol's own tests pin the existing numbers; they live in tests/protocols/test_anomaly_protocol.py)."""
+    from meddiff.anomaly.scoring import ScoringConfig
+    from meddiff.models.validation import AnomalyValidation
+    from meddiff.protocols.anomaly import EvalOptions, evaluate_anomaly_detection
+
+    class Black:  # healthy estimate all -1: the map is |x + 1|
+        anomaly_val = AnomalyValidation(ScoringConfig())
+
+        def reconstruct(self, batch, sampling=None):
+            return -torch.ones_like(batch["image"])
+
+    def batches(seed):
+        g = torch.Generator().manual_seed(seed)
+        x = -torch.ones(20, 1, 8, 8) + 0.3 * torch.rand(20, 1, 8, 8, generator=g)
+        mask = torch.zeros(20, 1, 8, 8, dtype=torch.bool)
+        mask[1::2, :, 2:4, 2:5] = True
+        x[mask] = 0.5
+        return [{"image": x[j:j + 10], "label": torch.arange(10) % 2, "mask": mask[j:j + 10]} for j in (0, 10)]
+
+    report = evaluate_anomaly_detection(Black(), batches(0), batches(1),
+                                        EvalOptions(median_size=[1], reduction=["max"], n_boot=20))
+    pix, s = report["pixel"], report["summary"]
+    assert pix["model"]["aupro"] == pytest.approx(1.0) and pix["model"]["f1_max"] == pytest.approx(1.0)
+    assert s["pixel_aupro"] == pix["model"]["aupro"] and s["pixel_f1_max"] == pix["model"]["f1_max"]
+    assert s["baseline_pixel_aupro"] == pix["baseline_intensity"]["aupro"]
+    assert s["fixed_pixel_aupro"] == report["fixed_scoring"]["pixel"]["aupro"]
+    assert list(s)[:4] == ["image_auroc", "image_auprc", "baseline_image_auroc", "pixel_auroc"]
