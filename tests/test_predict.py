@@ -75,6 +75,11 @@ def test_thresholds_come_from_the_run_report(tmp_path):
     res = predict(ckpt, tmp_path / "in" / "img0.png", tmp_path / "out2")
     assert res.info["thresholds"]["pixel_threshold"] is None and "not applied" in res.info["thresholds"]["pixel_note"]
     assert list(_rows(tmp_path / "out2" / "scores.csv")[0]) == ["file", "slice", "score"]
+    # chosen at another reconstruction depth than the model's own: no threshold applies
+    (run / "report.json").write_text(json.dumps({"scoring": scoring, "reconstruction": {"t_start": -7},
+                                                 "selection": {"pixel_threshold": 0.5, "image_threshold": 0.0}}))
+    thr = predict(ckpt, tmp_path / "in" / "img0.png", tmp_path / "out3").info["thresholds"]
+    assert thr["image_threshold"] is None and thr["pixel_threshold"] is None and "t_start=-7" in thr["note"]
 
 
 def test_nifti_volumes_and_dicom_slices(tmp_path):
@@ -88,7 +93,8 @@ def test_nifti_volumes_and_dicom_slices(tmp_path):
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(inp / "vol.nii.gz"))
     hu = np.full((40, 40), -1000.0)
     hu[8:32, 8:32] = 35.0  # a square "brain"
-    _write_dicom(inp / "ct.dcm", hu, "signed16", "1.2.826.0.1.3680043.8.498.1", "P1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3", 0.0, 1, 0.5, False)
+    uid = "1.2.826.0.1.3680043.8.498."
+    _write_dicom(inp / "ct.dcm", hu, "signed16", uid + "1", "P1", uid + "2", uid + "3", 0.0, 1, 0.5, False)
     res = predict(CKPT, inp, tmp_path / "out")
     assert not res.skipped
     rows = _rows(tmp_path / "out" / "scores.csv")

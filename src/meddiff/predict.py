@@ -188,8 +188,13 @@ def _restore(m: np.ndarray, restore: tuple[int, int, int] | None) -> np.ndarray:
     return sq[r0:r0 + h, c0:c0 + w]
 
 
-def run_thresholds(ckpt_path: Path, scoring: Any) -> dict[str, Any]:
-    """The thresholds the run chose on validation (``<run_dir>/report.json``), with where they came from."""
+def run_thresholds(ckpt_path: Path, scoring: Any, sampling: Any = None) -> dict[str, Any]:
+    """The thresholds the run chose on validation (``<run_dir>/report.json``), with where they came from.
+
+    A threshold is used only for the maps / scores it was chosen for: the image threshold when the report's chosen
+    scoring is the scoring used here, the pixel threshold when its map (kind, filter, erosion) is; both only when the
+    report's reconstruction depth (``reconstruction.t_start``) is the model's own.
+    """
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     report_path = run_dir / "report.json"
     out: dict[str, Any] = {"report": str(report_path), "image_threshold": None, "pixel_threshold": None}
@@ -198,18 +203,26 @@ def run_thresholds(ckpt_path: Path, scoring: Any) -> dict[str, Any]:
         return out
     try:
         report = json.loads(report_path.read_text())
-    except (OSError, ValueError) as e:
+        sel = report.get("selection") or {}
+        chosen = report.get("scoring") or {}
+        depth = (report.get("reconstruction") or {}).get("t_start")
+    except (OSError, ValueError, AttributeError) as e:
         out["note"] = f"{report_path} is unreadable ({e}); no thresholds used"
         return out
-    sel = report.get("selection", {}) if isinstance(report, dict) else {}
-    img_thr = sel.get("image_threshold")
-    if img_thr is not None:
-        out["image_threshold"] = float(img_thr)
-    else:
+    own_depth = getattr(sampling, "t_start", None)
+    if depth is not None and own_depth is not None and depth != own_depth:
+        out["note"] = (f"{report_path} chose reconstruction depth t_start={depth}, the model samples with "
+                       f"t_start={own_depth}: its thresholds do not apply; no 'anomalous' column")
+        return out
+    if sel.get("image_threshold") is None:
         out["note"] = (f"{report_path} holds no image-level threshold (selection.image_threshold): no 'anomalous' "
                        "column")
+    elif chosen != scoring.as_dict():
+        out["note"] = (f"the report's image threshold is for the scoring {chosen}, not the model's configured "
+                       f"{scoring.as_dict()} used here; no 'anomalous' column")
+    else:
+        out["image_threshold"] = float(sel["image_threshold"])
     pix_thr = sel.get("pixel_threshold")
-    chosen = report.get("scoring") or {}
     same_map = all(chosen.get(k) == getattr(scoring, k) for k in ("map", "median_size", "erode_iterations"))
     if pix_thr is not None and same_map:
         out["pixel_threshold"] = float(pix_thr)
@@ -247,8 +260,8 @@ def list_inputs(inp: Path, output: Path) -> list[Path]:
     if inp.is_file():
         return [inp]
     out = output.resolve()
-    files = sorted(p for p in inp.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(inp).parts)
-                   and out not in p.resolve().parents)
+    files = sorted(p for p in inp.rglob("*") if p.is_file() and out not in p.resolve().parents
+                   and not any(s.startswith(".") for s in p.relative_to(inp).parts))
     if not files:
         raise DataError(f"input={inp} holds no files; put PNG/JPEG/TIFF/BMP, DICOM or NIfTI images in it.")
     return files
@@ -275,7 +288,7 @@ def predict(ckpt_path: str | Path, input: str | Path, output: str | Path = "pred
     model = model.to(dev).eval()
     net_cfg = cfg.get("net") or cfg.model.get("net") or {}
     channels = int(net_cfg.get("in_channels", 1))
-    thr = run_thresholds(ckpt_path, scoring)
+    thr = run_thresholds(ckpt_path, scoring, getattr(model, "sampling", None))
     vmax = PNG_MAX.get(scoring.map, 2.0)
     res = Result(info={"ckpt_path": str(ckpt_path), "input": str(inp), "scoring": scoring.as_dict(),
                        "png_max": vmax, "thresholds": thr, "device": str(dev), "output": str(output)})
