@@ -39,6 +39,9 @@ def summary(report: dict[str, Any]) -> dict[str, float]:
         if "dice_at_val_threshold" in p:
             s["pixel_dice"] = p["dice_at_val_threshold"]
         s["baseline_pixel_auprc"] = report["pixel"][PIXEL_INTENSITY]["auprc"]
+        if "aupro" in p:  # anomalib / MVTec AD pixel metrics (AUPRO up to FPR 0.3, F1-max)
+            s.update(pixel_aupro=p["aupro"], pixel_f1_max=p["f1_max"],
+                     baseline_pixel_aupro=report["pixel"][PIXEL_INTENSITY]["aupro"])
     if "subject" in report and MODEL in report["subject"]:
         s["subject_auroc"] = report["subject"][MODEL]["auroc"]
     for name in HEALTHY_BASELINES.values():
@@ -48,12 +51,16 @@ def summary(report: dict[str, Any]) -> dict[str, float]:
             s[f"{SHORT[name]}_pixel_auprc"] = report["pixel"][name]["auprc"]
             if "dice_at_val_threshold" in report["pixel"][name]:
                 s[f"{SHORT[name]}_pixel_dice"] = report["pixel"][name]["dice_at_val_threshold"]
+            if "aupro" in report["pixel"][name]:
+                s[f"{SHORT[name]}_pixel_aupro"] = report["pixel"][name]["aupro"]
     s.update(margin_summary(report.get("margin_over_best_baseline"), "image_auroc"))
     fixed = report.get("fixed_scoring")
     if fixed:
         s["fixed_image_auroc"], s["fixed_image_auprc"] = fixed["image"]["auroc"], fixed["image"]["auprc"]
         if "pixel" in fixed:
             s["fixed_pixel_auroc"], s["fixed_pixel_auprc"] = fixed["pixel"]["auroc"], fixed["pixel"]["auprc"]
+            if "aupro" in fixed["pixel"]:
+                s["fixed_pixel_aupro"] = fixed["pixel"]["aupro"]
     return s
 
 
@@ -90,7 +97,8 @@ def print_report(report: dict[str, Any]) -> None:
     if "pixel" in report:
         pix = report["pixel"]
         cols = [pix.get(PIXEL_INTENSITY if m == MEAN_INTENSITY else m, {}) for m in methods]
-        for key, name in (("auroc", "pixel AUROC"), ("auprc", "pixel AUPRC"),
+        for key, name in (("auroc", "pixel AUROC"), ("auprc", "pixel AUPRC"), ("aupro", "pixel AUPRO (FPR<=0.3)"),
+                          ("f1_max", "pixel F1-max (oracle)"),
                           ("dice_at_val_threshold", "Dice @ val threshold"),
                           ("oracle_dice", "Dice (oracle, test-chosen)")):
             if key in pix[MODEL]:

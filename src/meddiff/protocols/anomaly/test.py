@@ -35,7 +35,8 @@ FIXED_SCORING_NOTE = (
 def _pixel_entry(acc: PixelAccumulator, threshold: float | None) -> dict[str, Any]:
     pix = acc.compute()
     entry = {"auroc": pix["auroc"], "auprc": pix["auprc"],
-             "oracle_dice": pix["oracle_dice"], "oracle_threshold": pix["oracle_threshold"]}
+             "oracle_dice": pix["oracle_dice"], "oracle_threshold": pix["oracle_threshold"],
+             "aupro": pix["aupro"], "f1_max": pix["f1_max"]}
     if threshold is not None:
         entry["dice_at_val_threshold"] = acc.dice_at(threshold)
         entry["val_threshold"] = threshold
@@ -137,5 +138,5 @@ def _fixed_scoring(test: Any, fixed: Any, y: np.ndarray, subjects: list[str] | N
     if acc is not None:
         pix = acc.compute()
         entry["pixel"] = {"auroc": pix["auroc"], "auprc": pix["auprc"], "oracle_dice": pix["oracle_dice"],
-                          "oracle_threshold": pix["oracle_threshold"]}
+                          "oracle_threshold": pix["oracle_threshold"], "aupro": pix["aupro"], "f1_max": pix["f1_max"]}
     return entry
