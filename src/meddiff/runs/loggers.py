@@ -8,10 +8,12 @@ reused by every resume (which adds the tag ``resume`` and puts its own overrides
 the checkpoint's step instead of restarting at 0. Offline, each launch writes its own
 ``<run_dir>/wandb/offline-run-<time>-<id>`` folder with the same id; upload them into one run and one history with
 
-    wandb sync --yes <run_dir>/wandb/offline-run-*
+    wandb sync --yes --id $(cat <run_dir>/wandb_id.txt) <run_dir>/wandb/offline-run-*
 
-(wandb >= 0.30 syncs the folders of one run id one after the other in order of start time into that run; with
-wandb <= 0.29 add ``--append`` so a later folder appends to the run instead of replacing its history).
+(wandb >= 0.30: the folders of one run id, or all folders given with ``--id``, are synced one after the other in
+order of start time into that run, the resumed fragments of one run; wandb <= 0.29: use
+``wandb sync --append <folder>`` for each folder after the first, oldest first, or a later folder replaces the
+history).
 """
 
 from __future__ import annotations
