@@ -241,7 +241,9 @@ def _snapshot_dir(out_dir: Path) -> Path:
 
 def _finish_wandb(loggers: list) -> None:
     """Between multirun jobs each wandb run must be closed or the next job logs into it."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+    from meddiff.runs.log_outputs import kind
+
+    if any(kind(lg) == "wandb" for lg in loggers):
         import wandb
 
         wandb.finish()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -99,7 +98,7 @@ class WandbLogger:  # the class name is what meddiff.runs.log_outputs.kind() loo
         self.experiment = _FakeRun(offline)
 
 
-def test_checkpoints_become_artifacts_online_only(tmp_path, monkeypatch, caplog):
+def test_checkpoints_become_artifacts_online_and_offline(tmp_path, monkeypatch):
     import wandb
 
     from meddiff.runs.log_outputs import log_checkpoints
@@ -113,11 +112,9 @@ def test_checkpoints_become_artifacts_online_only(tmp_path, monkeypatch, caplog)
     assert log_checkpoints([online], sel) == 2
     assert online.experiment.logged == [("model-abc123", ["best.ckpt"], ["best"]),
                                         ("model-abc123", ["last.ckpt"], ["last", "latest"])]
-    offline = WandbLogger(offline=True)
-    with caplog.at_level(logging.INFO, logger="meddiff.runs.log_outputs"):
-        assert log_checkpoints([offline], sel) == 0
-    assert offline.experiment.logged == []
-    assert sum("offline" in r.message for r in caplog.records) == 1
+    offline = WandbLogger(offline=True)  # kept in the offline run files; `wandb sync` uploads them
+    assert log_checkpoints([offline], sel) == 2
+    assert offline.experiment.logged == online.experiment.logged
     # best == last: one artifact version with both aliases
     same = WandbLogger(offline=False)
     log_checkpoints([same], {**sel, "best_checkpoint": sel["last_checkpoint"]})

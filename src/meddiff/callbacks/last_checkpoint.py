@@ -1,9 +1,17 @@
 """``last.ckpt`` kept current: :class:`LastCheckpoint`.
 
-It writes ``last.ckpt`` after every training epoch, every ``every_n_train_steps`` optimizer steps, on SIGUSR1 (at
-the next batch boundary; inside a SLURM job it then requeues the job, in place of Lightning's handler, which would
-save from inside the signal handler in the middle of a step), and when training stops on an exception (SIGTERM,
-Ctrl-C, a crash in a training step) after at least one new optimizer step. It also stores the RNG states
+It writes ``last.ckpt`` after every training epoch, every ``every_n_train_steps`` optimizer steps, on the requeue
+signal (at the next batch boundary; inside a SLURM job it then requeues the job with ``scontrol requeue``), and when
+training stops on an exception (SIGTERM, Ctrl-C, a crash in a training step) after at least one new optimizer step.
+
+SLURM preemption, one mechanism: the requeue signal (:func:`requeue_signal`) is ``$SUBMITIT_PREEMPT_SIGNAL`` if set,
+else USR2 inside a job started by submitit (``launcher=submitit_slurm``: what submitit asks SLURM to send,
+``--signal=USR2@<signal_delay_s>``), else USR1 (a plain ``sbatch --signal=USR1@90`` job, Lightning's convention). This
+callback holds that signal during fit, in place of submitit's handler (which requeues and exits from inside the
+signal handler, wherever training is) and of Lightning's (which saves from inside the handler, mid-step): it saves
+at the next batch boundary, then runs ``scontrol requeue <job>``; the requeued attempt (``SLURM_RESTART_COUNT`` >= 1)
+reruns the same job, and ``meddiff.train`` continues it from ``last.ckpt``. submitit's own requeue (its
+``checkpoint`` hook, ``max_num_timeout``) is not used. It also stores the RNG states
 (:mod:`meddiff.runs.rng`), restored on resume. Files go through the Trainer's checkpoint IO
 (:class:`meddiff.runs.checkpoint_io.AtomicCheckpointIO`).
 """
@@ -39,8 +47,9 @@ class LastCheckpoint(Checkpoint):
         dirpath: the checkpoint folder; checked for writability when fitting starts (a :class:`ConfigError` naming
             it, never a run that ends with exit code 0 and no checkpoint).
         every_n_train_steps: also write every this many optimizer steps (None or 0: only at epoch ends).
-        slurm_requeue: inside a SLURM job, requeue it (``scontrol requeue``) after the checkpoint that SIGUSR1 asked
-            for (SLURM's ``--signal=USR1@<seconds>`` warning before the time limit).
+        slurm_requeue: inside a SLURM job, requeue it (``scontrol requeue``) after the checkpoint the requeue signal
+            asked for (SLURM's ``--signal=<sig>@<seconds>`` warning before the time limit or a preemption).
+        requeue_signal: ``"USR1"``, ``"USR2"``, ... (None: :func:`requeue_signal`).
         save_on_exception: write when training stops on an exception. Only a state at a batch boundary is
             written: an exception after the optimizer step of a batch (the state is half-way through that batch)
             or during validation keeps the previous ``last.ckpt``, as do non-finite weights.
@@ -48,7 +57,7 @@ class LastCheckpoint(Checkpoint):
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None, save_on_exception: bool = True,
-                 slurm_requeue: bool = True, filename: str = LAST_NAME) -> None:
+                 slurm_requeue: bool = True, filename: str = LAST_NAME, requeue_signal: str | None = None) -> None:
         if every_n_train_steps is not None and (isinstance(every_n_train_steps, bool)
                                                 or not isinstance(every_n_train_steps, int) or every_n_train_steps < 0):
             raise ConfigError(f"checkpoint_every_n_steps={every_n_train_steps!r} must be null or an integer >= 0 "
@@ -58,11 +67,13 @@ class LastCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps or 0
         self.save_on_exception = save_on_exception
         self.slurm_requeue = slurm_requeue
+        self.requeue_signal = _signal_of(requeue_signal) if requeue_signal else None
         self._last_saved_step = -1
         self._step_at_batch_start = -1
         self._at_batch_boundary = False  # the save in progress is at a batch boundary (progress to normalise)
         self._signal_requested = False
-        self._previous_usr1: Any = None
+        self._previous_handler: Any = None
+        self._signum: Any = None
         self._logging_step_on_resume: int | None = None  # see on_load_checkpoint
         self._train_started = False  # on_train_start ran: a resume's checkpoint was restored
 
@@ -88,14 +99,17 @@ class LastCheckpoint(Checkpoint):
             from meddiff.runs.run_dir import check_writable
 
             check_writable(self.dirpath, "checkpoint folder")
-        # Installed before Lightning registers its signal handlers (it then leaves SIGUSR1 to us): Lightning's SLURM
-        # handler would write hpc_ckpt_<n>.ckpt from inside the signal handler, i.e. wherever training happens to
-        # be (e.g. between the optimizer step and the EMA update); ours waits for the next batch boundary.
-        if hasattr(signal, "SIGUSR1"):
+        # Installed before Lightning registers its signal handlers (it then leaves this signal to us): Lightning's
+        # SLURM handler would write hpc_ckpt_<n>.ckpt from inside the signal handler, i.e. wherever training happens
+        # to be (e.g. between the optimizer step and the EMA update), and submitit's would requeue and exit there;
+        # ours waits for the next batch boundary.
+        signum = self.requeue_signal or requeue_signal()
+        if signum is not None:
             try:
-                self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+                self._previous_handler = signal.signal(signum, self._on_signal)
+                self._signum = signum
             except ValueError:  # not the main thread
-                self._previous_usr1 = None
+                self._previous_handler = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # a resumed run starts at the step its checkpoint holds: nothing new to write at that step
@@ -103,20 +117,19 @@ class LastCheckpoint(Checkpoint):
         self._train_started = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous_usr1 is not None:
+        if self._previous_handler is not None and self._signum is not None:
             try:
-                signal.signal(signal.SIGUSR1, self._previous_usr1)
+                signal.signal(self._signum, self._previous_handler)
             except ValueError:
                 pass
-            self._previous_usr1 = None
+            self._previous_handler = None
 
-    def _on_usr1(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # the earlier handler is not called: submitit's would requeue and exit here, mid-step (one mechanism: ours)
         self._signal_requested = True
-        if callable(self._previous_usr1):
-            self._previous_usr1(signum, frame)
 
     def _signal_pending(self, trainer: Trainer) -> bool:
-        """Whether any process received SIGUSR1 (all processes must agree: the save is collective)."""
+        """Whether any process received the requeue signal (all processes must agree: the save is collective)."""
         pending = self._signal_requested
         if trainer.world_size > 1:
             pending = bool(trainer.strategy.reduce_boolean_decision(pending, all=False))
@@ -140,7 +153,7 @@ class LastCheckpoint(Checkpoint):
         due = n > 0 and step > 0 and step % n == 0 and step != self._last_saved_step
         signalled = self._signal_pending(trainer)
         if signalled:
-            log.info("SIGUSR1: writing %s at step %d.", self.path, step)
+            log.info("%s: writing %s at step %d.", getattr(self._signum, "name", "signal"), self.path, step)
         if due or signalled:
             self._save(trainer, at_batch_boundary=True)
         if signalled:
@@ -237,3 +250,25 @@ class LastCheckpoint(Checkpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" in state_dict:
             set_rng_state(state_dict["rng"])
+
+
+def _signal_of(name: str | int) -> signal.Signals:
+    """``"USR2"`` / ``"SIGUSR2"`` / ``12`` -> ``signal.SIGUSR2``; a ConfigError for an unknown name."""
+    if isinstance(name, int):
+        return signal.Signals(name)
+    text = str(name).upper()
+    found = getattr(signal, text if text.startswith("SIG") else f"SIG{text}", None)
+    if not isinstance(found, signal.Signals):
+        raise ConfigError(f"requeue signal {name!r} is not a signal of this system; use e.g. USR1 or USR2 "
+                          "(SUBMITIT_PREEMPT_SIGNAL).")
+    return found
+
+
+def requeue_signal() -> signal.Signals | None:
+    """The signal that asks for checkpoint-and-requeue: ``$SUBMITIT_PREEMPT_SIGNAL`` if set (submitit reads the same
+    variable when it submits: ``--signal=<it>@<delay>``), else USR2 in a job submitit started (``SUBMITIT_EXECUTOR``
+    set; submitit's default), else USR1. None where the system has no such signal (Windows)."""
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL") or ("USR2" if os.environ.get("SUBMITIT_EXECUTOR") else "USR1")
+    if not hasattr(signal, f"SIG{name.upper().removeprefix('SIG')}"):
+        return None
+    return _signal_of(name)

@@ -213,7 +213,9 @@ class DiffusionModule(L.LightningModule):
                 f"Training loss is {loss.item()} at global step {self.global_step}. Lower model.optimizer.lr, "
                 "check the data for NaN/inf (images must be finite in [-1, 1]), or train with trainer.precision=32."
             )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        # sync_dist: the epoch value is the mean over all DDP processes, not rank 0's share (a no-op on one device)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
+                 batch_size=batch["image"].shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -92,14 +92,18 @@ def run_job(cfg: DictConfig, train_fn: Callable[[DictConfig, Callable[[], None]]
 def _run_locked(cfg: DictConfig, train_fn: Callable[..., dict[str, Any]], out_dir: Path, rank0: bool) -> float | None:
     identity = run_identity(cfg)
     status = JobStatus(out_dir)
-    had_status = read_status(out_dir) is not None
+    previous = read_status(out_dir)
+    had_status = previous is not None
+    # a resume keeps the first launch's name and group (its own overrides would rename the run; wandb does the same)
+    name = (previous or {}).get("name") or identity.name
+    group = (previous or {}).get("group") or identity.group
     trial = optuna_trial_of(identity)
     db = trial.pop("_optuna_db", None)
 
     def started() -> None:
         if not rank0 or status.started:
             return
-        status.start(name=identity.name, group=identity.group, **trial)
+        status.start(name=name, group=group, **trial)
         if db is not None:
             _record_trial(db, trial, out_dir, identity)
 

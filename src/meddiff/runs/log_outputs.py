@@ -5,7 +5,8 @@
 - TensorBoard: ``hparams`` (the run's distinguishing values, e.g. the swept keys <-> best validation score and test
   metrics), so the HParams tab compares the jobs of a sweep (``tensorboard --logdir <sweep_dir>``); figures as images.
 - wandb: figures as images (``figures/<name>``), best validation score and test metrics in the run summary, best and
-  last checkpoints as ``model`` artifacts when online (offline: one info line, they stay in the run dir).
+  last checkpoints as ``model`` artifacts and ``report.json`` + the figures as a ``report`` artifact, online and
+  offline (an offline run keeps them in its run files; ``wandb sync`` uploads them, see :mod:`meddiff.runs.loggers`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ BOOKKEEPING_KEYS = ("paths", "logger", "callbacks", "hydra")
 
 def kind(logger: Any) -> str:
     """``"wandb"``, ``"tensorboard"``, ``"csv"`` or the class name."""
-    name = type(logger).__name__
-    return {"WandbLogger": "wandb", "TensorBoardLogger": "tensorboard", "CSVLogger": "csv"}.get(name, name)
+    known = {"WandbLogger": "wandb", "TensorBoardLogger": "tensorboard", "CSVLogger": "csv"}
+    # by class name along the MRO: subclasses (meddiff.runs.loggers.ResumableWandbLogger) are their base's kind
+    return next((known[c.__name__] for c in type(logger).__mro__ if c.__name__ in known), type(logger).__name__)
 
 
 def clean_config(cfg: DictConfig | dict) -> dict[str, Any]:
@@ -115,17 +117,9 @@ def log_figures(loggers: list, out_dir: str | Path, step: int = 0) -> list[Path]
     return files
 
 
-def _is_offline(run: Any) -> bool:
-    offline = getattr(run, "offline", None)
-    if isinstance(offline, bool):
-        return offline
-    settings = getattr(run, "settings", None)
-    return str(getattr(settings, "mode", "")).lower() in ("offline", "dryrun", "disabled")
-
-
 def log_checkpoints(loggers: list, selection: dict[str, Any]) -> int:
     """Upload the best and the last checkpoint as versions of the artifact ``model-<run id>`` (aliases ``best``,
-    ``last``). Offline runs upload nothing (one info line). Returns the number of artifact versions logged."""
+    ``last``), also offline (uploaded by ``wandb sync``). Returns the number of artifact versions logged."""
     paths: dict[str, list[str]] = {}
     for alias, key in (("best", "best_checkpoint"), ("last", "last_checkpoint")):
         p = selection.get(key)
@@ -138,10 +132,6 @@ def log_checkpoints(loggers: list, selection: dict[str, Any]) -> int:
         if kind(lg) != "wandb":
             continue
         run = lg.experiment
-        if _is_offline(run):
-            log.info("wandb is offline: checkpoints are not uploaded as artifacts (they stay in %s).",
-                     Path(next(iter(paths))).parent)
-            continue
         import wandb
 
         for path, aliases in paths.items():
@@ -162,6 +152,28 @@ def log_run_outputs(loggers: list, out_dir: str | Path, hparams: dict[str, Any],
     log_figures(loggers, out_dir, step=step)
     log_run_end(loggers, hparams, final_metrics(selection, test_summary))
     log_checkpoints(loggers, selection)
+    log_report(loggers, out_dir)
+
+
+def log_report(loggers: list, out_dir: str | Path) -> int:
+    """``report.json`` and the PNG figures of ``out_dir`` as the artifact ``report-<run id>`` (type ``report``),
+    online and offline. Returns the number of artifact versions logged."""
+    files = [p for p in [Path(out_dir) / "report.json", *sorted(Path(out_dir).glob("*.png"))] if p.is_file()]
+    if not files:
+        return 0
+    n = 0
+    for lg in loggers:
+        if kind(lg) != "wandb":
+            continue
+        import wandb
+
+        run = lg.experiment
+        art = wandb.Artifact(name=f"report-{run.id}", type="report")
+        for p in files:
+            art.add_file(str(p), name=p.name)
+        run.log_artifact(art, aliases=["latest"])
+        n += 1
+    return n
 
 
 def train_run_dir_of(ckpt_path: str | Path | None) -> Path | None:

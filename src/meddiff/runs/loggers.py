@@ -1,15 +1,32 @@
-"""The loggers of a run, built from the ``logger`` config group: a CSV history that continues on resume, a wandb run
-that keeps its id across resumes (``wandb_id.txt``), and whatever else the group names."""
+"""The loggers of a run, built from the ``logger`` config group: a CSV history that continues on resume, one wandb run
+per training across any number of resumes, and whatever else the group names.
+
+wandb across resumes (online and offline): the run id is kept in ``<run_dir>/wandb_id.txt`` and reused with
+``resume="allow"``; the first launch's display name, group and tags are kept in ``<run_dir>/wandb_run.json`` and
+reused by every resume (which adds the tag ``resume`` and puts its own overrides in the config as
+``resume/<k>``); wandb's step is the trainer's logging step (:class:`ResumableWandbLogger`), so it continues from
+the checkpoint's step instead of restarting at 0. Offline, each launch writes its own
+``<run_dir>/wandb/offline-run-<time>-<id>`` folder with the same id; upload them into one run and one history with
+
+    wandb sync --yes --id $(cat <run_dir>/wandb_id.txt) <run_dir>/wandb/offline-run-*
+
+(wandb >= 0.30: the folders of one run id, or all folders given with ``--id``, are synced one after the other in
+order of start time into that run, the resumed fragments of one run; wandb <= 0.29: use
+``wandb sync --append <folder>`` for each folder after the first, oldest first, or a later folder replaces the
+history).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import hydra
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from meddiff.utils.io import atomic_write_text
@@ -17,6 +34,9 @@ from meddiff.utils.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_id.txt"
+WANDB_RUN_FILE = "wandb_run.json"  # the first launch's id, name, group and tags; the number of launches
+RESUME_TAG = "resume"
+_RESUMABLE_WANDB = "meddiff.runs.loggers.ResumableWandbLogger"
 _LIGHTNING_CSV = "lightning.pytorch.loggers.CSVLogger"
 _HISTORY_CSV = "meddiff.runs.csv_history.CSVHistoryLogger"
 
@@ -80,22 +100,79 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, identity
     return loggers
 
 
+class ResumableWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` whose wandb step is the trainer's logging step (``trainer/global_step``).
+
+    Lightning lets wandb count its own ``_step``, which restarts at 0 in every offline segment of a resumed run; here
+    each row is logged at ``step`` (never below a step already logged, which wandb would drop), so ``_step`` goes on
+    from the checkpoint's step across resumes, online and offline.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._min_step = 0
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if step is None or self._wandb_init.get("sync_tensorboard"):
+            return super().log_metrics(metrics, step)
+        step = max(int(step), self._min_step)
+        self._min_step = step
+        if self._prefix:
+            metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
+        self.experiment.log(dict(metrics, **{"trainer/global_step": step}), step=step)
+
+
+def read_wandb_run(output_dir: str | Path) -> dict[str, Any]:
+    """``wandb_run.json`` of a run dir (``{}`` when absent or unreadable)."""
+    path = Path(output_dir) / WANDB_RUN_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def _wandb_logger(lg: DictConfig, output_dir: Path, identity: Any = None) -> Logger:
     lg = lg.copy()
     id_file = output_dir / WANDB_ID_FILE
+    stored_id = _stored_wandb_id(id_file)
+    first = read_wandb_run(output_dir)
+    resumed = stored_id is not None and lg.get("id") in (None, stored_id)
+    if first.get("id") != stored_id:
+        first = {}  # written by another run (or an older meddiff): only the id is known
     with open_dict(lg):
+        lg._target_ = _RESUMABLE_WANDB
         if str(lg.get("offline", "auto")) == "auto":
             lg.offline = not _wandb_online()
-        if lg.get("id") is None and (stored := _stored_wandb_id(id_file)):
-            lg.id = stored
+        if lg.get("id") is None and stored_id:
+            lg.id = stored_id
         lg.resume = "allow"
-        if identity is not None:
-            for key in ("name", "group", "tags"):
-                if lg.get(key) is None:
-                    lg[key] = getattr(identity, key)
+        for key in ("name", "group", "tags"):
+            if lg.get(key) is None:
+                # a resume keeps the first launch's name and group (its own overrides would rename the run)
+                value = first.get(key) if resumed and first.get(key) is not None else getattr(identity, key, None)
+                lg[key] = list(value) if key == "tags" and value is not None else value
+        if resumed:
+            lg.tags = list(dict.fromkeys([*(lg.get("tags") or []), RESUME_TAG]))
     logger = hydra.utils.instantiate(lg)
     run = logger.experiment  # creates (or resumes) the run on rank 0; a dummy elsewhere
     run_id = getattr(run, "id", None)
-    if isinstance(run_id, str) and run_id:
+    if isinstance(run_id, str) and run_id and rank_zero_only.rank == 0:
         atomic_write_text(id_file, run_id + "\n")
+        launches = int(first.get("launches", 0)) + 1 if resumed else 1
+        record = {"id": run_id, "launches": launches,
+                  **{k: first.get(k, lg.get(k)) if resumed and first else _plain(lg.get(k))
+                     for k in ("name", "group", "tags")}}
+        if resumed and not first:
+            record["tags"] = [t for t in record["tags"] or [] if t != RESUME_TAG]
+        atomic_write_text(output_dir / WANDB_RUN_FILE, json.dumps(record, indent=1) + "\n")
+        if resumed and identity is not None:
+            overrides = ",".join(f"{k}={v}" for k, v in getattr(identity, "overrides", {}).items())
+            run.config.update({f"{RESUME_TAG}/{launches - 1}": overrides}, allow_val_change=True)
     return logger
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import ListConfig, OmegaConf
+
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
