@@ -15,7 +15,7 @@ A run dir is one you can trust (``meddiff.runs``, ``meddiff.callbacks``):
   allowed, and the checkpoint's weights fit the model; ``status.json`` becomes ``running`` only once the checkpoint
   was restored, so a failed or refused resume leaves ``last.ckpt``, the best checkpoint and ``status.json`` as
   they were; optimizer / LR-schedule overrides on resume take effect (``meddiff.callbacks.ConfiguredOptimizer``);
-- ``checkpoints/last.ckpt`` after every epoch, every ``checkpoint_every_n_steps`` steps, on SIGUSR1, and when
+- ``checkpoints/last.ckpt`` after every epoch, every ``checkpoint_every_n_steps`` steps, on the preemption signal (USR2 under submitit, USR1 under plain sbatch), and when
   training stops on SIGTERM / Ctrl-C / an exception; every checkpoint written atomically and verified, read
   weights-only;
 - ``resume=<run_dir>`` continues the run under its own config (command-line overrides on top, the difference
