@@ -23,7 +23,7 @@ def listify(v: Any) -> list:
 class EvalOptions:
     """Evaluation options (``eval:`` in the configs).
 
-    ``select_on_val``: compare the candidate settings (``map`` x ``median_size`` x ``reduction``, and the depths
+    ``select_on_val``: compare the candidate settings (``map`` x ``sign`` x ``median_size`` x ``reduction``, and the depths
     ``t_start``) on validation; false keeps the model's configured scoring. ``n_boot``: bootstrap replicates of the
     CIs (0 = point values only). ``baselines``: the healthy-set baselines beside the model (``[]`` = mean intensity
     only), built from at most ``baseline_max_items`` healthy training images.
@@ -31,6 +31,7 @@ class EvalOptions:
 
     select_on_val: bool = True
     map: Sequence[str] = ("l1",)
+    sign: Sequence[str] = ("abs",)  # residual signs tried: abs | positive (hyperintense) | negative (hypointense)
     median_size: Sequence[int] = (1, 3)
     reduction: Sequence[str] = ("mean", "max", "percentile")
     q: float = 99.0
@@ -47,8 +48,10 @@ class EvalOptions:
         """The scoring settings compared on validation (``[default]`` without selection)."""
         if not self.select_on_val:
             return [default]
-        grid = itertools.product(listify(self.map), listify(self.median_size), listify(self.reduction))
-        return [default.with_(map=m, median_size=int(k), reduction=r, q=float(self.q)) for m, k, r in grid]
+        grid = itertools.product(listify(self.map), listify(self.sign), listify(self.median_size),
+                                 listify(self.reduction))
+        return [default.with_(map=m, sign=str(s), median_size=int(k), reduction=r, q=float(self.q))
+                for m, s, k, r in grid]
 
     def healthy_baselines(self) -> list[str]:
         """The requested healthy-set baselines (``eval.baselines``), checked."""
