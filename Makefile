@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo demo-ct demo-adni demo-denoise demo-refiner test test-fast lint bench clean
+.PHONY: install demo demo-ct demo-adni demo-denoise demo-refiner benchmark test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ demo-adni: install
 demo-refiner: install
 	bash scripts/run_demo.sh $(PY) demo_coarse $(DEMO_ARGS)
 	bash scripts/run_demo.sh $(PY) demo_refiner model.coarse_ckpt=logs/demo_coarse/latest $(DEMO_ARGS)
+
+# issue 18: every method x task at demo size (Hydra multirun), then leaderboard_<task>.md/csv/png in the sweep dir
+# (logs/train/multiruns/<time>/); a subset: make benchmark BENCH_ARGS='-m +benchmark_uad=mnist_pddpm,mnist_dae'
+BENCH_ARGS ?=
+benchmark: install
+	$(PY) -m meddiff.train experiment=benchmark_uad $(BENCH_ARGS)
 
 test: install
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -45,10 +45,13 @@ def test_only_scoring_models_carry_the_anomaly_validation_component():
     # one vocabulary: protocols read model.sampling and model.anomaly_val.scoring, no second name for either
     old_names = ("recon_cfg", "scoring_cfg", "translate_cfg")
     assert not any(hasattr(m, old) for m in (cond, unc, guided) for old in old_names)
+    from meddiff.models.cddpm import ConditionedDDPM
     from meddiff.models.coarse_gan import CoarseGenerator
+    from meddiff.models.dae import DenoisingAutoencoder
     from meddiff.models.refiner import RefinerDiffusion
 
-    assert not any(hasattr(cls, old) for cls in (CoarseGenerator, RefinerDiffusion) for old in old_names)
+    families = (CoarseGenerator, RefinerDiffusion, DenoisingAutoencoder, ConditionedDDPM)
+    assert not any(hasattr(cls, old) for cls in families for old in old_names)
     assert not hasattr(cond, "denoise")  # the denoise protocol calls reconstruct(batch, sampling) like the others
     assert DiffusionModule.eval_protocol is None  # each model class names its protocol
 

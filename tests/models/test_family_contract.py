@@ -29,6 +29,9 @@ OVERRIDES: dict[str, list[str]] = {
     "guided": ["net=unet_tiny", "+net.num_class_embeds=6", "model.sampling.t_start=20", "model.sampling.steps=2"],
     "refiner": ["net=unet_tiny", "net.in_channels=2", "model.sampling.steps=2", "model.residual_scale=0.5"],
     "coarse_gan": TINY_GAN,
+    "dae": ["net=unet_tiny", "model.noise_downsample=4"],
+    "cddpm": ["net=unet_tiny", "net.in_channels=5", "model.latent_dim=4", "model.encoder_channels=[8,8]",
+              "model.sampling.t_start=20"],
 }
 
 

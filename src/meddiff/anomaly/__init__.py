@@ -5,7 +5,7 @@ per image) and ``scoring`` (``ScoringConfig`` + ``score_batch``: the one scorer 
 through). Healthy estimates themselves come from the models (partial diffusion: ``meddiff.diffusion.partial``).
 """
 
-from meddiff.anomaly.maps import MAP_KINDS, anomaly_map, local_ssim
+from meddiff.anomaly.maps import MAP_KINDS, MAP_SIGNS, anomaly_map, local_ssim
 from meddiff.anomaly.postprocess import (
     PostProcess,
     apply_mask,
@@ -18,6 +18,7 @@ from meddiff.anomaly.reduce import MAP_REDUCTIONS, reduce_map
 __all__ = [
     "MAP_KINDS",
     "MAP_REDUCTIONS",
+    "MAP_SIGNS",
     "PostProcess",
     "anomaly_map",
     "apply_mask",

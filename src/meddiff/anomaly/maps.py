@@ -12,6 +12,11 @@ The local SSIM uses the population statistics of Wang et al. (2004), ``K1 = 0.01
 normalised window (Gaussian, sigma 1.5 by default, or uniform) and reflect padding so the map has the input's
 size. With the defaults (``ssim_window=11``, Gaussian, sigma 1.5) the map is the same as torchmetrics'
 ``structural_similarity_index_measure(..., return_full_image=True)``; tests check this.
+
+Sign (``sign=``): ``"abs"`` keeps both directions (the maps above); ``"positive"`` keeps only pixels where the
+input is brighter than its reconstruction (``x - recon > 0``: hyperintense lesions, the l1 map becomes
+``clip(x - recon, 0)``), ``"negative"`` only darker ones (hypointense lesions). Which sign fits a task is a
+post-processing choice made on validation like the median size (``eval.sign``); the value ranges stay the same.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from meddiff.errors import ConfigError, DataError
 
 MAP_KINDS = ("l1", "l2", "ssim")
+MAP_SIGNS = ("abs", "positive", "negative")
 SSIM_KERNELS = ("gaussian", "uniform")
 
 
@@ -115,6 +121,7 @@ def anomaly_map(
     ssim_window: int = 11,
     ssim_kernel: str = "gaussian",
     ssim_sigma: float = 1.5,
+    sign: str = "abs",
 ) -> torch.Tensor:
     """Anomaly map of inputs against their healthy reconstructions.
 
@@ -123,16 +130,19 @@ def anomaly_map(
         recon: healthy reconstructions, same shape and range.
         kind: ``"l1"`` | ``"l2"`` | ``"ssim"`` (see the module docstring for each one's value range).
         ssim_window, ssim_kernel, ssim_sigma: local window for ``kind="ssim"`` (ignored otherwise).
+        sign: ``"abs"`` | ``"positive"`` (only where ``x > recon``) | ``"negative"`` (only where ``x < recon``).
 
     Returns:
         ``[B, 1, H, W]`` float map (channel mean), non-negative, larger = more anomalous.
 
     Raises:
-        ConfigError: unknown ``kind`` or a bad SSIM window.
+        ConfigError: unknown ``kind`` or ``sign``, or a bad SSIM window.
         DataError: ``x`` and ``recon`` differ in shape or are not 4D.
     """
     if kind not in MAP_KINDS:
         raise ConfigError(f"unknown anomaly map kind {kind!r}; choose one of {list(MAP_KINDS)}.")
+    if sign not in MAP_SIGNS:
+        raise ConfigError(f"unknown anomaly map sign {sign!r}; choose one of {list(MAP_SIGNS)} (eval.sign).")
     _check_pair(x, recon)
     if kind == "l1":
         m = (x - recon).abs()
@@ -142,4 +152,7 @@ def anomaly_map(
         m = 1.0 - local_ssim(
             x, recon, data_range=2.0, window=ssim_window, kernel=ssim_kernel, sigma=ssim_sigma
         )
+    if sign != "abs":  # keep one direction of the residual (per channel, before the channel mean)
+        diff = x - recon
+        m = m * (diff > 0 if sign == "positive" else diff < 0)
     return m.mean(dim=1, keepdim=True)

@@ -15,7 +15,8 @@ from meddiff.anomaly.reduce import reduce_map
 class ScoringConfig:
     """How maps and image scores are made; chosen on validation data and written into the report.
 
-    map: ``l1`` | ``l2`` | ``ssim`` residual; median_size: 2D median filter size (1 = off);
+    map: ``l1`` | ``l2`` | ``ssim`` residual; sign: ``abs`` | ``positive`` (input brighter than the reconstruction:
+    hyperintense) | ``negative`` (hypointense), see :func:`~meddiff.anomaly.maps.anomaly_map`; median_size: 2D median filter size (1 = off);
     erode_iterations: erosion of the brain mask before masking (0 = off); reduction: ``mean`` | ``max`` |
     ``percentile`` (``q``) | ``top_k`` (mean of the ``k`` largest values) of the map inside the (eroded) mask.
     """
@@ -26,6 +27,7 @@ class ScoringConfig:
     reduction: str = "mean"
     q: float = 99.0
     k: int = 5
+    sign: str = "abs"
 
     def with_(self, **changes) -> ScoringConfig:
         return replace(self, **changes)
@@ -47,6 +49,6 @@ def score_batch(
     """
     post = PostProcess(median_size=cfg.median_size, erode_iterations=cfg.erode_iterations)
     eroded = post.region(region)
-    maps = post(anomaly_map(x, recon, kind=cfg.map), region)
+    maps = post(anomaly_map(x, recon, kind=cfg.map, sign=cfg.sign), region)
     scores = reduce_map(maps, eroded, reduction=cfg.reduction, q=cfg.q, k=cfg.k)
     return {"map": maps, "region": eroded, "score": scores}

@@ -32,6 +32,8 @@ TRUSTED_CLASSES: frozenset[str] = frozenset({
     "meddiff.models.guided.GuidedDiffusion",
     "meddiff.models.refiner.RefinerDiffusion",
     "meddiff.models.coarse_gan.CoarseGenerator",
+    "meddiff.models.dae.DenoisingAutoencoder",
+    "meddiff.models.cddpm.ConditionedDDPM",
     # nets
     "meddiff.nets.MonaiUNet",
     "meddiff.nets.DiffusersUNet",
@@ -74,6 +76,7 @@ TRUSTED_CLASSES: frozenset[str] = frozenset({
     "lightning.pytorch.callbacks.Timer",
     "meddiff.callbacks.LastCheckpoint",
     "meddiff.runs.sweep.callback.SweepSummary",
+    "meddiff.benchmark.callback.LeaderboardCallback",
     # loggers
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",

@@ -23,14 +23,15 @@ def listify(v: Any) -> list:
 class EvalOptions:
     """Evaluation options (``eval:`` in the configs).
 
-    ``select_on_val``: compare the candidate settings (``map`` x ``median_size`` x ``reduction``, and the depths
-    ``t_start``) on validation; false keeps the model's configured scoring. ``n_boot``: bootstrap replicates of the
-    CIs (0 = point values only). ``baselines``: the healthy-set baselines beside the model (``[]`` = mean intensity
+    ``select_on_val``: compare the candidate settings (``map`` x ``sign`` x ``median_size`` x ``reduction``, and
+    the sampling ``t_start`` x ``draws`` x ``steps``, picked by ``cost_delta``: see ``cost.py``) on validation; false
+    keeps the model's configured scoring. ``n_boot``: bootstrap replicates of the CIs (0 = point values only). ``baselines``: the healthy-set baselines beside the model (``[]`` = mean intensity
     only), built from at most ``baseline_max_items`` healthy training images.
     """
 
     select_on_val: bool = True
     map: Sequence[str] = ("l1",)
+    sign: Sequence[str] = ("abs",)  # residual signs tried: abs | positive (hyperintense) | negative (hypointense)
     median_size: Sequence[int] = (1, 3)
     reduction: Sequence[str] = ("mean", "max", "percentile")
     q: float = 99.0
@@ -40,6 +41,9 @@ class EvalOptions:
     n_figure_rows: int = 8
     seed: int = 0
     t_start: Sequence[int] | int | None = None  # reconstruction depths tried on validation (None = the model's)
+    draws: Sequence[int] | int | None = None  # noise draws tried on validation (None = the model's)
+    steps: Sequence[int] | int | None = None  # sampler steps tried on validation (None = the model's)
+    cost_delta: float | None = None  # None: best validation AUROC; d: cheapest setting within d of the best
     baselines: Sequence[str] = ("nearest_healthy", "mean_healthy")  # healthy-set baselines ([] = mean intensity only)
     baseline_max_items: int = MAX_REFERENCE  # healthy training images they use at most (a fixed seeded subset)
 
@@ -47,8 +51,10 @@ class EvalOptions:
         """The scoring settings compared on validation (``[default]`` without selection)."""
         if not self.select_on_val:
             return [default]
-        grid = itertools.product(listify(self.map), listify(self.median_size), listify(self.reduction))
-        return [default.with_(map=m, median_size=int(k), reduction=r, q=float(self.q)) for m, k, r in grid]
+        grid = itertools.product(listify(self.map), listify(self.sign), listify(self.median_size),
+                                 listify(self.reduction))
+        return [default.with_(map=m, sign=str(s), median_size=int(k), reduction=r, q=float(self.q))
+                for m, s, k, r in grid]
 
     def healthy_baselines(self) -> list[str]:
         """The requested healthy-set baselines (``eval.baselines``), checked."""

@@ -29,7 +29,7 @@ MAP_MAX = {"l1": 2.0, "l2": 4.0, "ssim": 2.0}
 
 def map_key(cfg: ScoringConfig) -> tuple:
     """What a pixel map depends on (not the reduction to an image score)."""
-    return (cfg.map, cfg.median_size, cfg.erode_iterations)
+    return (cfg.map, cfg.sign, cfg.median_size, cfg.erode_iterations)
 
 
 @dataclass

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from meddiff.anomaly.scoring import ScoringConfig
-from meddiff.errors import ConfigError
 from meddiff.metrics.detection import detection_ci
 from meddiff.metrics.pixel import PixelAccumulator, choose_threshold
 from meddiff.protocols.base import ValidationView
@@ -23,8 +22,9 @@ from meddiff.protocols.common import (
     load_healthy_reference,
 )
 
+from .cost import choose, cost_record, sampling_candidates, unet_cost
 from .interfaces import ReconFn
-from .options import EvalOptions, listify
+from .options import EvalOptions
 from .passes import Collected, matching_pixel_acc, model_fn, run_pass
 
 __all__ = ["AnomalySelection", "BaselineChoice", "healthy_training_set", "select_on_validation"]
@@ -94,22 +94,17 @@ class AnomalySelection:
 
 
 def _depth_candidates(model: Any, opts: EvalOptions) -> list[Any | None]:
-    """Copies of ``model.sampling`` (a dataclass with ``t_start``), one per ``eval.t_start`` (validated);
-    ``[None]`` = as is."""
-    if opts.t_start is None:
-        return [None]
-    base = getattr(model, "sampling", None)
-    if not (is_dataclass(base) and hasattr(base, "t_start")):
-        raise ConfigError(
-            f"eval.t_start={opts.t_start!r} tries reconstruction depths, but {type(model).__name__} has no "
-            "model.sampling with a t_start (partial-diffusion reconstruction); remove eval.t_start."
-        )
-    out = []
-    for t in listify(opts.t_start):
-        cfg = replace(base, t_start=int(t))
-        cfg.validate(model.schedule.num_train_timesteps)
-        out.append(cfg)
-    return out
+    """Copies of the model's reconstruction config (a dataclass with ``t_start``), one per ``eval.t_start`` x
+    ``eval.draws`` x ``eval.steps`` (validated); ``[None]`` = as is (:func:`.cost.sampling_candidates`)."""
+    return sampling_candidates(model, opts)
+
+
+def _sampling_fields(sampling: Any | None) -> dict[str, Any]:
+    """The tried sampling fields of a candidate row (draws, steps, UNet cost); {} for the model's own settings."""
+    if sampling is None:
+        return {}
+    return {"draws": getattr(sampling, "draws", None), "steps": getattr(sampling, "steps", None),
+            "unet_cost": unet_cost(sampling)}
 
 
 def _t_start(model: Any, sampling: Any | None) -> int | None:
@@ -141,6 +136,7 @@ def select_on_validation(
         best: tuple[float, Any | None, int, Collected] | None = None
         first: Collected | None = None
         rows = []
+        per_setting: list[tuple[float, Any | None, int, Collected]] = []  # each setting's best scoring (cost rule)
         for k, sampling in enumerate(_depth_candidates(model, opts)):
             t_start = _t_start(model, sampling)
             methods = {MODEL: (model_fn(model, sampling), candidates)}
@@ -157,11 +153,17 @@ def select_on_validation(
                 best = (float("nan"), sampling, 0, val)
                 break
             aurocs = [_auroc(val.cat(MODEL, j), y_val) for j in range(len(candidates))]
-            rows += [{"t_start": t_start, **c.as_dict(), "val_auroc": a} for c, a in zip(candidates, aurocs)]
+            cost = _sampling_fields(sampling)
+            rows += [{"t_start": t_start, **cost, **c.as_dict(), "val_auroc": a} for c, a in zip(candidates, aurocs)]
             j = int(np.argmax(aurocs))
             compared = True
-            if best is None or aurocs[j] > best[0]:
-                best = (aurocs[j], sampling, j, val)
+            per_setting.append((aurocs[j], sampling, j, val))
+        if compared:  # the best setting, or with eval.cost_delta the cheapest one within delta of it
+            costs = [unet_cost(r) for _, r, _, _ in per_setting]
+            k = choose([a for a, _, _, _ in per_setting], costs, opts.cost_delta)
+            best = per_setting[k]
+            if len(per_setting) > 1 or opts.cost_delta is not None:
+                record["cost_rule"] = cost_record([a for a, _, _, _ in per_setting], costs, k, opts.cost_delta)
         assert best is not None and first is not None
         val_auroc, chosen_sampling, chosen_idx, val = best
         if compared:
