@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,16 @@ import torch
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """wandb keeps one global run per process: a test that leaves it open makes the next test's logger reuse it
+    (under xdist, whichever test shares the worker). Close it after every test that imported wandb."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 @pytest.fixture
