@@ -46,6 +46,8 @@ class RunRecord:
     wall_time_s: float | None = None
     trial: int | None = None
     sweep_dir: Path | None = None
+    best_baseline: str | None = None              # the report's best baseline (chosen on validation), by key
+
 
     def config(self) -> dict[str, Any]:
         """The run's resolved config with its own dir written as ``<run_dir>`` (so runs compare by content)."""
@@ -168,6 +170,16 @@ def read_test_metrics(report: dict[str, Any]) -> tuple[dict[str, float], dict[st
     return summary, cis
 
 
+def best_baseline_name(report: dict[str, Any]) -> str | None:
+    """The name of the baseline a report's margin was taken against: the first section (top level, then one level
+    down) holding both ``baseline`` and ``verdict`` (the ``auroc_margin`` layout); None without one."""
+    sections = [v for v in report.values() if isinstance(v, dict)]
+    for section in sections + [v for s in sections for v in s.values() if isinstance(v, dict)]:
+        if isinstance(section.get("baseline"), str) and "verdict" in section:
+            return section["baseline"]
+    return None
+
+
 def read_run(run_dir: str | Path) -> RunRecord:
     """Everything a summary row needs from one run dir."""
     run_dir = Path(run_dir).resolve()
@@ -206,5 +218,5 @@ def read_run(run_dir: str | Path) -> RunRecord:
         run_dir=run_dir, status=state, error=status.get("error"), overrides=overrides, monitor=monitor, mode=mode,
         best_score=None if best is None else float(best), test=test, test_ci=cis, best_checkpoint=best_ckpt,
         last_checkpoint=last_ckpt, wall_time_s=status.get("wall_time_s"), trial=status.get("optuna_trial"),
-        sweep_dir=sweep_dir,
+        sweep_dir=sweep_dir, best_baseline=best_baseline_name(report),
     )
