@@ -47,6 +47,7 @@ class RunRecord:
     trial: int | None = None
     sweep_dir: Path | None = None
     best_baseline: str | None = None              # the report's best baseline (chosen on validation), by key
+    report: str | None = None                     # the report read: "report.json" (in training), "evals/<name>"
 
 
     def config(self) -> dict[str, Any]:
@@ -180,16 +181,28 @@ def best_baseline_name(report: dict[str, Any]) -> str | None:
     return None
 
 
-def read_run(run_dir: str | Path) -> RunRecord:
-    """Everything a summary row needs from one run dir."""
+def report_path_of(run_dir: Path, eval_name: str | None = None) -> Path | None:
+    """The report a run's row shows: ``<run_dir>/evals/<eval_name>/report.json`` when named; else the in-training
+    ``report.json``, or (``evaluate=false`` + ``meddiff-eval``) the newest ``evals/*/report.json``."""
+    if eval_name:
+        path = run_dir / "evals" / eval_name / "report.json"
+        return path if path.is_file() else None
+    if (run_dir / "report.json").is_file():
+        return run_dir / "report.json"
+    evals = [p for p in (run_dir / "evals").glob("*/report.json") if p.is_file()]
+    return max(evals, key=lambda p: (p.stat().st_mtime, p.parent.name)) if evals else None
+
+
+def read_run(run_dir: str | Path, eval_name: str | None = None) -> RunRecord:
+    """Everything a summary row needs from one run dir (test metrics from :func:`report_path_of`)."""
     run_dir = Path(run_dir).resolve()
     status = read_status(run_dir) or {}
     cfg = _read_yaml(run_dir / "config_resolved.yaml") or _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
     hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}
     overrides = parse_override_lines(_read_yaml(run_dir / ".hydra" / "overrides.yaml") or [])
-    report_path = run_dir / "report.json"
+    report_path = report_path_of(run_dir, eval_name)
     try:
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report = json.loads(report_path.read_text()) if report_path is not None else {}
     except (OSError, json.JSONDecodeError):
         report = {}
 
@@ -219,4 +232,5 @@ def read_run(run_dir: str | Path) -> RunRecord:
         best_score=None if best is None else float(best), test=test, test_ci=cis, best_checkpoint=best_ckpt,
         last_checkpoint=last_ckpt, wall_time_s=status.get("wall_time_s"), trial=status.get("optuna_trial"),
         sweep_dir=sweep_dir, best_baseline=best_baseline_name(report),
+        report=str(report_path.relative_to(run_dir)) if report_path is not None and report else None,
     )

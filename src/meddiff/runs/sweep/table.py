@@ -116,6 +116,7 @@ def build_table(records: Sequence[RunRecord], sort: bool = True) -> pd.DataFrame
             row["best_baseline"] = r.best_baseline or ""
             row["verdict"] = verdict(r.test_ci.get(f"margin_{headline}")) or ""
         row["checkpoint"] = r.best_checkpoint or r.last_checkpoint or ""
+        row["report"] = r.report or ""
         row["wall_time_s"] = r.wall_time_s
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -153,7 +154,8 @@ def display_rows(df: pd.DataFrame, n_test: int = SHOWN_TEST_METRICS) -> tuple[li
     cols = ["run"] + (["trial"] if "trial" in df else []) + swept + ["status"]
     show_error = bool((df.get("error", pd.Series(dtype=str)).astype(str) != "").any())
     header = cols + (["error"] if show_error else []) + [a["best_col"]] + [f"test/{k}" for k in test_keys]
-    header += (["verdict"] if headline else []) + ["checkpoint", "wall time"]
+    from_evals = bool(df.get("report", pd.Series(dtype=str)).astype(str).str.startswith("evals/").any())
+    header += (["verdict"] if headline else []) + (["report"] if from_evals else []) + ["checkpoint", "wall time"]
     root_ckpts = [str(c) for c in df.get("checkpoint", [])]
     rows = []
     for i in range(len(df)):
@@ -181,6 +183,8 @@ def display_rows(df: pd.DataFrame, n_test: int = SHOWN_TEST_METRICS) -> tuple[li
             cells.append(cell)
         if headline:
             cells.append(str(r.get("verdict") or "-"))
+        if from_evals:  # where the test metrics come from when some run was evaluated after training
+            cells.append(str(r["report"]).removesuffix("/report.json") or "-")
         ckpt = root_ckpts[i]
         cells.append(_short_path(ckpt))
         w = r.get("wall_time_s")
@@ -258,6 +262,25 @@ def write_table(df: pd.DataFrame, path: str | Path, title: str | None = None) ->
     if path.suffix == ".md":
         return atomic_write_text(path, to_markdown(df, title))
     raise ValueError(f"--out {path}: use a .csv or .md file name.")
+
+
+def metric_diff(records: Sequence[RunRecord]) -> dict[str, list[str]]:
+    """What ``meddiff-compare --diff`` lists beside the config keys: per run, the validation score of the kept
+    checkpoint and the test headline (model, best baseline, margin, each ``value [lo, hi]``), the verdict and the
+    report they come from; plus ``<key> (run i - run 0)`` rows with the differences of the numbers."""
+    df = build_table(records, sort=False)
+    a = df.attrs
+    header, rows = display_rows(df)
+    keys = [a["best_col"]] + [f"test/{k}" for k in headline_keys(a.get("test_keys", []))]
+    out: dict[str, list[str]] = {}
+    for key in keys + [c for c in ("verdict", "report") if c in header]:
+        col = header.index(key)
+        out[key] = [row[col] for row in rows]
+    for key in keys:
+        values = pd.to_numeric(df[key] if key in df else pd.Series([None] * len(df)), errors="coerce").tolist()
+        if len(values) > 1 and not pd.isna(values[0]):
+            out[f"{key} (run i - run 0)"] = ["-" if pd.isna(v) else f"{v - values[0]:+.4g}" for v in values]
+    return out
 
 
 def config_diff(run_dirs: Sequence[str | Path]) -> dict[str, list[Any]]:
