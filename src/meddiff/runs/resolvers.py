@@ -10,12 +10,18 @@ anything that composes the project's configs itself (tests, notebooks). Register
 - ``${meddiff.help:train}``: the ``--help`` page (:mod:`meddiff.runs.cli_help`);
 - ``${meddiff.eval_dir:<ckpt_path>,<eval_name>,<preset>,<fallback base>}``: where ``meddiff-eval`` writes
   (:func:`eval_dir`): ``<run_dir>/evals/<name>/`` beside the training run the checkpoint belongs to, so
-  ``meddiff-compare <run_dir>`` finds it.
+  ``meddiff-compare <run_dir>`` finds it;
+- ``${meddiff.num_workers:[cap[,on_cpu]]}``: DataLoader workers from the machine (:func:`num_workers`): ``min(cap,
+  usable cores)`` where a CUDA GPU runs the model, ``on_cpu`` (default 0) on CPU-only machines;
+- ``${meddiff.per_device:<cpu value>,<gpu value>}``: one of two values by the device the run will use
+  (:func:`per_device`), e.g. the pDDPM scoring chunk ``model.sampling.max_batch: ${meddiff.per_device:16,128}``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -26,6 +32,8 @@ from meddiff.runs.run_dir import resolve_run_dir, unique_name
 
 ADD = "meddiff.add"
 EVAL_DIR = "meddiff.eval_dir"
+NUM_WORKERS = "meddiff.num_workers"
+PER_DEVICE = "meddiff.per_device"
 EVALS = "evals"  # <run_dir>/evals/<name>/: the evaluations of a training run's checkpoints
 
 
@@ -60,8 +68,37 @@ def _add(a: str, b: str) -> int:
     return int(a) + int(b)
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a SLURM allocation, taskset), not the whole node's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def num_workers(cap: Any = 8, on_cpu: Any = 0) -> int:
+    """DataLoader workers: ``min(cap, usable cores)`` when a CUDA GPU computes (loading must keep it fed: an H100
+    consumes more patches/s than one core decodes), ``min(on_cpu, usable cores - 1)`` (default 0) on a CPU-only
+    machine, where the model needs the cores and in-process loading of in-memory datasets is fastest."""
+    cap = 8 if cap in (None, "") else int(cap)
+    if _cuda():
+        return max(1, min(cap, usable_cores()))
+    return max(0, min(int(on_cpu or 0), usable_cores() - 1))
+
+
+def per_device(cpu_value: Any, gpu_value: Any) -> Any:
+    """``gpu_value`` when a CUDA GPU is available, else ``cpu_value`` (resolved once, when the config is)."""
+    return gpu_value if _cuda() else cpu_value
+
+
 def register_resolvers() -> None:
-    """Register ``meddiff.run_dir``, ``meddiff.add``, ``meddiff.help`` and ``meddiff.eval_dir`` (idempotent)."""
+    """Register every ``meddiff.*`` resolver of the module docstring (idempotent)."""
     if not OmegaConf.has_resolver(RUN_DIR):
         # cached: Hydra may resolve run.dir more than once, and it must name one folder
         OmegaConf.register_new_resolver(RUN_DIR, resolve_run_dir, use_cache=True)
@@ -69,5 +106,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(ADD, _add)
     if not OmegaConf.has_resolver(EVAL_DIR):
         OmegaConf.register_new_resolver(EVAL_DIR, eval_dir, use_cache=True)  # one folder however often resolved
+    if not OmegaConf.has_resolver(NUM_WORKERS):
+        OmegaConf.register_new_resolver(NUM_WORKERS, num_workers)
+    if not OmegaConf.has_resolver(PER_DEVICE):
+        OmegaConf.register_new_resolver(PER_DEVICE, per_device)
     if not OmegaConf.has_resolver(HELP_RESOLVER):
         OmegaConf.register_new_resolver(HELP_RESOLVER, help_text)
