@@ -39,16 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _console():  # noqa: ANN202 - rich.console.Console
+    """A rich console; piped output is not folded (as in ``print_table``)."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(240, console.width))
+
+
 def _value(v: Any) -> str:
     text = str(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def print_diff(run_dirs: list[Path], diff: dict[str, list[Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     if not diff:
         console.print(f"The {len(run_dirs)} runs have the same config.")
         return
@@ -64,7 +71,6 @@ def print_diff(run_dirs: list[Path], diff: dict[str, list[Any]]) -> None:
 
 
 def print_metric_diff(run_dirs: list[Path], diff: dict[str, list[str]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="metrics (validation score of the kept checkpoint; test headline with 95% CIs)")
@@ -73,7 +79,7 @@ def print_metric_diff(run_dirs: list[Path], diff: dict[str, list[str]]) -> None:
         table.add_column(f"[{i}] {d.name}", justify="right")
     for key, values in diff.items():
         table.add_row(key, *values)
-    Console().print(table)
+    _console().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
