@@ -231,6 +231,7 @@ def test_summary_png_log_axis_failed_jobs_marked_and_test_headline_row(lr_sweep)
     for ax in axes:  # the failed lr=0.1 job is drawn (red x) in every panel, not only counted in the title
         failed = [c for c in ax.collections if c.get_label() == "failed / killed"]
         assert len(failed) == 1 and failed[0].get_offsets()[0][0] == pytest.approx(0.1)
+        assert ax.get_xlim()[0] < 1e-4 and ax.get_xlim()[1] > 0.1  # in view, not off the axis
     assert is_log_spaced([1e-4, 1e-3]) is False  # one decade only: linear
     assert is_log_spaced([1, 32, 128]) is True and is_log_spaced([-1, 10, 100]) is False
     assert is_log_spaced(["a", "b"]) is False

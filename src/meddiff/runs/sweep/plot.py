@@ -51,7 +51,8 @@ def summary_figure(df: pd.DataFrame):  # -> matplotlib Figure | None
     ok_mask = (df["status"] == OK) & pd.to_numeric(df[best_col], errors="coerce").notna()
     ok, bad = df[ok_mask], df[df["status"] != OK]
     n_rows = 2 if head_col else 1
-    fig, axes = plt.subplots(n_rows, len(keys), figsize=(3.8 * len(keys), 3.2 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, len(keys), figsize=(max(5.0, 3.8 * len(keys)), 3.2 * n_rows + 0.4),
+                             squeeze=False)
     off_axis: list[str] = []
     for j, key in enumerate(keys):
         all_x = pd.to_numeric(df[key], errors="coerce")
@@ -84,6 +85,14 @@ def summary_figure(df: pd.DataFrame):  # -> matplotlib Figure | None
                                color="red", s=60, clip_on=False, label="failed / killed")
             if log:
                 ax.set_xscale("log")
+            if numeric_axis:  # every job's value in view, failed ones included (their marks do not set limits)
+                xs = [v for v in all_x.tolist() if not math.isnan(v)]
+                lo, hi = min(xs), max(xs)
+                if log:
+                    ax.set_xlim(lo / 1.6, hi * 1.6)
+                else:
+                    pad = 0.08 * (hi - lo) if hi > lo else max(abs(lo) * 0.1, 1.0)
+                    ax.set_xlim(lo - pad, hi + pad)
             if cats:
                 ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
             elif not log:
@@ -97,7 +106,8 @@ def summary_figure(df: pd.DataFrame):  # -> matplotlib Figure | None
     if len(bad):
         title += f", {len(bad)} not ok: red x" + (f"; off axis: {', '.join(dict.fromkeys(off_axis))}" if off_axis
                                                    else "")
-    fig.suptitle(title + ")" + (f"; test {head} vs best baseline below" if head_col else ""), fontsize=9)
+    fig.suptitle(title + ")" + (f"\nbelow: test {head} (95% CI) vs the best baseline" if head_col else ""),
+                 fontsize=9)
     fig.tight_layout()
     return fig
 
