@@ -11,7 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_fast_dev_run(run, tmp_path, fast):
-    run("meddiff.train", *fast, "debug=fast_dev_run", f"paths.log_dir={tmp_path}/logs")
+    proc = run("meddiff.train", *fast, "debug=fast_dev_run", f"paths.log_dir={tmp_path}/logs")
+    # the composed config printed at start as a tree (print_config, on by default)
+    assert "(top level)" in proc.stdout and "max_steps: 1650" in proc.stdout and "overfit_batches" in proc.stdout
 
 
 def test_train_writes_report_figures_and_a_self_describing_checkpoint(run, tmp_path, fast):
