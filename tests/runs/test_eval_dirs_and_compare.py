@@ -83,3 +83,14 @@ def test_compare_cli_diff_prints_metrics(tmp_path, capsys):
     assert main([str(a), str(b), "--diff"]) == 0
     out = capsys.readouterr().out
     assert "test/margin_image_auroc" in out and "0.022 [0.01, 0.03]" in out and "beats" in out
+
+
+def test_eval_without_a_checkpoint_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "meddiff.eval"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("meddiff-eval: ckpt_path=<file.ckpt> is required")
+    assert "Traceback" not in proc.stderr
