@@ -238,6 +238,10 @@ def main() -> None:
 
     register_resolvers()  # ${meddiff.run_dir:...,unique} and ${meddiff.help:eval} in configs/eval.yaml
     args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and not a.startswith(("-", "+", "~")))
+    if "ckpt_path" not in args and not any(a.startswith("-") for a in sys.argv[1:]):
+        # the output folder is named after the checkpoint's run: without one Hydra fails before any message
+        sys.exit("meddiff-eval: ckpt_path=<file.ckpt> is required (e.g. meddiff-eval "
+                 "ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt); see meddiff-eval --help.")
     if args.get("eval") and args.get("ckpt_path"):
         try:
             check_eval_preset(args["eval"], *model_protocol(args["ckpt_path"]), args["ckpt_path"])

@@ -112,6 +112,10 @@ def train(cfg: DictConfig, started: Callable[[], None] | None = None) -> dict[st
         for folder in (out_dir, ckpt_dir):  # temporary files of saves a kill -9 interrupted
             remove_stale_tmp(folder)
         atomic_write_text(start.snapshot_dir / RESOLVED_NAME, OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.get("print_config", False):  # the composed config as a tree (configs/train.yaml: print_config)
+            from meddiff.runs.config_tree import print_config
+
+            print_config(cfg)
 
     callbacks = instantiate_callbacks(cfg.get("callbacks")) + [StoreConfigInCheckpoint(cfg), ConfiguredOptimizer(),
                                                                  RunStarted(started)]

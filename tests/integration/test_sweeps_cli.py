@@ -46,12 +46,17 @@ def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast
     assert "model.sampling.t_start" in df.columns
     assert sorted(df["model.sampling.t_start"]) == ["300", "400", "bad"]
     bad = df[df["model.sampling.t_start"] == "bad"].iloc[0]
-    assert bad["status"] == "failed" and bad["error"].startswith("ValueError: invalid literal for int()")
+    assert bad["status"] == "failed" and bad["error"].startswith("ConfigError: model.sampling.t_start='bad' must be an integer")
     ok = df[df["status"] == "ok"]
     assert len(ok) == 2 and df["status"].iloc[-1] == "failed"  # sorted: scored jobs first
     assert list(ok["best val/auroc"]) == sorted(ok["best val/auroc"], reverse=True)
     assert ok["test/image_auroc_ci_lo"].notna().all() and ok["checkpoint"].str.endswith(".ckpt").all()
     assert (sweep / "summary.md").is_file() and (sweep / "summary.png").is_file()
+    # the protocol's headline, not the first test metrics: best baseline by name, margin with its CI, verdict
+    assert ok["test/margin_image_auroc_ci_lo"].notna().all() and ok["best_baseline"].notna().all()
+    assert set(ok["verdict"]) <= {"beats", "does NOT beat", "WORSE"}
+    md = (sweep / "summary.md").read_text()
+    assert "test/margin_image_auroc" in md and "| test/baseline_image_auroc |" not in md
     assert json.loads((sweep / "2" / "status.json").read_text())["state"] == "failed"
 
     # wandb: name <experiment>/<swept overrides>, group <experiment>/<sweep id>, job_type, tags, config once
@@ -73,6 +78,7 @@ def test_multirun_summary_failed_job_wandb_identity_and_diff(run, tmp_path, fast
     # compare --diff: exactly the key that differs between two jobs
     proc = run("meddiff.compare", str(sweep / "0"), str(sweep / "1"), "--diff")
     assert "1 config keys differ" in proc.stdout and "model.sampling.t_start" in proc.stdout
+    assert "test/margin_image_auroc" in proc.stdout and "best val/auroc (run i - run 0)" in proc.stdout
     from meddiff.runs.sweep.table import config_diff
 
     assert list(config_diff([sweep / "0", sweep / "1"])) == ["model.sampling.t_start"]

@@ -11,7 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_fast_dev_run(run, tmp_path, fast):
-    run("meddiff.train", *fast, "debug=fast_dev_run", f"paths.log_dir={tmp_path}/logs")
+    proc = run("meddiff.train", *fast, "debug=fast_dev_run", f"paths.log_dir={tmp_path}/logs")
+    # the composed config printed at start as a tree (print_config, on by default)
+    assert "(top level)" in proc.stdout and "max_steps: 1650" in proc.stdout and "overfit_batches" in proc.stdout
 
 
 def test_train_writes_report_figures_and_a_self_describing_checkpoint(run, tmp_path, fast):
@@ -33,12 +35,21 @@ def test_train_writes_report_figures_and_a_self_describing_checkpoint(run, tmp_p
     assert ckpt["meddiff_config"]["net"]["channels"] == [8, 16]
     assert any(k.startswith("ema.shadow.") for k in ckpt["state_dict"])
 
-    # meddiff.eval needs nothing but the checkpoint; the same weights and protocol give the same numbers
-    eval_dir = tmp_path / "eval"
+    # meddiff.eval needs nothing but the checkpoint; the same weights and protocol give the same numbers. It
+    # writes beside the training run, <run_dir>/evals/<name>/, where meddiff-compare finds it
     best = report["checkpoint"]
-    run("meddiff.eval", f"ckpt_path={best}", f"hydra.run.dir={eval_dir}")
-    again = json.loads((eval_dir / "report.json").read_text())
+    run("meddiff.eval", f"ckpt_path={best}", "eval_name=again")
+    again = json.loads((run_dir / "evals" / "again" / "report.json").read_text())
     assert again["image"]["model"]["auroc"] == pytest.approx(report["image"]["model"]["auroc"], abs=1e-6)
+    assert not (tmp_path / "logs").exists()
+    from meddiff.runs.sweep.run_summary import read_run
+
+    (run_dir / "report.json").unlink()  # as after evaluate=false: the evaluation's numbers are the run's
+    rec = read_run(run_dir)
+    assert rec.report == "evals/again/report.json"
+    assert rec.test["image_auroc"] == pytest.approx(report["summary"]["image_auroc"], abs=1e-6)
+    proc = run("meddiff.compare", str(run_dir))
+    assert "evals/again" in proc.stdout
 
 
 def test_an_eval_preset_of_another_protocol_is_a_clear_error_naming_both(tmp_path):

@@ -179,3 +179,59 @@ def test_a_damaged_optuna_db_is_a_clear_error_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"Optuna study file {db} is damaged.*mv {db} {db}.broken"):
         sqlite_storage(db)
     sqlite_storage(tmp_path / "fresh.db")  # a missing file is still created
+
+
+def headline_report(auroc, best_baseline, margin, lo, hi):
+    """An anomaly report whose mean-intensity baseline comes first but whose margin is against nearest-healthy."""
+    summary = {"image_auroc": auroc, "image_auprc": 0.5, "baseline_image_auroc": 0.803,
+               "nearest_image_auroc": best_baseline, "best_baseline_image_auroc": best_baseline,
+               "margin_image_auroc": margin, "margin_image_auroc_ci_lo": lo, "margin_image_auroc_ci_hi": hi,
+               "model_beats_best_baseline": float(lo > 0)}
+    return {"summary": summary, "image": {"model": {"auroc": auroc, "auroc_ci": [auroc - 0.05, auroc + 0.05]}},
+            "margin_over_best_baseline": {"baseline": "nearest_healthy", "auroc_baseline": best_baseline,
+                                          "verdict": "The model does NOT beat the best baseline ..."}}
+
+
+@pytest.fixture
+def lr_sweep(tmp_path):
+    s = tmp_path / "lr_sweep"
+    s.mkdir()
+    (s / "sweep.json").write_text(json.dumps({"swept": ["model.optimizer.lr"]}))
+    make_run(s / "0", ["model.optimizer.lr=0.0001"], best=0.80, report=headline_report(0.90, 0.968, -0.068, -0.1, -0.02),
+             sweep=True)
+    make_run(s / "1", ["model.optimizer.lr=0.001"], best=0.90, report=headline_report(0.97, 0.968, 0.002, -0.03, 0.04),
+             sweep=True)
+    make_run(s / "2", ["model.optimizer.lr=0.01"], best=0.85, report=headline_report(0.99, 0.968, 0.022, 0.01, 0.03),
+             sweep=True)
+    make_run(s / "3", ["model.optimizer.lr=0.1"], state="failed", error="FloatingPointError: nan loss", sweep=True)
+    return s
+
+
+def test_summary_shows_the_protocols_headline_not_the_first_test_metrics(lr_sweep):
+    df = build_table([read_run(d) for d in find_runs([lr_sweep])])
+    assert df.attrs["headline"] == "image_auroc"
+    assert list(df["verdict"]) == ["does NOT beat", "beats", "WORSE", ""]
+    assert list(df["best_baseline"])[:3] == ["nearest_healthy"] * 3
+    md = to_markdown(df)
+    header = next(line for line in md.splitlines() if line.startswith("| run"))
+    assert "test/best_baseline_image_auroc" in header and "test/margin_image_auroc" in header
+    assert "verdict" in header and "baseline_image_auroc |" not in header.replace("best_baseline_image_auroc", "")
+    assert "nearest_healthy 0.968" in md and "0.002 [-0.03, 0.04]" in md
+
+
+def test_summary_png_log_axis_failed_jobs_marked_and_test_headline_row(lr_sweep):
+    from meddiff.runs.sweep.plot import is_log_spaced, summary_figure
+
+    df = build_table([read_run(d) for d in find_runs([lr_sweep])])
+    fig = summary_figure(df)
+    axes = fig.axes
+    assert len(axes) == 2  # validation row + test headline row, one swept key
+    assert all(ax.get_xscale() == "log" for ax in axes)
+    assert axes[1].get_ylabel() == "test/image_auroc"
+    for ax in axes:  # the failed lr=0.1 job is drawn (red x) in every panel, not only counted in the title
+        failed = [c for c in ax.collections if c.get_label() == "failed / killed"]
+        assert len(failed) == 1 and failed[0].get_offsets()[0][0] == pytest.approx(0.1)
+        assert ax.get_xlim()[0] < 1e-4 and ax.get_xlim()[1] > 0.1  # in view, not off the axis
+    assert is_log_spaced([1e-4, 1e-3]) is False  # one decade only: linear
+    assert is_log_spaced([1, 32, 128]) is True and is_log_spaced([-1, 10, 100]) is False
+    assert is_log_spaced(["a", "b"]) is False

@@ -46,6 +46,9 @@ class RunRecord:
     wall_time_s: float | None = None
     trial: int | None = None
     sweep_dir: Path | None = None
+    best_baseline: str | None = None              # the report's best baseline (chosen on validation), by key
+    report: str | None = None                     # the report read: "report.json" (in training), "evals/<name>"
+
 
     def config(self) -> dict[str, Any]:
         """The run's resolved config with its own dir written as ``<run_dir>`` (so runs compare by content)."""
@@ -168,16 +171,38 @@ def read_test_metrics(report: dict[str, Any]) -> tuple[dict[str, float], dict[st
     return summary, cis
 
 
-def read_run(run_dir: str | Path) -> RunRecord:
-    """Everything a summary row needs from one run dir."""
+def best_baseline_name(report: dict[str, Any]) -> str | None:
+    """The name of the baseline a report's margin was taken against: the first section (top level, then one level
+    down) holding both ``baseline`` and ``verdict`` (the ``auroc_margin`` layout); None without one."""
+    sections = [v for v in report.values() if isinstance(v, dict)]
+    for section in sections + [v for s in sections for v in s.values() if isinstance(v, dict)]:
+        if isinstance(section.get("baseline"), str) and "verdict" in section:
+            return section["baseline"]
+    return None
+
+
+def report_path_of(run_dir: Path, eval_name: str | None = None) -> Path | None:
+    """The report a run's row shows: ``<run_dir>/evals/<eval_name>/report.json`` when named; else the in-training
+    ``report.json``, or (``evaluate=false`` + ``meddiff-eval``) the newest ``evals/*/report.json``."""
+    if eval_name:
+        path = run_dir / "evals" / eval_name / "report.json"
+        return path if path.is_file() else None
+    if (run_dir / "report.json").is_file():
+        return run_dir / "report.json"
+    evals = [p for p in (run_dir / "evals").glob("*/report.json") if p.is_file()]
+    return max(evals, key=lambda p: (p.stat().st_mtime, p.parent.name)) if evals else None
+
+
+def read_run(run_dir: str | Path, eval_name: str | None = None) -> RunRecord:
+    """Everything a summary row needs from one run dir (test metrics from :func:`report_path_of`)."""
     run_dir = Path(run_dir).resolve()
     status = read_status(run_dir) or {}
     cfg = _read_yaml(run_dir / "config_resolved.yaml") or _read_yaml(run_dir / ".hydra" / "config.yaml") or {}
     hydra_cfg = _read_yaml(run_dir / ".hydra" / "hydra.yaml") or {}
     overrides = parse_override_lines(_read_yaml(run_dir / ".hydra" / "overrides.yaml") or [])
-    report_path = run_dir / "report.json"
+    report_path = report_path_of(run_dir, eval_name)
     try:
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report = json.loads(report_path.read_text()) if report_path is not None else {}
     except (OSError, json.JSONDecodeError):
         report = {}
 
@@ -206,5 +231,6 @@ def read_run(run_dir: str | Path) -> RunRecord:
         run_dir=run_dir, status=state, error=status.get("error"), overrides=overrides, monitor=monitor, mode=mode,
         best_score=None if best is None else float(best), test=test, test_ci=cis, best_checkpoint=best_ckpt,
         last_checkpoint=last_ckpt, wall_time_s=status.get("wall_time_s"), trial=status.get("optuna_trial"),
-        sweep_dir=sweep_dir,
+        sweep_dir=sweep_dir, best_baseline=best_baseline_name(report),
+        report=str(report_path.relative_to(run_dir)) if report_path is not None and report else None,
     )

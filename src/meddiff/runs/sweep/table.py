@@ -5,6 +5,11 @@ sweep varies, plus any override whose value differs between the runs), ``status`
 ``best <monitor>`` (the validation score of the checkpoint model selection keeps), test metrics (CSV: value and
 ``_ci_lo`` / ``_ci_hi``; Markdown and terminal: ``value [lo, hi]``), ``checkpoint``, ``wall_time_s``.
 Rows are sorted by the best validation score (best first; failed and unscored runs last).
+
+The headline: when the reports carry a protocol margin (``best_baseline_<m>`` and ``margin_<m>`` in their summary,
+see ``meddiff.protocols.common.margin_summary``), Markdown and terminal show ``<m>``, the best baseline (name and
+value), the margin with its CI and a ``verdict`` (``beats`` when the CI lies above 0, ``WORSE`` below, ``does NOT
+beat`` otherwise) instead of the first few test metrics; the CSV gains ``best_baseline`` and ``verdict`` columns.
 """
 
 from __future__ import annotations
@@ -20,9 +25,36 @@ import pandas as pd
 from meddiff.runs.identity import is_identity_key, read_sweep_info, short_value
 from meddiff.runs.status import OK
 from meddiff.runs.sweep.run_summary import RunRecord, flatten, load_config
-from meddiff.utils.io import atomic_write, atomic_write_csv, atomic_write_text
+from meddiff.utils.io import atomic_write_csv, atomic_write_text
 
-SHOWN_TEST_METRICS = 4  # Markdown / terminal tables show the first few test metrics (CSV has them all)
+SHOWN_TEST_METRICS = 4  # without a protocol headline, Markdown / terminal show the first few test metrics
+BEATS, NOT_BEATS, WORSE = "beats", "does NOT beat", "WORSE"
+
+
+def headline_metric(test_keys: Sequence[str]) -> str | None:
+    """The metric ``<m>`` of the protocol's headline (``margin_<m>`` and ``best_baseline_<m>`` both reported)."""
+    for k in test_keys:
+        if k.startswith("margin_") and not k.endswith(("_ci_lo", "_ci_hi")):
+            m = k[len("margin_"):]
+            if f"best_baseline_{m}" in test_keys:
+                return m
+    return None
+
+
+def headline_keys(test_keys: Sequence[str], n_test: int = SHOWN_TEST_METRICS) -> list[str]:
+    """The test keys a display table shows: the headline's (model, best baseline, margin), else the first few."""
+    m = headline_metric(test_keys)
+    if m is None:
+        return list(test_keys)[:n_test]
+    return [k for k in (m, f"best_baseline_{m}", f"margin_{m}") if k in test_keys]
+
+
+def verdict(ci: tuple[float, float] | None) -> str | None:
+    """The margin's verdict from its CI (None without one), worded as the protocols' verdict sentences."""
+    if ci is None or any(v is None or math.isnan(v) for v in ci):
+        return None
+    lo, hi = ci
+    return BEATS if lo > 0 else WORSE if hi < 0 else NOT_BEATS
 
 
 def swept_columns(records: Sequence[RunRecord]) -> list[str]:
@@ -62,6 +94,7 @@ def build_table(records: Sequence[RunRecord], sort: bool = True) -> pd.DataFrame
     swept = swept_columns(records)
     test_keys = list(dict.fromkeys(k for r in records for k in r.test))
     with_trials = any(r.trial is not None for r in records)
+    headline = headline_metric(test_keys)
     rows = []
     for r in records:
         row: dict[str, Any] = {"run": str(r.run_dir.relative_to(root)) if root else str(r.run_dir)}
@@ -79,11 +112,16 @@ def build_table(records: Sequence[RunRecord], sort: bool = True) -> pd.DataFrame
             if any(k in q.test_ci for q in records):
                 lo, hi = r.test_ci.get(k, (None, None))
                 row[f"test/{k}_ci_lo"], row[f"test/{k}_ci_hi"] = lo, hi
+        if headline is not None:
+            row["best_baseline"] = r.best_baseline or ""
+            row["verdict"] = verdict(r.test_ci.get(f"margin_{headline}")) or ""
         row["checkpoint"] = r.best_checkpoint or r.last_checkpoint or ""
+        row["report"] = r.report or ""
         row["wall_time_s"] = r.wall_time_s
         rows.append(row)
     df = pd.DataFrame(rows)
-    df.attrs.update(monitor=monitor, mode=mode, best_col=best_col, swept=swept, test_keys=test_keys)
+    attrs = dict(monitor=monitor, mode=mode, best_col=best_col, swept=swept, test_keys=test_keys, headline=headline)
+    df.attrs.update(attrs)
     if sort and len(df):
         score = pd.to_numeric(df[best_col], errors="coerce").tolist()
         status = df["status"].tolist()
@@ -94,7 +132,7 @@ def build_table(records: Sequence[RunRecord], sort: bool = True) -> pd.DataFrame
 
         order = sorted(range(len(df)), key=rank)
         df = df.iloc[order].reset_index(drop=True)
-        df.attrs.update(monitor=monitor, mode=mode, best_col=best_col, swept=swept, test_keys=test_keys)
+        df.attrs.update(attrs)
     return df
 
 
@@ -107,15 +145,17 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def display_rows(df: pd.DataFrame, n_test: int = SHOWN_TEST_METRICS) -> tuple[list[str], list[list[str]]]:
-    """Header and cells for Markdown / terminal: CIs folded into ``value [lo, hi]``, the first ``n_test`` test
-    metrics, the error only when a run failed."""
+    """Header and cells for Markdown / terminal: CIs folded into ``value [lo, hi]``, the protocol's headline (or the
+    first ``n_test`` test metrics), the error only when a run failed."""
     a = df.attrs
-    test_keys = list(a.get("test_keys", []))[:n_test]
+    test_keys = headline_keys(list(a.get("test_keys", [])), n_test)
+    headline = a.get("headline")
     swept = list(a.get("swept", []))
     cols = ["run"] + (["trial"] if "trial" in df else []) + swept + ["status"]
     show_error = bool((df.get("error", pd.Series(dtype=str)).astype(str) != "").any())
     header = cols + (["error"] if show_error else []) + [a["best_col"]] + [f"test/{k}" for k in test_keys]
-    header += ["checkpoint", "wall time"]
+    from_evals = bool(df.get("report", pd.Series(dtype=str)).astype(str).str.startswith("evals/").any())
+    header += (["verdict"] if headline else []) + (["report"] if from_evals else []) + ["checkpoint", "wall time"]
     root_ckpts = [str(c) for c in df.get("checkpoint", [])]
     rows = []
     for i in range(len(df)):
@@ -138,7 +178,13 @@ def display_rows(df: pd.DataFrame, n_test: int = SHOWN_TEST_METRICS) -> tuple[li
             cell = _fmt(v, 3)
             if lo is not None and not pd.isna(lo) and v is not None and not pd.isna(v):
                 cell += f" [{_fmt(lo, 3)}, {_fmt(hi, 3)}]"
+            if headline and k == f"best_baseline_{headline}" and r.get("best_baseline") and cell != "-":
+                cell = f"{r['best_baseline']} {cell}"
             cells.append(cell)
+        if headline:
+            cells.append(str(r.get("verdict") or "-"))
+        if from_evals:  # where the test metrics come from when some run was evaluated after training
+            cells.append(str(r["report"]).removesuffix("/report.json") or "-")
         ckpt = root_ckpts[i]
         cells.append(_short_path(ckpt))
         w = r.get("wall_time_s")
@@ -163,6 +209,11 @@ def to_markdown(df: pd.DataFrame, title: str | None = None) -> str:
     if a.get("monitor"):
         lines += [f"Sorted by `{a['monitor']}` ({a['mode']}imum best first): the validation score of the checkpoint "
                   "model selection kept. Test metrics with 95% CIs.", ""]
+    if a.get("headline"):
+        m = a["headline"]
+        lines += [f"Test headline: `{m}` of the model, of the best baseline (chosen on validation) and the margin "
+                  "model - best baseline with its paired 95% CI; `verdict` is `beats` only when that CI lies above 0.",
+                  ""]
     lines.append("| " + " | ".join(esc(h) for h in header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
@@ -190,49 +241,13 @@ def print_table(df: pd.DataFrame, title: str | None = None) -> None:
     console.print(table)
 
 
-def plot_summary(df: pd.DataFrame, path: str | Path) -> Path | None:
-    """``best <monitor>`` against each swept parameter (one panel per key; failed runs left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    a = df.attrs
-    keys = list(a.get("swept", []))
-    best_col = a.get("best_col")
-    if not keys or best_col not in df:
-        return None
-    ok = df[(df["status"] == OK) & pd.to_numeric(df[best_col], errors="coerce").notna()]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        y = pd.to_numeric(ok[best_col], errors="coerce")
-        x_num = pd.to_numeric(ok[key], errors="coerce")
-        if len(ok) and x_num.notna().all():
-            ax.scatter(x_num, y)
-            positive = (x_num > 0).all()
-            if positive and x_num.max() / max(x_num.min(), 1e-30) >= 100:
-                ax.set_xscale("log")
-        else:
-            cats = list(dict.fromkeys(str(v) for v in ok[key]))
-            ax.scatter([cats.index(str(v)) for v in ok[key]], y)
-            ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.set_xlabel(key)
-        ax.set_ylabel(best_col)
-        ax.grid(alpha=0.3)
-    n_failed = int((df["status"] != OK).sum())
-    fig.suptitle(f"{best_col} per job ({len(ok)} scored" + (f", {n_failed} not ok)" if n_failed else ")"))
-    fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
-
-
 def write_summary(df: pd.DataFrame, out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
     """``summary.csv``, ``summary.md`` and ``summary.png`` (when something was swept) in ``out_dir``."""
     out_dir = Path(out_dir)
     written = {"csv": atomic_write_csv(out_dir / "summary.csv", df),
                "md": atomic_write_text(out_dir / "summary.md", to_markdown(df, title))}
+    from meddiff.runs.sweep.plot import plot_summary  # matplotlib only when a summary is written
+
     png = plot_summary(df, out_dir / "summary.png")
     if png is not None:
         written["png"] = png
@@ -247,6 +262,25 @@ def write_table(df: pd.DataFrame, path: str | Path, title: str | None = None) ->
     if path.suffix == ".md":
         return atomic_write_text(path, to_markdown(df, title))
     raise ValueError(f"--out {path}: use a .csv or .md file name.")
+
+
+def metric_diff(records: Sequence[RunRecord]) -> dict[str, list[str]]:
+    """What ``meddiff-compare --diff`` lists beside the config keys: per run, the validation score of the kept
+    checkpoint and the test headline (model, best baseline, margin, each ``value [lo, hi]``), the verdict and the
+    report they come from; plus ``<key> (run i - run 0)`` rows with the differences of the numbers."""
+    df = build_table(records, sort=False)
+    a = df.attrs
+    header, rows = display_rows(df)
+    keys = [a["best_col"]] + [f"test/{k}" for k in headline_keys(a.get("test_keys", []))]
+    out: dict[str, list[str]] = {}
+    for key in keys + [c for c in ("verdict", "report") if c in header]:
+        col = header.index(key)
+        out[key] = [row[col] for row in rows]
+    for key in keys:
+        values = pd.to_numeric(df[key] if key in df else pd.Series([None] * len(df)), errors="coerce").tolist()
+        if len(values) > 1 and not pd.isna(values[0]):
+            out[f"{key} (run i - run 0)"] = ["-" if pd.isna(v) else f"{v - values[0]:+.4g}" for v in values]
+    return out
 
 
 def config_diff(run_dirs: Sequence[str | Path]) -> dict[str, list[Any]]:
