@@ -42,6 +42,10 @@ def full_size_experiments() -> list[str]:
 def _compose(experiment: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
 
+    from meddiff.runs.resolvers import register_resolvers
+
+    register_resolvers()
+
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train.yaml", overrides=[f"experiment={experiment}", *overrides])
 

@@ -12,6 +12,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(1)
 
+# configs name the project's resolvers (${meddiff.num_workers:...}, ...); tests compose them without an entry point
+from meddiff.runs.resolvers import register_resolvers  # noqa: E402
+
+register_resolvers()
+
 
 @pytest.fixture(autouse=True)
 def _no_wandb_run_left_open():

@@ -30,6 +30,22 @@ def test_diffusion_imports_nothing_above_it():
     assert not {k: v for k, v in bad.items() if v}, bad
 
 
+#: the parts of the run wing a model may read: how checkpoints are stored and which one a run selected
+CHECKPOINT_READERS = ("meddiff.runs.checkpoint_io", "meddiff.runs.checkpoint_selection")
+
+
 def test_frozen_first_stage_loader_knows_no_run_bookkeeping():
+    """It reads a stored checkpoint (the run wing's checkpoint readers) and nothing of a run's bookkeeping (resume,
+    status, loggers, Hydra)."""
     path = Path(meddiff.models.__file__).parent / "frozen.py"
-    assert not {m for m in _imports(path) if m.startswith(("meddiff.utils.hydra_utils", "meddiff.runs", "hydra"))}
+    bad = {m for m in _imports(path) if m.startswith(("meddiff.runs", "hydra")) and not m.startswith(CHECKPOINT_READERS)}
+    assert not bad, bad
+
+
+def test_the_checkpoint_readers_know_no_models():
+    """models -> runs.checkpoint_* is an arrow down only while those readers import nothing of models/ or above."""
+    runs = Path(meddiff.models.__file__).parents[1] / "runs"
+    for name in ("checkpoint_io.py", "checkpoint_selection.py"):
+        up = {m for m in _imports(runs / name) if m.startswith(("meddiff.models", "meddiff.protocols", "meddiff.train",
+                                                                  "meddiff.eval", "meddiff.callbacks"))}
+        assert not up, (name, up)
