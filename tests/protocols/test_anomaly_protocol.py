@@ -392,3 +392,25 @@ def test_the_fixed_published_scoring_is_reported_beside_the_chosen_one_from_the_
     assert s["image_auroc"] == report["image"]["model"]["auroc"] == 1.0
     assert s["image_auroc"] != s["fixed_image_auroc"]  # median 5 + mean blurs the one-pixel anomalies away
     assert published["fixed_scoring"]["image"] == published["image"]["model"]  # without selection both agree
+
+
+def test_eval_fixed_scoring_sets_the_published_scoring_whatever_the_model_was_configured_with():
+    """``eval.fixed_scoring`` (rsna_pddpm: median 5, mean) is what ``fixed_scoring`` reports, even when a demo
+    configures another scoring; an unknown field is a ConfigError."""
+    model = HealthyIsBlack()
+    model.anomaly_val.scoring = ScoringConfig(median_size=1, reduction="percentile")
+    opts = EvalOptions(median_size=[1], reduction=["max"], n_boot=0,
+                       fixed_scoring={"median_size": 5, "reduction": "mean"})
+    report = evaluate_anomaly_detection(model, _batches("point"), _batches("point", seed=2), opts)
+    assert report["fixed_scoring"]["scoring"]["median_size"] == 5
+    assert report["fixed_scoring"]["scoring"]["reduction"] == "mean"
+    ref_model = HealthyIsBlack()
+    ref_model.anomaly_val.scoring = ScoringConfig(median_size=5, reduction="mean")
+    published = evaluate_anomaly_detection(ref_model, None, _batches("point", seed=2),
+                                           EvalOptions(select_on_val=False, n_boot=0))
+    got, want = report["fixed_scoring"]["image"], published["image"]["model"]
+    assert (got["auroc"], got["auprc"]) == (want["auroc"], want["auprc"])
+    with pytest.raises(ConfigError, match="fixed_scoring"):
+        evaluate_anomaly_detection(model, _batches("point"), _batches("point", seed=2),
+                                   EvalOptions(median_size=[1], n_boot=0, fixed_scoring={"median": 5}))
+

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from meddiff.anomaly.scoring import ScoringConfig
+from meddiff.errors import ConfigError
 from meddiff.metrics.baselines import MAX_REFERENCE
 from meddiff.protocols.common import check_healthy_baselines
 
@@ -46,6 +47,21 @@ class EvalOptions:
     cost_delta: float | None = None  # None: best validation AUROC; d: cheapest setting within d of the best
     baselines: Sequence[str] = ("nearest_healthy", "mean_healthy")  # healthy-set baselines ([] = mean intensity only)
     baseline_max_items: int = MAX_REFERENCE  # healthy training images they use at most (a fixed seeded subset)
+    #: the fixed scoring reported beside the chosen one (``report["fixed_scoring"]``): these ScoringConfig fields
+    #: on top of the model's configured scoring (None = the configured scoring as is), e.g. pDDPM's published
+    #: ``{median_size: 5, reduction: mean}``; never selected, scored on the same test reconstructions
+    fixed_scoring: Mapping[str, Any] | None = None
+
+    def fixed(self, configured: ScoringConfig) -> ScoringConfig:
+        """The fixed scoring: ``configured`` with ``fixed_scoring``'s fields (a ``ConfigError`` names an unknown
+        field)."""
+        if not self.fixed_scoring:
+            return configured
+        unknown = sorted(set(self.fixed_scoring) - set(configured.as_dict()))
+        if unknown:
+            raise ConfigError(f"eval.fixed_scoring has unknown field(s) {unknown}; valid: "
+                              f"{sorted(configured.as_dict())}.")
+        return configured.with_(**dict(self.fixed_scoring))
 
     def candidates(self, default: ScoringConfig) -> list[ScoringConfig]:
         """The scoring settings compared on validation (``[default]`` without selection)."""

@@ -26,9 +26,10 @@ __all__ = ["FIXED_SCORING_NOTE", "evaluate_on_test"]
 
 #: what ``report["fixed_scoring"]`` is
 FIXED_SCORING_NOTE = (
-    "the model's configured scoring, kept fixed (no selection): what eval.select_on_val=false reports; for pDDPM "
-    "(rsna_pddpm) the published scoring, L1 map, median filter 5, mean over the brain mask. Scored on the same test "
-    "reconstructions as the validation-chosen setting (one test pass)."
+    "a fixed scoring (no selection): the model's configured scoring with eval.fixed_scoring on top (without it, what "
+    "eval.select_on_val=false reports); rsna_pddpm and its demo set pDDPM's published scoring, L1 map, median "
+    "filter 5, mean over the brain mask. Scored on the same test reconstructions as the validation-chosen setting "
+    "(one test pass)."
 )
 
 
@@ -70,7 +71,7 @@ def evaluate_on_test(
     device = torch.device(device)
     names = {"subtypes": subtype_names, **(field_names or {})}
     chosen, threshold, base_threshold = selection.scoring, selection.threshold, selection.base_threshold
-    fixed = model.anomaly_val.scoring
+    fixed = opts.fixed(model.anomaly_val.scoring)
     report: dict[str, Any] = {"protocol": "The evaluation protocol every anomaly-detection experiment shares."}
     report["selection"] = selection.record
     report["scoring"] = chosen.as_dict()
