@@ -18,8 +18,8 @@ import argparse
 import torch
 from bench._common import interleaved
 
-from meddiff.diffusion.partial import PartialSampling, partial_reconstruct
 from meddiff.diffusion import NoiseSchedule
+from meddiff.diffusion.partial import PartialSampling, partial_reconstruct
 from meddiff.nets import build_net
 from meddiff.patches import patch_masks
 

@@ -204,9 +204,10 @@ def run_thresholds(ckpt_path: Path, scoring: Any, sampling: Any = None) -> dict[
     try:
         report = json.loads(report_path.read_text())
         sel = report.get("selection") or {}
-        chosen = report.get("scoring") or {}
+        # a report written before a scoring field existed (e.g. ``sign``) holds that field at its default
+        chosen = {**type(scoring)().as_dict(), **report["scoring"]} if report.get("scoring") else {}
         depth = (report.get("reconstruction") or {}).get("t_start")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, TypeError) as e:
         out["note"] = f"{report_path} is unreadable ({e}); no thresholds used"
         return out
     own_depth = getattr(sampling, "t_start", None)
@@ -223,7 +224,7 @@ def run_thresholds(ckpt_path: Path, scoring: Any, sampling: Any = None) -> dict[
     else:
         out["image_threshold"] = float(sel["image_threshold"])
     pix_thr = sel.get("pixel_threshold")
-    same_map = all(chosen.get(k) == getattr(scoring, k) for k in ("map", "median_size", "erode_iterations"))
+    same_map = all(chosen.get(k) == getattr(scoring, k) for k in ("map", "sign", "median_size", "erode_iterations"))
     if pix_thr is not None and same_map:
         out["pixel_threshold"] = float(pix_thr)
     elif pix_thr is not None:

@@ -93,6 +93,7 @@ class DiffusionModule(L.LightningModule):
         self.net = net
         self.schedule = schedule
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
+        self._epoch_loss = torch.zeros(2, dtype=torch.float64)  # train/loss_epoch accumulator (on_train_epoch_end)
         self.loss_name = loss
         self.huber_delta = huber_delta
         self.noise_kind = noise
@@ -213,10 +214,26 @@ class DiffusionModule(L.LightningModule):
                 f"Training loss is {loss.item()} at global step {self.global_step}. Lower model.optimizer.lr, "
                 "check the data for NaN/inf (images must be finite in [-1, 1]), or train with trainer.precision=32."
             )
-        # sync_dist: the epoch value is the mean over all DDP processes, not rank 0's share (a no-op on one device)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
-                 batch_size=batch["image"].shape[0])
+        n = batch["image"].shape[0]
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+        self._epoch_loss += torch.stack([loss.detach().float() * n, loss.new_tensor(float(n))]).cpu().double()
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss = torch.zeros(2, dtype=torch.float64)  # [sum of loss x batch size, images] on this process
+
+    def on_train_epoch_end(self) -> None:
+        """``train/loss_epoch``: the batch-size-weighted mean over the epoch's batches of ALL processes.
+
+        Reduced here, in a hook every process runs at the same point, rather than with ``self.log(...,
+        sync_dist=True)``: Lightning syncs such a value lazily, when something reads the logged metrics, and under
+        DDP a reader on rank 0 alone (run status, loggers) made that all-reduce cross the other processes'
+        collectives (a gloo size mismatch that killed the refiner's 2-process run)."""
+        total = self._epoch_loss.to(self.device)
+        if self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        if float(total[1]) > 0:
+            self.log("train/loss_epoch", (total[0] / total[1]).float(), on_step=False, on_epoch=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
