@@ -23,7 +23,9 @@ class _M(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.layer(batch[0]).pow(2).mean()
-        self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        # no sync_dist: Lightning syncs such a value lazily, when read, and the progress bar reads it on rank 0 only,
+        # an all-reduce the other rank never joins (it crossed LastCheckpoint's collective; see models/base.py)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self):
