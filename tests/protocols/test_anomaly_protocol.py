@@ -414,3 +414,19 @@ def test_eval_fixed_scoring_sets_the_published_scoring_whatever_the_model_was_co
         evaluate_anomaly_detection(model, _batches("point"), _batches("point", seed=2),
                                    EvalOptions(median_size=[1], n_boot=0, fixed_scoring={"median": 5}))
 
+
+
+def test_the_image_threshold_is_chosen_on_validation_and_only_applied_to_test():
+    """Validation anomalies score 2.0 (a +1 pixel), test anomalies 1.5: a threshold fitted on test would flag them,
+    the validation one (the highest F1-max threshold there, 2.0) does not."""
+    model = HealthyIsBlack()
+    test = _batches("point", seed=1)
+    for b in test:
+        b["image"] = torch.where(b["image"] == 1.0, torch.tensor(0.5), b["image"])
+    opts = EvalOptions(median_size=[1], reduction=["max"], n_boot=20)
+    report = evaluate_anomaly_detection(model, _batches("point"), test, opts)
+    sel = report["selection"]
+    assert sel["image_threshold"] == pytest.approx(2.0) and sel["image_f1_at_threshold"] == pytest.approx(1.0)
+    at = report["image_at_val_threshold"]
+    assert at["threshold"] == sel["image_threshold"]
+    assert at["sensitivity"] == 0.0 and at["specificity"] == 1.0

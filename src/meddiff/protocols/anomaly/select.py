@@ -13,6 +13,7 @@ import torch
 
 from meddiff.anomaly.scoring import ScoringConfig
 from meddiff.metrics.detection import detection_ci
+from meddiff.metrics.image_threshold import f1_max_threshold
 from meddiff.metrics.pixel import PixelAccumulator, choose_threshold
 from meddiff.protocols.base import ValidationView
 from meddiff.protocols.common import (
@@ -177,6 +178,10 @@ def select_on_validation(
             record["pixel_threshold"] = threshold
             record["pixel_dice_at_threshold"] = pix.dice_at(threshold)  # type: ignore[union-attr]
             record["threshold_chosen_on"] = "validation"
+        if compared:  # the image-level operating point (meddiff-predict's `anomalous` column), F1-max on validation
+            image_thr, image_f1 = f1_max_threshold(val.cat(MODEL, chosen_idx), val.y())
+            record.update(image_threshold=image_thr, image_f1_at_threshold=image_f1,
+                          image_threshold_rule="F1-max on validation (anomalous when score >= threshold)")
         base_threshold = _threshold(first.pixel_intensity)
         y_first = first.y()
         base_record: dict[str, Any] = {}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from meddiff.metrics.detection import aggregate_by_subject, detection_ci
+from meddiff.metrics.image_threshold import at_threshold
 from meddiff.metrics.pixel import PixelAccumulator
 from meddiff.protocols.base import Outcome
 from meddiff.protocols.common import LABELS, MEAN_INTENSITY, MODEL, auroc_margin
@@ -95,6 +96,9 @@ def evaluate_on_test(
     val_auroc = {MEAN_INTENSITY: selection.base_val_auroc,
                  **{name: b.val_auroc for name, b in selection.baselines.items()}}
     report["margin_over_best_baseline"] = _margin(scores, y, subjects, val_auroc, opts)
+    image_thr = selection.record.get("image_threshold")
+    if image_thr is not None:  # applied, never fitted, on test
+        report["image_at_val_threshold"] = at_threshold(scores[MODEL], y, image_thr)
     if subjects is not None and len(set(subjects)) < len(subjects):
         subj_report = {}
         for name, s in scores.items():
