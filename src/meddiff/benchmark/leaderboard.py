@@ -149,7 +149,7 @@ def collect_rows(sweep_dir: Path) -> dict[str, list[dict[str, Any]]]:
         gen = report.get("generalisation") or {}
         if gen.get("kinds"):
             row.update(gen_mean_margin=gen.get("mean_margin"), gen_beats_kinds=gen.get("beats_kinds"),
-                       gen_n_kinds=gen.get("n_kinds"))
+                       gen_n_kinds=gen.get("n_kinds"), gen_kinds=_gen_kinds(gen["kinds"]))
         row["job_minutes"] = None if wall is None else float(wall) / 60
         methods.setdefault(task, []).append(row)
         for key, name in BASELINE_NAMES.items():
@@ -198,6 +198,40 @@ def _short_verdict(r: Mapping[str, Any]) -> str:
     if lo > 0:
         return "beats"
     return "WORSE" if (r.get("margin_ci_hi") or 0) < 0 else "does not beat"
+
+
+def _gen_kinds(kinds: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per unseen kind: the model's and the best baseline's image AUROC, the margin and its CI (markdown only)."""
+    out = {}
+    for kind, e in kinds.items():
+        m = _get(e, "margin_over_best_baseline") or {}
+        out[kind] = {"model": _get(e, "image", MODEL, "auroc"), "baseline": m.get("auroc_baseline"),
+                     "baseline_name": BASELINE_NAMES.get(m.get("baseline"), m.get("baseline")),
+                     "margin": m.get("auroc_diff"), "ci": m.get("auroc_diff_ci")}
+    return out
+
+
+def _gen_table(rows: list[Mapping[str, Any]]) -> list[str]:
+    """Per method and unseen kind: ``model AUROC vs best baseline AUROC, margin [CI]``."""
+    with_gen = [r for r in rows if r.get("kind") == "method" and r.get("gen_kinds")]
+    if not with_gen:
+        return []
+    kinds = list(dict.fromkeys(k for r in with_gen for k in r["gen_kinds"]))
+    lines = ["", "Unseen anomaly kinds (model AUROC vs the best baseline's, chosen on validation; margin [paired 95% "
+             "CI]):", "", "| method | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for r in with_gen:
+        cells = []
+        for k in kinds:
+            e = r["gen_kinds"].get(k)
+            if not e or e.get("model") is None or e.get("margin") is None:
+                cells.append("-")
+                continue
+            ci = e.get("ci")
+            ci_s = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+            cells.append(f"{e['model']:.3f} vs {_fmt(e.get('baseline'))} ({e.get('baseline_name')}), "
+                         f"{e['margin']:+.3f}{ci_s}")
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _gen_cell(r: Mapping[str, Any]) -> str:
@@ -251,6 +285,7 @@ def markdown(task: str, rows: list[Mapping[str, Any]], command: str | None = Non
         lines.append("Unseen kinds: dark holes, a texture patch and an intensity ramp pasted into healthy test images, "
                      "scored with the settings chosen on validation (no re-selection); mean image-AUROC margin over "
                      "the best baseline (chosen on validation) and on how many kinds its paired 95% CI is above 0.")
+        lines += _gen_table(rows)
     if any(r.get("s_per_image") is not None for r in rows):
         lines.append("s / image: wall time of the job's one test pass (model, fixed scoring and every baseline) / "
                      "test images (the model's share alone: model_s_per_image in the CSV).")

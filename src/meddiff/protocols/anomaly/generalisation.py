@@ -137,7 +137,7 @@ def evaluate_generalisation(
     margins = [e["margin_over_best_baseline"] for e in report["kinds"].values()]
     report["mean_margin"] = float(np.mean([m["auroc_diff"] for m in margins])) if margins else None
     with_ci = [m for m in margins if "auroc_diff_ci" in m]
-    report["beats_kinds"] = sum(m["auroc_diff_ci"][0] > 0 for m in with_ci)
+    report["beats_kinds"] = int(sum(float(m["auroc_diff_ci"][0]) > 0 for m in with_ci))
     report["n_kinds"] = len(margins)
     report["verdict"] = (f"The model beats the best baseline (chosen on validation) on {report['beats_kinds']} of "
                          f"{len(margins)} unseen kinds (paired 95% CI above 0); mean margin "
