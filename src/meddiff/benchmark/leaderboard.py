@@ -231,7 +231,7 @@ def _gen_table(rows: list[Mapping[str, Any]]) -> list[str]:
             cells.append(f"{e['model']:.3f} vs {_fmt(e.get('baseline'))} ({e.get('baseline_name')}), "
                          f"{e['margin']:+.3f}{ci_s}")
         lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + [""]
 
 
 def _gen_cell(r: Mapping[str, Any]) -> str:
