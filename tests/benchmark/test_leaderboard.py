@@ -93,3 +93,37 @@ def test_baselines_that_differ_across_jobs_are_flagged(tmp_path: Path) -> None:
 
 def test_unet_evals_unknown_without_reconstruction_settings() -> None:
     assert unet_evals_per_image({}, {"model": {"_target_": "meddiff.models.guided.GuidedDiffusion"}}) is None
+
+
+def test_seconds_per_image_and_generalisation_columns(tmp_path: Path) -> None:
+    _job(tmp_path, 0, "mnist", "pddpm", 0.97, (0.01, 0.04))
+    _job(tmp_path, 1, "mnist", "dae", 0.95, (-0.02, 0.12))
+    report = json.loads((tmp_path / "0" / "report.json").read_text())
+    report["cost"] = {"seconds_per_image": 0.0321, "model_seconds_per_image": 0.03, "n_images": 200}
+    report["generalisation"] = {"kinds": {"dark_holes": {}, "texture_patch": {}, "intensity_ramp": {}},
+                                "mean_margin": 0.0123, "beats_kinds": 1, "n_kinds": 3}
+    (tmp_path / "0" / "report.json").write_text(json.dumps(report))
+    rows = {r["row"]: r for r in build_leaderboards(tmp_path, png=False)["mnist"]}
+    assert rows["pddpm"]["s_per_image"] == 0.0321 and rows["pddpm"]["model_s_per_image"] == 0.03
+    assert rows["pddpm"]["gen_mean_margin"] == 0.0123 and rows["pddpm"]["gen_beats_kinds"] == 1
+    assert rows["dae"].get("gen_mean_margin") is None  # a report without the check
+    md = (tmp_path / "leaderboard_mnist.md").read_text()
+    assert "unseen kinds: mean margin (beats)" in md and "| +0.012 (beats 1/3) |" in md and "0.0321" in md
+    assert "Unseen kinds: dark holes" in md
+    csv_rows = {r["row"]: r for r in csv.DictReader((tmp_path / "leaderboard_mnist.csv").open())}
+    assert csv_rows["pddpm"]["gen_beats_kinds"] == "1" and csv_rows["pddpm"]["s_per_image"] == "0.0321"
+
+
+def test_per_kind_generalisation_table(tmp_path: Path) -> None:
+    _job(tmp_path, 0, "mnist", "cddpm", 0.97, (0.01, 0.04))
+    report = json.loads((tmp_path / "0" / "report.json").read_text())
+    kind = {"image": {"model": {"auroc": 0.61}}, "margin_over_best_baseline": {
+        "baseline": "baseline_nearest_healthy_image", "auroc_baseline": 0.8, "auroc_diff": -0.19,
+        "auroc_diff_ci": [-0.3, -0.1]}}
+    report["generalisation"] = {"kinds": {"dark_holes": kind}, "mean_margin": -0.19, "beats_kinds": 0, "n_kinds": 1}
+    (tmp_path / "0" / "report.json").write_text(json.dumps(report))
+    build_leaderboards(tmp_path, png=False)
+    md = (tmp_path / "leaderboard_mnist.md").read_text()
+    assert "| method | dark_holes |" in md
+    assert "| cddpm | 0.610 vs 0.800 (nearest healthy image), -0.190 [-0.300, -0.100] |" in md
+    assert "| -0.190 (beats 0/1) |" in md

@@ -87,7 +87,9 @@ def test_reconstruction_depth_is_chosen_on_validation():
     assert model.seen_t[:12] == [5] * 4 + [20] * 4 + [40] * 4  # one validation pass per depth
     chosen = report["selection"]["t_start"]
     assert chosen in (5, 20, 40)
-    assert model.seen_t[12:] == [chosen] * 4  # the test pass reconstructs at the chosen depth
+    assert model.seen_t[12:16] == [chosen] * 4  # the test pass reconstructs at the chosen depth
+    # the generalisation check after it reconstructs its unseen kinds at the chosen depth too (one batch per kind)
+    assert model.seen_t[16:] == [chosen] * len(report["generalisation"]["kinds"]) and report["generalisation"]["kinds"]
     assert report["reconstruction"]["t_start"] == chosen  # ... and the report says which
     assert len(report["selection"]["candidates"]) == 3
     assert model.sampling.t_start == 10  # the protocol passed copies down; the model is unchanged
@@ -137,7 +139,8 @@ def test_depths_need_a_model_with_a_partial_diffusion_sampling(tmp_path):
 
 def test_without_selection_the_configured_setting_is_used_and_recorded():
     model = HealthyIsBlack()
-    report = evaluate_anomaly_detection(model, None, _batches("point"), EvalOptions(select_on_val=False, n_boot=0))
+    report = evaluate_anomaly_detection(model, None, _batches("point"), EvalOptions(select_on_val=False, n_boot=0,
+                                                                                  generalisation=False))
     assert report["selection"] == {"chosen_on": "config"}
     assert report["scoring"] == model.anomaly_val.scoring.as_dict()
     assert report["reconstruction"]["t_start"] == 10 and model.seen_t == [10] * 4
@@ -265,7 +268,7 @@ class DepthMatters(HealthyIsBlack):
 def test_the_depth_with_the_best_validation_auroc_is_chosen_not_the_last_or_first():
     model = DepthMatters()
     report = evaluate_anomaly_detection(model, _batches("area"), _batches("area", seed=5), EvalOptions(
-        median_size=[1], reduction=["mean"], n_boot=0, t_start=[5, 20, 40]))
+        median_size=[1], reduction=["mean"], n_boot=0, t_start=[5, 20, 40], generalisation=False))
     rows = {r["t_start"]: r["val_auroc"] for r in report["selection"]["candidates"]}
     assert rows[20] == 1.0 and rows[5] == rows[40] == 0.5
     assert report["selection"]["t_start"] == 20 and report["reconstruction"]["t_start"] == 20
@@ -370,7 +373,7 @@ def test_the_fixed_published_scoring_is_reported_beside_the_chosen_one_from_the_
     ``eval.select_on_val=false`` gives, computed on the same test reconstructions (one test pass)."""
     model = HealthyIsBlack()
     model.anomaly_val.scoring = ScoringConfig(median_size=5, reduction="mean")
-    opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=50)
+    opts = EvalOptions(median_size=[1], reduction=["mean", "max"], n_boot=50, generalisation=False)
     report = evaluate_anomaly_detection(model, _batches("point"), _batches("point", seed=2), opts)
     assert model.seen_t == [10] * 8  # 4 validation + 4 test batches: one reconstruction per test batch
     assert report["scoring"]["reduction"] == "max" and report["scoring"]["median_size"] == 1  # chosen on validation

@@ -10,19 +10,23 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from meddiff.benchmark.leaderboard import build_leaderboards
+from meddiff.benchmark.wandb_table import log_leaderboards
 
 log = logging.getLogger(__name__)
 
 
 class LeaderboardCallback(Callback):
-    """``on_multirun_end``: ``build_leaderboards(hydra.sweep.dir)``; failures are logged, never raised (the jobs'
-    results stay on disk and ``python -m meddiff.benchmark.leaderboard <sweep_dir>`` rebuilds the boards)."""
+    """``on_multirun_end``: ``build_leaderboards(hydra.sweep.dir)``, then each task's board as a ``wandb.Table`` in a
+    run of the sweep's own (``wandb``: true; offline unless ``WANDB_MODE`` says otherwise; skipped without wandb);
+    failures are logged, never raised (the jobs' results stay on disk and
+    ``python -m meddiff.benchmark.leaderboard <sweep_dir>`` rebuilds the boards)."""
 
-    def __init__(self, png: bool = True) -> None:
+    def __init__(self, png: bool = True, wandb: bool = True) -> None:
         self.png = png
+        self.wandb = wandb
         self._started: float | None = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -44,6 +48,12 @@ class LeaderboardCallback(Callback):
         boards = self._build(sweep_dir)
         if boards:
             log.info("Leaderboards (%s) written to %s", ", ".join(boards), sweep_dir)
+        if not self.wandb:
+            log.info("leaderboard not logged to wandb: the callback's wandb option is false.")
+        elif boards:
+            project = OmegaConf.select(config, "logger.wandb.project", default=None) or "meddiff"
+            group = OmegaConf.select(config, "experiment_name", default=None)
+            log_leaderboards(boards, sweep_dir, project=str(project), group=None if group is None else str(group))
 
     def _build(self, sweep_dir: Path) -> dict:
         try:

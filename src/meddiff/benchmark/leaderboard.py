@@ -5,8 +5,10 @@ A job dir holds ``report.json`` and its config (``config_resolved.yaml`` or ``.h
 and method are the config's ``bench.task`` / ``bench.method`` (``configs/benchmark_uad/*.yaml``), else the data
 module's class and ``experiment_name``. Columns: image AUROC and AUPRC with their 95% CIs (subject-clustered when
 the report says so), pixel AUPRC and Dice at the validation threshold where masks exist, the paired AUROC margin over
-the best trivial baseline (chosen on validation) with its verdict, UNet evaluations per image (from the report's
-reconstruction settings; a DAE is one forward) and the job's wall time. Baseline rows come from the first job of the
+the best trivial baseline (chosen on validation) with its verdict, the generalisation check (mean margin over the
+unseen anomaly kinds and on how many of them the model beats the best baseline), UNet evaluations per image (from
+the report's reconstruction settings; a DAE is one forward), seconds per test image (the report's ``cost``) and the
+job's wall time. Baseline rows come from the first job of the
 task (every job scores the same baselines on the same data; a disagreement is flagged in ``note``).
 Reads files only: no Lightning, no models.
 """
@@ -36,7 +38,8 @@ PIXEL_KEY = {"baseline_mean_intensity": PIXEL_INTENSITY}
 COLUMNS = ["task", "row", "kind", "image_auroc", "image_auroc_ci_lo", "image_auroc_ci_hi", "image_auprc",
            "image_auprc_ci_lo", "image_auprc_ci_hi", "ci_resamples", "pixel_auprc", "pixel_dice", "margin_auroc",
            "margin_ci_lo", "margin_ci_hi", "best_baseline", "baseline_chosen_on", "verdict", "unet_evals_per_image",
-           "s_per_image", "job_minutes", "n_test", "job_dir", "note"]
+           "s_per_image", "model_s_per_image", "gen_mean_margin", "gen_beats_kinds", "gen_n_kinds", "job_minutes",
+           "n_test", "job_dir", "note"]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -142,6 +145,11 @@ def collect_rows(sweep_dir: Path) -> dict[str, list[dict[str, Any]]]:
         row["unet_evals_per_image"] = unet_evals_per_image(report, cfg)
         cost = report.get("cost") or {}
         row["s_per_image"] = cost.get("seconds_per_image")
+        row["model_s_per_image"] = cost.get("model_seconds_per_image")
+        gen = report.get("generalisation") or {}
+        if gen.get("kinds"):
+            row.update(gen_mean_margin=gen.get("mean_margin"), gen_beats_kinds=gen.get("beats_kinds"),
+                       gen_n_kinds=gen.get("n_kinds"), gen_kinds=_gen_kinds(gen["kinds"]))
         row["job_minutes"] = None if wall is None else float(wall) / 60
         methods.setdefault(task, []).append(row)
         for key, name in BASELINE_NAMES.items():
@@ -192,14 +200,58 @@ def _short_verdict(r: Mapping[str, Any]) -> str:
     return "WORSE" if (r.get("margin_ci_hi") or 0) < 0 else "does not beat"
 
 
+def _gen_kinds(kinds: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per unseen kind: the model's and the best baseline's image AUROC, the margin and its CI (markdown only)."""
+    out = {}
+    for kind, e in kinds.items():
+        m = _get(e, "margin_over_best_baseline") or {}
+        out[kind] = {"model": _get(e, "image", MODEL, "auroc"), "baseline": m.get("auroc_baseline"),
+                     "baseline_name": BASELINE_NAMES.get(m.get("baseline"), m.get("baseline")),
+                     "margin": m.get("auroc_diff"), "ci": m.get("auroc_diff_ci")}
+    return out
+
+
+def _gen_table(rows: list[Mapping[str, Any]]) -> list[str]:
+    """Per method and unseen kind: ``model AUROC vs best baseline AUROC, margin [CI]``."""
+    with_gen = [r for r in rows if r.get("kind") == "method" and r.get("gen_kinds")]
+    if not with_gen:
+        return []
+    kinds = list(dict.fromkeys(k for r in with_gen for k in r["gen_kinds"]))
+    lines = ["", "Unseen anomaly kinds (model AUROC vs the best baseline's, chosen on validation; margin [paired 95% "
+             "CI]):", "", "| method | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for r in with_gen:
+        cells = []
+        for k in kinds:
+            e = r["gen_kinds"].get(k)
+            if not e or e.get("model") is None or e.get("margin") is None:
+                cells.append("-")
+                continue
+            ci = e.get("ci")
+            ci_s = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+            cells.append(f"{e['model']:.3f} vs {_fmt(e.get('baseline'))} ({e.get('baseline_name')}), "
+                         f"{e['margin']:+.3f}{ci_s}")
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _gen_cell(r: Mapping[str, Any]) -> str:
+    """``+0.012 (beats 1/3)`` for a method row with a generalisation check; ``-`` otherwise."""
+    if r.get("kind") != "method" or not r.get("gen_n_kinds") or r.get("gen_mean_margin") is None:
+        return "-"
+    return f"{r['gen_mean_margin']:+.3f} (beats {int(r.get('gen_beats_kinds') or 0)}/{int(r['gen_n_kinds'])})"
+
+
 def markdown(task: str, rows: list[Mapping[str, Any]], command: str | None = None) -> str:
     """One task's leaderboard as a Markdown table (methods and trivial baselines as rows) + the verdicts."""
     has_pixel = any(r.get("pixel_auprc") is not None for r in rows)
     head = ["#", "method / baseline", "image AUROC [95% CI]", "image AUPRC [95% CI]"]
     if has_pixel:
         head += ["pixel AUPRC", "pixel Dice"]
-    head += ["margin over best baseline [paired 95% CI]", "vs best baseline", "UNet evals / image", "s / image",
-             "job min"]
+    has_gen = any(r.get("gen_n_kinds") for r in rows)
+    head += ["margin over best baseline [paired 95% CI]", "vs best baseline"]
+    if has_gen:
+        head += ["unseen kinds: mean margin (beats)"]
+    head += ["UNet evals / image", "s / image", "job min"]
     lines = [f"## {task}", ""]
     n_test = next((r.get("n_test") for r in rows if r.get("n_test")), None)
     resamples = next((r.get("ci_resamples") for r in rows if r.get("ci_resamples")), None)
@@ -215,8 +267,10 @@ def markdown(task: str, rows: list[Mapping[str, Any]], command: str | None = Non
         verdict = _short_verdict(r)
         if verdict and r.get("best_baseline"):
             verdict += f" ({r['best_baseline']}, chosen on {r.get('baseline_chosen_on') or '?'})"
-        cells += [_with_ci(r, "margin_auroc", "margin_ci_lo", "margin_ci_hi", signed=True), verdict,
-                  _fmt(r.get("unet_evals_per_image")), _fmt(r.get("s_per_image")), _fmt(r.get("job_minutes"), 1)]
+        cells += [_with_ci(r, "margin_auroc", "margin_ci_lo", "margin_ci_hi", signed=True), verdict]
+        if has_gen:
+            cells.append(_gen_cell(r))
+        cells += [_fmt(r.get("unet_evals_per_image")), _fmt(r.get("s_per_image"), 4), _fmt(r.get("job_minutes"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     beats = [r["row"] for r in rows if _short_verdict(r) == "beats"]
     lines += ["", (f"Beats the best trivial baseline (paired CI above 0): {', '.join(beats)}." if beats else
@@ -227,6 +281,14 @@ def markdown(task: str, rows: list[Mapping[str, Any]], command: str | None = Non
                   and (r.get("pixel_auprc") or 0) > mi]
         lines.append(f"Pixel AUPRC above the mean-intensity map's ({_fmt(mi)}): "
                      f"{', '.join(better) if better else 'none'}.")
+    if has_gen:
+        lines.append("Unseen kinds: dark holes, a texture patch and an intensity ramp pasted into healthy test images, "
+                     "scored with the settings chosen on validation (no re-selection); mean image-AUROC margin over "
+                     "the best baseline (chosen on validation) and on how many kinds its paired 95% CI is above 0.")
+        lines += _gen_table(rows)
+    if any(r.get("s_per_image") is not None for r in rows):
+        lines.append("s / image: wall time of the job's one test pass (model, fixed scoring and every baseline) / "
+                     "test images (the model's share alone: model_s_per_image in the CSV).")
     notes = [f"{r['row']}: {r['note']}" for r in rows if r.get("note")]
     lines += [f"Note: {n}" for n in notes]
     if command:

@@ -51,6 +51,17 @@ class EvalOptions:
     #: on top of the model's configured scoring (None = the configured scoring as is), e.g. pDDPM's published
     #: ``{median_size: 5, reduction: mean}``; never selected, scored on the same test reconstructions
     fixed_scoring: Mapping[str, Any] | None = None
+    #: the generalisation check (``report["generalisation"]``, :mod:`.generalisation`): unseen anomaly kinds pasted
+    #: into at most ``generalisation_max_items`` healthy test images cached by the test pass, split across the kinds
+    #: (that many extra reconstructions), scored with the validation-chosen settings
+    generalisation: bool = True
+    generalisation_max_items: int = 200
+
+    def __post_init__(self) -> None:
+        n = self.generalisation_max_items
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"eval.generalisation_max_items={n!r} must be a positive integer (e.g. 200); switch "
+                              "the check off with eval.generalisation=false.")
 
     def fixed(self, configured: ScoringConfig) -> ScoringConfig:
         """The fixed scoring: ``configured`` with ``fixed_scoring``'s fields (a ``ConfigError`` names an unknown

@@ -3,6 +3,7 @@ settings (image scores, pixel histograms), the mean-intensity baseline alongside
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,11 @@ class Collected:
     ids: list[str] = field(default_factory=list)  # item ids, when batches carry add-on fields
     examples: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     compute: dict[str, Any] | None = None  # what the model's network ran with (first batch; see _observe_compute)
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # per method: reconstruct + score
+    #: up to ``cache_healthy`` healthy (label 0) items of the pass, one dict per item (tensors on the CPU, the
+    #: batch's other per-item values as they were), and their positions among the pass's items
+    healthy: list[dict[str, Any]] = field(default_factory=list)
+    healthy_index: list[int] = field(default_factory=list)
 
     def cat(self, method: str, j: int = 0) -> np.ndarray:
         return torch.cat(self.scores[method][j]).double().numpy()
@@ -128,12 +134,16 @@ def run_pass(
     keep_examples: int = 0,
     observe: bool = False,
     fields: Sequence[str] = (),
+    cache_healthy: int = 0,
 ) -> Collected:
     """One pass: each method (``model`` first) reconstructs each batch once and its reconstruction is scored under
     every candidate of that method; pixel histograms per distinct map; the mean-intensity baseline alongside.
     ``observe``: record what the model's network computed with on the first batch (``out.compute``). ``fields``:
-    batch keys of add-ons to collect per item (``out.fields``, with ``out.ids``, and in the kept examples)."""
+    batch keys of add-ons to collect per item (``out.fields``, with ``out.ids``, and in the kept examples).
+    ``cache_healthy``: keep the first that many healthy items (``out.healthy``, for the generalisation check, so
+    the split is not read again). ``out.seconds``: wall seconds per method (reconstruction + scoring)."""
     out = Collected()
+    n_seen = 0
     n_batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if opts.max_batches is not None and n_batches is not None:
         n_batches = min(n_batches, opts.max_batches)
@@ -145,7 +155,11 @@ def run_pass(
         region = batch.get("brain_mask")
         labels = batch.get("label", torch.zeros(x.shape[0], dtype=torch.long, device=device))
         has_mask = "mask" in batch
+        if cache_healthy > len(out.healthy):
+            _cache_healthy(out, batch, labels, n_seen, cache_healthy)
+        n_seen += x.shape[0]
         for name, (fn, candidates) in methods.items():
+            t0 = time.perf_counter()
             if observe and name == MODEL and out.compute is None:
                 info: dict[str, Any] = {}
                 with _observe_compute(info):
@@ -179,6 +193,7 @@ def run_pass(
                         out.examples[f].append(batch[f].cpu())
                     if present:
                         out.examples["id"].append([str(v) for v in batch.get("id", [""] * x.shape[0])])
+            out.seconds[name] += time.perf_counter() - t0
         out.intensity.append(mean_intensity_score(x.float(), region).cpu())
         if has_mask:
             if out.pixel_intensity is None:
@@ -197,6 +212,23 @@ def run_pass(
         if present:
             out.ids.extend(str(v) for v in batch.get("id", [""] * x.shape[0]))
     return out
+
+
+def _cache_healthy(out: Collected, batch: Mapping[str, Any], labels: torch.Tensor, offset: int, cap: int) -> None:
+    """Append the batch's healthy items to ``out.healthy`` (at most ``cap`` in all): per-item slices of every
+    batch value with one entry per item (tensors detached to the CPU), everything else dropped."""
+    b = labels.shape[0]
+    for i in (labels.reshape(b, -1)[:, 0] == 0).nonzero().flatten().tolist():
+        if len(out.healthy) >= cap:
+            return
+        item: dict[str, Any] = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == b:
+                item[k] = v[i].detach().cpu()
+            elif isinstance(v, (list, tuple)) and len(v) == b:
+                item[k] = v[i]
+        out.healthy.append(item)
+        out.healthy_index.append(offset + i)
 
 
 def matching_pixel_acc(accs: Mapping[int, PixelAccumulator], candidates: list[ScoringConfig],

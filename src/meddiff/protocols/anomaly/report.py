@@ -17,6 +17,7 @@ from meddiff.protocols.common import (
 )
 
 from .addons import addon_for
+from .generalisation import print_generalisation
 
 __all__ = ["PIXEL_INTENSITY", "print_report", "summary", "write_outputs"]
 
@@ -121,7 +122,13 @@ def print_report(report: dict[str, Any]) -> None:
     rt = report.get("runtime")
     if rt:
         console.print(f"precision {rt.get('precision')}, {rt.get('torch_threads')} torch thread(s) on {rt.get('device')}")
+    cost = report.get("cost")
+    if cost and cost.get("seconds_per_image") is not None:
+        console.print(f"evaluation: {cost['seconds_per_image']:.4f} s per test image (test pass wall time / "
+                      f"{cost['n_images']} images), model alone {cost['model_seconds_per_image']:.4f} s; UNet "
+                      f"forwards per image and patch: {cost.get('unet_forwards_per_image_per_patch') or '-'}")
     print_baseline_costs(report.get("baselines_cost"), LABELS, console)
+    print_generalisation(report.get("generalisation"), console)
 
 
 def write_outputs(report: dict[str, Any], figures: Mapping[str, Any], out_dir: Path) -> None:

@@ -3,6 +3,7 @@ reconstructions, every baseline; image and pixel metrics with CIs, the margin ov
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from meddiff.protocols.common import LABELS, MEAN_INTENSITY, MODEL, auroc_margin
 from meddiff.utils.cpu import cpu_report
 
 from .addons import addon_fields, addon_for
+from .cost import unet_cost
+from .generalisation import evaluate_generalisation, generalisation_summary
 from .options import EvalOptions
 from .passes import matching_pixel_acc, model_fn, precision_name, run_pass
 from .report import PIXEL_INTENSITY, summary
@@ -82,8 +85,11 @@ def evaluate_on_test(
 
     methods = {MODEL: (model_fn(model, selection.sampling), [chosen, fixed])}  # one reconstruction, two scorings
     methods.update({name: (b.reconstruct, [b.scoring]) for name, b in selection.baselines.items()})
+    t0 = time.perf_counter()
     test = run_pass(test_loader, methods, opts, device, "test: reconstruct + score",
-                    keep_examples=4 * opts.n_figure_rows, observe=True, fields=addon_fields())
+                    keep_examples=4 * opts.n_figure_rows, observe=True, fields=addon_fields(),
+                    cache_healthy=opts.generalisation_max_items if opts.generalisation else 0)
+    test_seconds = time.perf_counter() - t0
     y = test.y()
     subjects = test.subject_ids()
     scores = {MODEL: test.cat(MODEL), MEAN_INTENSITY: test.intensity_scores(),
@@ -120,7 +126,12 @@ def evaluate_on_test(
     compute = test.compute or {}
     report["runtime"] = {**cpu_report(precision_name(compute) if compute else None), "device": str(device),
                          "compute": compute}
-    report["summary"] = summary(report)
+    report["cost"] = _cost(test, test_seconds, int(y.size), sampling)
+    if opts.generalisation:  # after every test number and the baselines' cost: those stay as without the check
+        t0 = time.perf_counter()
+        report["generalisation"] = evaluate_generalisation(model, test, scores, selection, val_auroc, opts, device)
+        report["generalisation"]["seconds"] = time.perf_counter() - t0
+    report["summary"] = {**summary(report), **generalisation_summary(report.get("generalisation"))}
     figures: dict[str, Any] = {
         "curves": {("model" if k == MODEL else f"baseline ({LABELS.get(k, k)})"): (s, y) for k, s in scores.items()},
         "examples": {k: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for k, v in test.examples.items()},
@@ -131,6 +142,18 @@ def evaluate_on_test(
                                     names.get(name), opts))
         figures.setdefault("addons", []).append(name)
     return Outcome(report, figures)
+
+
+def _cost(test: Any, seconds: float, n: int, sampling: Any) -> dict[str, Any]:
+    """What the test pass cost: wall seconds in all and per image (every method and baseline of the pass), the
+    model's own share (reconstruction + scoring) per image, and UNet forwards per image and patch of the chosen
+    sampling (None when the model reconstructs its own way, e.g. one forward of a DAE)."""
+    per = (lambda v: v / n) if n else (lambda v: None)
+    return {"test_pass_seconds": seconds, "n_images": n, "seconds_per_image": per(seconds),
+            "model_seconds_per_image": per(float(test.seconds.get(MODEL, 0.0))),
+            "unet_forwards_per_image_per_patch": unet_cost(sampling) if is_dataclass(sampling) else None,
+            "note": "wall time of the one test pass (model, fixed scoring and every baseline) / test images; "
+                    "model_seconds_per_image: the model's reconstruction + scoring alone"}
 
 
 def _fixed_scoring(test: Any, fixed: Any, y: np.ndarray, subjects: list[str] | None, opts: EvalOptions,
