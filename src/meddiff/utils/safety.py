@@ -38,6 +38,7 @@ TRUSTED_CLASSES: frozenset[str] = frozenset({
     "meddiff.nets.MonaiUNet",
     "meddiff.nets.DiffusersUNet",
     "meddiff.nets.gan.BrainomalyGenerator",
+    "meddiff.nets.BrainomalyGenerator",
     "meddiff.nets.gan.PatchCritic",
     # noise schedules
     "meddiff.diffusion.NoiseSchedule",
