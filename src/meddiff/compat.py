@@ -34,6 +34,8 @@ MOVED_TARGETS: dict[str, str] = {
     "meddiff.utils.hydra_utils.StoreConfigInCheckpoint": "meddiff.callbacks.StoreConfigInCheckpoint",
     "meddiff.utils.csv_history.CSVHistoryLogger": "meddiff.runs.csv_history.CSVHistoryLogger",
     "meddiff.sweeps.callback.SweepSummary": "meddiff.runs.sweep.callback.SweepSummary",
+    # the demo's LR schedule: a function returning a LambdaLR became a class (issue 20: stored configs build classes)
+    "meddiff.models.base.warmup_cosine": "meddiff.models.lr_schedules.WarmupCosineLR",
 }
 
 #: ADNI split options of meddiff <= 0.1.0 -> today's names (the DataModule no longer accepts the old ones)

@@ -62,6 +62,7 @@ from meddiff.runs.job import run_job, selection_summary
 from meddiff.runs.log_outputs import log_run_config, log_run_outputs
 from meddiff.runs.loggers import instantiate_loggers
 from meddiff.runs.loop_state import logging_step_after_resume
+from meddiff.runs.memory_budget import check_first_batch_fits
 from meddiff.runs.resolvers import register_resolvers
 from meddiff.runs.resume import (
     RESOLVED_NAME,
@@ -100,6 +101,8 @@ def train(cfg: DictConfig, started: Callable[[], None] | None = None) -> dict[st
     started = started or (lambda: None)
     ckpt_dir = out_dir / "checkpoints"
     start = _start(cfg, out_dir)
+    if cfg.get("train", True):
+        check_first_batch_fits(cfg)  # before anything is allocated: a ConfigError naming the settings to lower
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)

@@ -99,6 +99,26 @@ def test_missing_foreign_and_unsafe_coarse_checkpoints_are_clear_errors(tmp_path
         load_coarse_generator(evil, CKPT_CONFIG_KEY)
 
 
+@pytest.mark.parametrize("target", ["os.system", "meddiff.utils.io.atomic_write_text", "torch.nn.Conv2d",
+                                    "torch.optim.AdamW", "meddiff.models.coarse_gan.CoarseGenerator"])
+def test_the_generator_class_comes_from_the_one_trust_list_and_must_be_a_network(target):
+    """frozen.py keeps no list of its own: a name off meddiff.utils.safety's list, or a trusted class that is not a
+    network, is refused with the same clear error; both spellings of the shipped generator pass."""
+    from meddiff.models.frozen import generator_class
+
+    with pytest.raises(ConfigError, match=f"coarse generator class '{target}' is not an allowed generator class"):
+        generator_class(target)
+    assert generator_class("meddiff.nets.gan.BrainomalyGenerator") is BrainomalyGenerator
+    assert generator_class("meddiff.nets.BrainomalyGenerator") is BrainomalyGenerator
+
+
+def test_frozen_keeps_no_allow_list_of_its_own():
+    import meddiff.models.frozen as frozen
+
+    assert not any(isinstance(v, dict | set | frozenset) and any("BrainomalyGenerator" in str(k) for k in v)
+                   for v in vars(frozen).values())
+
+
 def test_run_dir_resolves_to_its_aucp_checkpoint(tmp_path):
     ckdir = tmp_path / "run" / "checkpoints"
     ckdir.mkdir(parents=True)

@@ -12,7 +12,8 @@ import yaml
 from meddiff.errors import ConfigError
 from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY, load_checkpoint
 from meddiff.runs.resume import check_resumed_config, resume_argv
-from meddiff.utils.safety import PENDING_CLASS, TRUSTED_CLASSES, check_config_targets, check_target, locate
+from meddiff.utils import safety
+from meddiff.utils.safety import TRUSTED_CLASSES, check_config_targets, check_target, locate
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "demo_tiny_v0.1.ckpt"
@@ -25,9 +26,28 @@ def test_every_name_on_the_list_resolves_to_a_class(name):
     check_target(name)
 
 
-def test_the_only_non_class_is_the_pending_lr_schedule_function():
-    assert PENDING_CLASS == {"meddiff.models.base.warmup_cosine"}
-    assert not isinstance(locate("meddiff.models.base.warmup_cosine"), type)
+def test_a_stored_config_naming_the_old_lr_schedule_function_is_translated_to_its_class():
+    from meddiff.compat import translate_stored_config
+    from meddiff.runs.checkpoint_io import stored_config
+
+    old = {"model": {"_target_": "meddiff.models.UnconditionalDiffusion",
+                     "lr_scheduler": {"_target_": "meddiff.models.base.warmup_cosine", "_partial_": True,
+                                      "warmup_steps": 100, "total_steps": 1100}}}
+    with pytest.raises(ConfigError, match="'meddiff.models.base.warmup_cosine' is refused"):
+        check_config_targets(old, "ckpt")  # untranslated, the old function's name is not trusted
+    new = translate_stored_config(old)
+    assert new["model"]["lr_scheduler"]["_target_"] == "meddiff.models.lr_schedules.WarmupCosineLR"
+    check_config_targets(new, "ckpt")
+    # the v0.1 demo checkpoint names the function: it loads naming the class
+    assert stored_config(load_checkpoint(FIXTURE), FIXTURE)["model"]["lr_scheduler"]["_target_"] == \
+        "meddiff.models.lr_schedules.WarmupCosineLR"
+
+
+def test_a_function_is_refused_even_when_its_name_is_on_the_list(monkeypatch):
+    name = "meddiff.models.lr_schedules.warmup_cosine_factor"
+    monkeypatch.setattr(safety, "TRUSTED_CLASSES", TRUSTED_CLASSES | {name})
+    with pytest.raises(ConfigError, match=f"model.lr_scheduler._target_='{name}' is not a class"):
+        check_target(name, "model.lr_scheduler._target_")
 
 
 def test_every_target_the_project_configs_name_is_on_the_list():
@@ -36,7 +56,7 @@ def test_every_target_the_project_configs_name_is_on_the_list():
         if path.parent.name in ("hparams_search",):  # hydra sweeper configs: the user's own launch, never stored
             continue
         targets |= set(re.findall(r"_target_:\s*([\w.]+)", path.read_text()))
-    assert targets - TRUSTED_CLASSES - PENDING_CLASS == set()
+    assert targets - TRUSTED_CLASSES == set()
 
 
 def test_the_defining_name_of_a_listed_class_passes_too():

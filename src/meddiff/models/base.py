@@ -20,7 +20,6 @@ comes from ``meddiff.diffusion``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -272,19 +271,6 @@ class DiffusionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.compile and stage == "fit":
             self.net = torch.compile(self.net)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int = 500, total_steps: int = 100_000,
-                  min_factor: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base LR, then cosine decay to ``min_factor`` of it at ``total_steps``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def healthy_rows(batch: Mapping[str, Any]) -> torch.Tensor:

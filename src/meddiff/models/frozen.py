@@ -2,8 +2,8 @@
 
 A refiner's first stage is a trained ``CoarseGenerator`` (``meddiff.models.coarse_gan``). This module finds its
 checkpoint (a ``.ckpt``, or a coarse run dir whose AUCp-selected checkpoint is used), reads it weights-only, checks
-that it holds a generator, builds the generator from its stored architecture (allow-listed classes only) and returns
-it frozen (eval mode, no grads). It knows nothing of runs: the caller passes the key under which checkpoints store
+that it holds a generator, builds the generator from its stored architecture (a class on the one trust list,
+:data:`meddiff.utils.safety.TRUSTED_CLASSES`, that is a network) and returns it frozen (eval mode, no grads). It knows nothing of runs: the caller passes the key under which checkpoints store
 their experiment config.
 """
 
@@ -14,13 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from meddiff.errors import ConfigError
-from meddiff.nets.gan import BrainomalyGenerator
 from meddiff.runs.checkpoint_selection import checkpoint_dir_of, load_weights_only, selection_checkpoints
+from meddiff.utils.safety import check_target, locate
 
-__all__ = ["GENERATOR_TARGETS", "build_generator", "frozen_first_stage", "generator_arch", "load_coarse_generator",
+__all__ = ["build_generator", "frozen_first_stage", "generator_arch", "generator_class", "load_coarse_generator",
            "plain", "resolve_coarse_checkpoint"]
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,24 @@ def plain(value: Any) -> Any:
     return value
 
 
-#: generator classes a stored coarse config may name (stored configs instantiate only allow-listed targets)
-GENERATOR_TARGETS = {"meddiff.nets.gan.BrainomalyGenerator": BrainomalyGenerator,
-                     "meddiff.nets.BrainomalyGenerator": BrainomalyGenerator}
+def generator_class(target: Any) -> type[nn.Module]:
+    """The class a stored generator config names: trusted (:func:`meddiff.utils.safety.check_target`, the one list
+    of what a stored config may build) and a network (an ``nn.Module``, not a LightningModule); else a ConfigError
+    naming it."""
+    try:
+        check_target(target, "coarse generator _target_")
+    except ConfigError as e:
+        raise ConfigError(f"coarse generator class {target!r} is not an allowed generator class: {e}") from e
+    cls = locate(target)
+    if not issubclass(cls, nn.Module) or issubclass(cls, LightningModule):
+        raise ConfigError(f"coarse generator class {target!r} is not an allowed generator class: it is not a "
+                          "network (use the generator of a `experiment=brainomaly_coarse` run, e.g. "
+                          "meddiff.nets.gan.BrainomalyGenerator).")
+    return cls
 
 
 def generator_arch(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"class": <allow-listed class path>, "kwargs": {...}}`` from a stored generator config.
+    """``{"class": <trusted generator class path>, "kwargs": {...}}`` from a stored generator config.
 
     Accepts the CoarseGenerator's own config (``{"_target_": ..., **kwargs}``) or this form. The form has no
     ``_target_`` on purpose: Hydra must not instantiate a stored architecture on its own.
@@ -55,16 +67,18 @@ def generator_arch(cfg: Mapping[str, Any]) -> dict[str, Any]:
     else:
         target = cfg.pop("_target_", None)
         kwargs = cfg
-    if target not in GENERATOR_TARGETS:
-        raise ConfigError(f"coarse generator class {target!r} is not an allowed generator class "
-                          f"({sorted(GENERATOR_TARGETS)}).")
+    generator_class(target)
     return {"class": target, "kwargs": kwargs}
 
 
 def build_generator(cfg: Mapping[str, Any]) -> nn.Module:
-    """A generator from a stored config (see :func:`generator_arch`); only allow-listed classes are built."""
+    """A generator from a stored config (see :func:`generator_arch`); only trusted generator classes are built."""
     arch = generator_arch(cfg)
-    return GENERATOR_TARGETS[arch["class"]](**arch["kwargs"])
+    cls = generator_class(arch["class"])
+    try:
+        return cls(**arch["kwargs"])
+    except TypeError as e:
+        raise ConfigError(f"the stored coarse generator arguments do not fit {arch['class']}: {e}") from e
 
 
 def resolve_coarse_checkpoint(path: str | Path) -> tuple[Path, str]:
@@ -106,7 +120,11 @@ def load_coarse_generator(path: str | Path, config_key: str) -> tuple[nn.Module,
         )
     arch = generator_arch(model_cfg["generator"])
     gen = build_generator(arch)
-    gen.load_state_dict(state)
+    try:
+        gen.load_state_dict(state)
+    except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+        raise ConfigError(f"model.coarse_ckpt={str(file)!r}: the generator weights do not fit its stored "
+                          f"architecture ({arch['class']}): {e}") from e
     info = {"path": str(file), "rule": rule, "iterations": int(ckpt["state_dict"].get("iterations", -1))}
     return gen, arch, info
 

@@ -8,6 +8,7 @@ One run:
 - ``checkpoint_io``: weights-only loading, atomic verified saving, the stored config (trust-checked), weights-fit check;
 - ``loop_state`` / ``rng``: Lightning loop-state and RNG state inside checkpoints, so a resume equals an
   uninterrupted run;
+- ``memory_budget``: a training batch that cannot fit in memory is a clear error before anything is allocated;
 - ``checkpoint_selection``: which checkpoint each selection rule picked; the one ``meddiff-train`` evaluates;
 - ``status``: ``<run_dir>/status.json`` (running / ok / failed), written only by the lock holder;
 - ``job``: one train job (lock, status, failures that do not stop a multirun, the Optuna objective);

@@ -63,6 +63,11 @@ def mark_finished_epoch_completed(checkpoint: dict[str, Any]) -> bool:
     Lightning's own epoch boundary puts it: the epoch completed, the per-epoch batch/step counters (``current``) at
     zero, the per-epoch validation count reset; totals (global step, logging step) are untouched. Checkpoints written
     mid-epoch or at a batch end are left alone. Returns whether the checkpoint was changed.
+
+    A resumable training loader's position moves to the start of the next epoch as well: under
+    ``trainer.limit_train_batches`` the finished epoch stopped short of the loader's full length, and restored as is
+    the loader would continue that epoch's order for its remaining batches (the resumed epoch too short and in the
+    wrong order) while Lightning starts the next epoch.
     """
     fit = checkpoint.get("loops", {}).get("fit_loop", {})
     epochs = fit.get("epoch_progress")
@@ -85,4 +90,7 @@ def mark_finished_epoch_completed(checkpoint: dict[str, Any]) -> bool:
     val = fit.get("epoch_loop.val_loop.batch_progress") or {}
     for name in val.get("total", {}):
         val["total"][name] = 0
+    for state in fit.get("state_dict", {}).get("combined_loader", []) or []:
+        if isinstance(state, dict) and state.get(LOADER_STATE_MARKER):
+            state["epoch"], state["batches_done"] = int(state["epoch"]) + 1, 0
     return True

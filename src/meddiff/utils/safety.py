@@ -38,6 +38,7 @@ TRUSTED_CLASSES: frozenset[str] = frozenset({
     "meddiff.nets.MonaiUNet",
     "meddiff.nets.DiffusersUNet",
     "meddiff.nets.gan.BrainomalyGenerator",
+    "meddiff.nets.BrainomalyGenerator",
     "meddiff.nets.gan.PatchCritic",
     # noise schedules
     "meddiff.diffusion.NoiseSchedule",
@@ -59,6 +60,7 @@ TRUSTED_CLASSES: frozenset[str] = frozenset({
     "torch.optim.lr_scheduler.ConstantLR",
     "torch.optim.lr_scheduler.OneCycleLR",
     "torch.optim.lr_scheduler.ReduceLROnPlateau",
+    "meddiff.models.lr_schedules.WarmupCosineLR",
     # DataModules
     "meddiff.data.modules.mnist_splotch.MNISTSplotchDataModule",
     "meddiff.data.modules.rsna_ct.RSNACTDataModule",
@@ -85,11 +87,6 @@ TRUSTED_CLASSES: frozenset[str] = frozenset({
     # trainer
     "lightning.pytorch.Trainer",
 })
-
-#: the one function configs still name (``configs/experiment/demo.yaml``'s LR schedule, in stored demo checkpoints
-#: too). It only wraps a ``LambdaLR``; it leaves this set once ``models/`` offers it as a class (then a
-#: ``MOVED_TARGETS`` row in ``meddiff.compat`` maps the stored name to that class). Nothing may be added here.
-PENDING_CLASS: frozenset[str] = frozenset({"meddiff.models.base.warmup_cosine"})
 
 _TARGET_KEYS = ("_target_",)
 _HINT = ("a config read from a checkpoint or run dir may only build the classes listed in "
@@ -130,7 +127,7 @@ def is_trusted(target: Any) -> bool:
     """Whether ``target`` names a listed class (text comparison; imports only the listed classes' modules)."""
     if not isinstance(target, str):
         return False
-    return target in TRUSTED_CLASSES or target in PENDING_CLASS or target in _defining_names()
+    return target in TRUSTED_CLASSES or target in _defining_names()
 
 
 def check_target(target: Any, where: str = "_target_") -> None:
@@ -144,7 +141,7 @@ def check_target(target: Any, where: str = "_target_") -> None:
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{where}={target!r} is a trusted name but imports nothing ({type(e).__name__}: {e}); "
                           "the class moved: update meddiff.utils.safety.TRUSTED_CLASSES and meddiff.compat.") from e
-    if not isinstance(obj, type) and target not in PENDING_CLASS:
+    if not isinstance(obj, type):
         raise ConfigError(f"{where}={target!r} is not a class; {_HINT}")
 
 
