@@ -253,10 +253,13 @@ def use_checkpoint(run: Any, ckpt_path: Path, train_run_id: str) -> None:
     art = wandb.Artifact(name=checkpoint_artifact_name(train_run_id), type=CHECKPOINT_ARTIFACT_TYPE,
                          metadata={"file": ckpt_path.name})
     art.add_file(str(ckpt_path), name=ckpt_path.name, policy="immutable")
-    if getattr(run.settings, "_offline", False):
-        run._log_artifact(art, is_user_created=True, use_after_commit=True)
-    else:
-        run.use_artifact(art)
+    try:
+        if getattr(run.settings, "_offline", False):
+            run._log_artifact(art, is_user_created=True, use_after_commit=True)
+        else:
+            run.use_artifact(art)
+    except Exception as e:  # the lineage edge must never cost the evaluation itself
+        log.warning("Could not record that this eval run uses %s (%s): %s", art.name, ckpt_path, e)
 
 
 def log_eval_report(loggers: list[Logger], out_dir: str | Path) -> int:
