@@ -66,4 +66,6 @@ def test_train_and_resume_log_one_wandb_run(run, tmp_path, fast):
     used = [a for a in ev["records"] if a.use_after_commit]  # offline form of run.use_artifact (see loggers.py)
     assert [(a.name, a.type) for a in used] == [(f"model-{run_id}", "model")]
     assert [m.path for m in used[0].manifest.contents] == ["last.ckpt"]  # the file the training logged, same name
+    # same content digest as the resumed training's version of last.ckpt: wandb sync links the eval to that version
+    assert used[0].digest and used[0].digest in {a.digest for a in b["records"] if a.name == f"model-{run_id}"}
     assert ("evaluation", f"eval-{run_id}") in [(a.type, a.name) for a in ev["records"]]
