@@ -216,16 +216,19 @@ def _hydra_main(cfg: DictConfig) -> None:
     shortcuts = {k: cfg.get(k) for k in ("input", "guidance_scale", "t_start") if cfg.get(k) is not None}
     if shortcuts:
         overrides = OmegaConf.merge(overrides, {"eval": shortcuts})
-    from meddiff.runs.log_outputs import eval_loggers, log_figures
+    from meddiff.runs.log_outputs import log_figures
+    from meddiff.runs.loggers import eval_run_loggers, log_eval_report
     from meddiff.utils.cpu import apply_threads
 
     if cfg.get("torch_threads") is not None:
         apply_threads(cfg.torch_threads if str(cfg.torch_threads) == "auto" else int(cfg.torch_threads))
 
-    # a checkpoint whose training logged to wandb gets an eval run (job_type=eval) in the training run's group
-    loggers = eval_loggers(cfg.ckpt_path, cfg.paths.output_dir)
+    # a checkpoint whose training logged to wandb gets an eval run (job_type=eval) linked to the training run: its
+    # group and config, using its checkpoint artifact; the report and figures become an evaluation artifact
+    loggers = eval_run_loggers(cfg.ckpt_path, cfg.paths.output_dir, cfg.get("eval_name"))
     evaluate_checkpoint(cfg.ckpt_path, cfg.paths.output_dir, overrides=overrides, loggers=loggers)
     log_figures(loggers, cfg.paths.output_dir)
+    log_eval_report(loggers, cfg.paths.output_dir)
     if loggers:
         import wandb
 

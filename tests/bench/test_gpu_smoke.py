@@ -1,5 +1,7 @@
-"""bench/gpu_smoke.py: the experiment list, and a clean exit without CUDA."""
+"""bench/gpu_smoke.py: the experiment list, a clean exit without CUDA, the timing arithmetic, and one tiny CPU run
+whose CSV has every column (images/s, s/step, peak memory, loader starvation)."""
 
+import csv
 import importlib.util
 import os
 import subprocess
@@ -42,3 +44,29 @@ def test_exits_zero_with_a_message_without_cuda():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_loader_starvation_is_the_share_of_wall_time_between_steps():
+    # warm-up step 0; timed steps 1..3, each 1 s of compute after a 1 s wait (the first timed wait is not counted)
+    starts, ends = [0.0, 2.0, 4.0, 6.0], [1.0, 3.0, 5.0, 7.0]
+    t = _module().timing(starts, ends, warmup=1)
+    assert t["steps_timed"] == 3 and t["s_per_step"] == pytest.approx(5 / 3)
+    assert t["loader_starvation"] == pytest.approx(2 / 5)
+
+
+def test_tiny_cpu_run_writes_the_table_and_csv(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "smoke.csv"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--data", "synthetic",
+                           "--num-workers", "0", "--experiments", "mnist_splotch,rsna_pddpm_pretrained",
+                           "--csv", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starvation" in proc.stdout and "skipped" in proc.stdout  # the table; no weights: pretrained skipped
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == _module().CSV_COLUMNS
+    mnist, pretrained = rows
+    assert mnist["experiment"] == "mnist_splotch" and not mnist["error"], mnist
+    assert float(mnist["s_per_step"]) > 0 and float(mnist["images_per_s"]) > 0 and float(mnist["peak_mem_GiB"]) > 0
+    assert 0 <= float(mnist["loader_starvation"]) < 1 and int(mnist["steps_timed"]) == 4
+    assert mnist["data"].startswith("synthetic") and mnist["image_shape"] == "1x28x28"
+    assert pretrained["experiment"] == "rsna_pddpm_pretrained" and pretrained["error"].startswith("skipped")

@@ -112,3 +112,20 @@ def test_patched_reconstruction_batched_equals_one_patch_at_a_time(tiny_net_cfg,
     a = partial_reconstruct(fn, schedule, x, PartialSampling(t_start=40, patch_size=8, stride=4, max_batch=1000))
     b = partial_reconstruct(fn, schedule, x, PartialSampling(t_start=40, patch_size=8, stride=4, max_batch=1))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fixed_noise_seed_gives_the_same_draws_every_step_and_leaves_the_rng_alone(tiny_net_cfg, schedule):
+    """model.fixed_noise_seed (debug=overfit): the same batch gets the same t, noise and patch at every step, so the
+    loss of unchanged weights repeats exactly; the global random state goes on as if the step drew nothing."""
+    batch = {"image": torch.rand(3, 1, 16, 16) * 2 - 1}
+    fixed = make_model(tiny_net_cfg, schedule, patch_size=8, ema_decay=0, fixed_noise_seed=7)
+    fixed.log = lambda *a, **k: None
+    torch.manual_seed(1)
+    expected_next = (torch.rand(1), torch.manual_seed(1))[0]
+    a = fixed.training_step(batch, 0).item()
+    assert torch.equal(torch.rand(1), expected_next)  # forked: the caller's random stream is untouched
+    assert fixed.training_step(batch, 1).item() == a
+    free = make_model(tiny_net_cfg, schedule, patch_size=8, ema_decay=0)
+    free.load_state_dict(fixed.state_dict())
+    free.log = lambda *a, **k: None
+    assert len({free.training_step(batch, i).item() for i in range(3)}) > 1  # resampled every step

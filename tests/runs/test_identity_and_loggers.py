@@ -154,25 +154,37 @@ def test_help_lists_every_experiment_with_its_first_comment_line():
     assert "debug=fast_dev_run|limit|overfit|profiler" in text and "$APP_CONFIG_GROUPS" in text
 
 
-def test_standalone_eval_logs_a_wandb_eval_run_in_the_training_group(tmp_path):
+def test_standalone_eval_logs_a_wandb_eval_run_in_the_training_group(tmp_path, monkeypatch):
     import json
 
-    from meddiff.runs.log_outputs import eval_loggers
+    import torch
+    import wandb
 
+    from meddiff.runs.checkpoint_io import CKPT_CONFIG_KEY
+    from meddiff.runs.loggers import eval_run_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "sweep" / "3"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"state_dict": {}, CKPT_CONFIG_KEY: {"model": {"optimizer": {"lr": 3e-4}}, "seed": 1}},
+               run / "checkpoints" / "last.ckpt")
     (run / "status.json").write_text(json.dumps({"state": "ok", "name": "demo/lr=3e-4", "group": "demo/sweep"}))
     (run / "config_resolved.yaml").write_text("tags: [demo]\nlogger:\n  wandb:\n    project: p\n    offline: true\n")
     # training without wandb: no wandb run for its evaluation either
-    assert eval_loggers(run / "checkpoints" / "last.ckpt", tmp_path / "eval") == []
+    assert eval_run_loggers(run / "checkpoints" / "last.ckpt", tmp_path / "eval") == []
     (run / "wandb_id.txt").write_text("abc123\n")
-    (lg,) = eval_loggers(run / "checkpoints" / "last.ckpt", tmp_path / "eval")
+    # wandb_run.json (the first launch's name and group) wins over status.json
+    (run / "wandb_run.json").write_text(json.dumps({"id": "abc123", "name": "demo/first", "group": "demo/g0",
+                                                    "tags": ["demo", "resume"]}))
+    (lg,) = eval_run_loggers(run / "checkpoints" / "last.ckpt", tmp_path / "evals" / "mine")
+    wandb.finish()
     init = lg._wandb_init
-    assert (init["name"], init["group"], init["job_type"], init["project"]) == ("demo/lr=3e-4", "demo/sweep", "eval",
-                                                                                "p")
+    assert (init["name"], init["group"], init["job_type"], init["project"]) == ("demo/first/eval/mine", "demo/g0",
+                                                                                "eval", "p")
     assert init["tags"] == ["demo", "eval"] and init["config"]["train_wandb_id"] == "abc123"
-    assert eval_loggers(tmp_path / "loose.ckpt", tmp_path / "eval") == []
+    assert init["config"]["model"] == {"optimizer": {"lr": 3e-4}} and init["config"]["eval_name"] == "mine"
+    assert eval_run_loggers(tmp_path / "loose.ckpt", tmp_path / "eval") == []
 
 
 def test_the_last_artifact_is_uploaded_from_a_real_runs_selection(tmp_path, monkeypatch):

@@ -43,3 +43,16 @@ def test_overfit_preset_schedule_spans_the_run_and_its_warm_up_ends_early(experi
     if sched is not None:
         assert sched.total_steps == steps  # the cosine decays over this run, not the experiment's budget
         assert sched.warmup_steps <= steps // 3  # the peak LR is reached early
+    assert cfg.model.fixed_noise_seed == 0  # the same t and noise every step: the loss can reach ~0
+
+
+@pytest.mark.parametrize("experiment", ["demo", "brainomaly_coarse"])
+def test_fixed_noise_only_under_the_overfit_preset(experiment):
+    """Normal training resamples t and the noise; a model without the option (the coarse GAN) gets no such key."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        plain = compose(config_name="train", overrides=[f"experiment={experiment}"])
+        overfit = compose(config_name="train", overrides=[f"experiment={experiment}", "debug=overfit"])
+    if experiment == "demo":
+        assert plain.model.fixed_noise_seed is None
+    else:
+        assert "fixed_noise_seed" not in plain.model and "fixed_noise_seed" not in overfit.model

@@ -55,6 +55,8 @@ class DiffusionModule(L.LightningModule):
         val_sampling: fields of ``sampling`` changed for the per-epoch validation pass only (None = as is).
         val_batches: validation batches sampled/scored per loader (None = all, 0 = loss only; see
             :func:`meddiff.models.validation.chosen_batches`).
+        fixed_noise_seed: None (normal training) or a seed the random state is reset to at every training step, so
+            one batch gets the same t, noise (and patch) each step: ``debug=overfit`` can then drive the loss to ~0.
     """
 
     #: the evaluation protocol ``meddiff.eval`` runs: a name in ``meddiff.protocols`` (``anomaly``, ``denoise``,
@@ -81,6 +83,7 @@ class DiffusionModule(L.LightningModule):
         sampling: Mapping[str, Any] | None = None,
         val_sampling: Mapping[str, Any] | None = None,
         val_batches: int | None = None,
+        fixed_noise_seed: int | None = None,
     ) -> None:
         super().__init__()
         # plain values only: checkpoints stay loadable with torch.load(weights_only=True); the full experiment
@@ -115,6 +118,7 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"model.val_batches={val_batches!r} must be an integer >= 0 (0 = loss only) or null "
                               "(all).")
         self.val_batches = None if val_batches is None else int(val_batches)
+        self.fixed_noise_seed = None if fixed_noise_seed is None else int(fixed_noise_seed)
 
     # ------------------------------------------------------------------ hooks subclasses override
     def net_input(self, x_t: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -207,7 +211,14 @@ class DiffusionModule(L.LightningModule):
         return (per * weight).sum() / weight.sum().clamp_min(1.0)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
+        if self.fixed_noise_seed is None:
+            loss = self.diffusion_loss(batch)
+        else:
+            # the same draws every step (t, noise, the family's own: patch, label dropout), in a forked random state
+            # so nothing else's randomness changes: a fixed batch then has a fixed target the net can fit exactly
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.fixed_noise_seed)
+                loss = self.diffusion_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"Training loss is {loss.item()} at global step {self.global_step}. Lower model.optimizer.lr, "

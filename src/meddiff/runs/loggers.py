@@ -14,6 +14,12 @@ the checkpoint's step instead of restarting at 0. Offline, each launch writes it
 order of start time into that run, the resumed fragments of one run; wandb <= 0.29: use
 ``wandb sync --append <folder>`` for each folder after the first, oldest first, or a later folder replaces the
 history).
+
+A standalone ``meddiff-eval`` of a checkpoint whose training logged to wandb gets its own wandb run linked to the
+training run (:func:`eval_run_loggers`): the training run's group and stored config, the tag ``eval``, the name
+``<training name>/eval/<eval_name>``, and the lineage edge "uses the checkpoint artifact" (``model-<training id>``, the
+artifact the training logs its ``best``/``last`` checkpoints to), also offline; its report and figures become an
+``evaluation`` artifact (:func:`log_eval_report`).
 """
 
 from __future__ import annotations
@@ -176,3 +182,104 @@ def _plain(value: Any) -> Any:
     from omegaconf import ListConfig, OmegaConf
 
     return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+
+
+# ------------------------------------------------------------------------------------------ the eval run of a checkpoint
+EVAL_TAG = "eval"
+CHECKPOINT_ARTIFACT_TYPE = "model"
+EVAL_ARTIFACT_TYPE = "evaluation"
+
+
+def checkpoint_artifact_name(train_run_id: str) -> str:
+    """The artifact the training run ``train_run_id`` logs its checkpoints to (versions aliased ``best``/``last``,
+    :func:`meddiff.runs.log_outputs.log_checkpoints`)."""
+    return f"model-{train_run_id}"
+
+
+def eval_run_loggers(ckpt_path: str | Path | None, out_dir: str | Path, eval_name: str | None = None) -> list[Logger]:
+    """Loggers for a standalone ``meddiff-eval`` of a checkpoint whose training logged to wandb: a new wandb run
+    (``job_type=eval``) in the training run's project and group, named ``<training name>/eval/<eval_name>``, tagged
+    like the training plus ``eval``, whose config is the checkpoint's stored config (data, net, model, ... so evals
+    filter by hyperparameters) plus where it came from; it uses the checkpoint artifact (:func:`use_checkpoint`).
+    ``[]`` when the checkpoint is not in a run dir whose training used wandb (an evaluation never starts a wandb run
+    of its own accord). ``eval_name`` defaults to the name of ``out_dir`` (``<run_dir>/evals/<eval_name>``)."""
+    import yaml
+
+    from meddiff.runs.checkpoint_io import load_checkpoint, stored_config
+    from meddiff.runs.log_outputs import train_run_dir_of
+    from meddiff.runs.status import read_status
+
+    run_dir = train_run_dir_of(ckpt_path)
+    train_id = _stored_wandb_id(run_dir / WANDB_ID_FILE) if run_dir is not None else None
+    if run_dir is None or train_id is None:
+        return []
+    first = read_wandb_run(run_dir)
+    if first.get("id") != train_id:
+        first = {}  # written by another run: fall back on status.json
+    status = read_status(run_dir) or {}
+    resolved = run_dir / "config_resolved.yaml"
+    run_cfg = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
+    run_cfg = run_cfg if isinstance(run_cfg, dict) else {}
+    wb = (run_cfg.get("logger") or {}).get("wandb") or {}
+    ckpt = Path(str(ckpt_path)).expanduser().resolve()
+    train_cfg = stored_config(load_checkpoint(ckpt, mmap=True), ckpt)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eval_name = eval_name or out_dir.name
+    train_name = first.get("name") or status.get("name") or run_dir.name
+    tags = [str(t) for t in (first.get("tags") or wb.get("tags") or run_cfg.get("tags") or []) if t != RESUME_TAG]
+    offline = wb.get("offline", "auto")
+    offline = (not _wandb_online()) if str(offline) == "auto" else bool(offline)
+    config = {**train_cfg, "train_run_dir": str(run_dir), "checkpoint": str(ckpt), "train_wandb_id": train_id,
+              "eval_name": eval_name}
+    logger = WandbLogger(save_dir=str(out_dir), project=wb.get("project", "meddiff"),
+                         name=f"{train_name}/{EVAL_TAG}/{eval_name}", group=first.get("group") or status.get("group"),
+                         tags=list(dict.fromkeys([*tags, EVAL_TAG])), job_type=EVAL_TAG, offline=offline,
+                         id=new_wandb_id(), config=config)
+    use_checkpoint(logger.experiment, ckpt, train_id)
+    return [logger]
+
+
+def use_checkpoint(run: Any, ckpt_path: Path, train_run_id: str) -> None:
+    """Record that ``run`` uses the checkpoint artifact of the training run ``train_run_id``.
+
+    The artifact is built locally exactly as the training logs it (same name, type and file name, so the same content
+    digest: the server resolves it to the training's version instead of a new one) and marked used. Online that is
+    ``run.use_artifact``; offline wandb refuses ``use_artifact`` ("Cannot use artifact when in offline mode"), so the
+    artifact record is written with ``use_after_commit`` - what ``use_artifact`` of a draft artifact does online -
+    and ``wandb sync`` commits the version and then records the use. The file is referenced in place (no copy)."""
+    import wandb
+
+    art = wandb.Artifact(name=checkpoint_artifact_name(train_run_id), type=CHECKPOINT_ARTIFACT_TYPE,
+                         metadata={"file": ckpt_path.name})
+    art.add_file(str(ckpt_path), name=ckpt_path.name, policy="immutable")
+    try:
+        if getattr(run.settings, "_offline", False):
+            run._log_artifact(art, is_user_created=True, use_after_commit=True)
+        else:
+            run.use_artifact(art)
+    except Exception as e:  # the lineage edge must never cost the evaluation itself
+        log.warning("Could not record that this eval run uses %s (%s): %s", art.name, ckpt_path, e)
+
+
+def log_eval_report(loggers: list[Logger], out_dir: str | Path) -> int:
+    """``report.json`` and the PNG figures of ``out_dir`` as an ``evaluation`` artifact of each eval wandb run
+    (named ``eval-<training id>``: one version per evaluation of that training), online and offline. Returns the
+    number of artifact versions logged."""
+    files = [p for p in [Path(out_dir) / "report.json", *sorted(Path(out_dir).glob("*.png"))] if p.is_file()]
+    n = 0
+    for lg in loggers:
+        if not files or not isinstance(lg, WandbLogger):
+            continue
+        import wandb
+
+        run = lg.experiment
+        source = run.config.get("train_wandb_id") or run.id
+        art = wandb.Artifact(name=f"{EVAL_TAG}-{source}", type=EVAL_ARTIFACT_TYPE,
+                             metadata={"eval_name": run.config.get("eval_name"),
+                                       "checkpoint": run.config.get("checkpoint")})
+        for p in files:
+            art.add_file(str(p), name=p.name)
+        run.log_artifact(art)
+        n += 1
+    return n
