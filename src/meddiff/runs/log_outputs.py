@@ -134,8 +134,10 @@ def log_checkpoints(loggers: list, selection: dict[str, Any]) -> int:
         run = lg.experiment
         import wandb
 
-        for path, aliases in paths.items():
-            art = wandb.Artifact(name=f"model-{run.id}", type="model",
+        from meddiff.runs.loggers import CHECKPOINT_ARTIFACT_TYPE, checkpoint_artifact_name
+
+        for path, aliases in paths.items():  # the eval run of a checkpoint uses this artifact (eval_run_loggers)
+            art = wandb.Artifact(name=checkpoint_artifact_name(run.id), type=CHECKPOINT_ARTIFACT_TYPE,
                                  metadata={"monitor": selection.get("monitor"), "score": selection.get("best_score"),
                                            "file": Path(path).name})
             art.add_file(path, name=Path(path).name)
@@ -183,32 +185,3 @@ def train_run_dir_of(ckpt_path: str | Path | None) -> Path | None:
     ckpt = Path(ckpt_path).expanduser().resolve()
     run_dir = ckpt.parent.parent
     return run_dir if ckpt.parent.name == "checkpoints" and (run_dir / "status.json").is_file() else None
-
-
-def eval_loggers(ckpt_path: str | Path | None, out_dir: str | Path) -> list:
-    """Loggers for a standalone ``meddiff-eval`` of a checkpoint whose training logged to wandb: a new wandb run
-    with ``job_type=eval`` in the training run's project and group, named like it, tagged ``eval``. Returns ``[]``
-    when the training did not use wandb (an evaluation never starts a wandb run of its own accord)."""
-    import yaml
-
-    from meddiff.runs.loggers import WANDB_ID_FILE, _wandb_online, new_wandb_id
-    from meddiff.runs.status import read_status
-
-    run_dir = train_run_dir_of(ckpt_path)
-    if run_dir is None or not (run_dir / WANDB_ID_FILE).is_file():
-        return []
-    from lightning.pytorch.loggers import WandbLogger
-
-    status = read_status(run_dir) or {}
-    cfg = yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) if (run_dir / "config_resolved.yaml").is_file() \
-        else {}
-    wb = ((cfg.get("logger") or {}).get("wandb") or {}) if isinstance(cfg, dict) else {}
-    tags = [str(t) for t in (wb.get("tags") or cfg.get("tags") or [])] + ["eval"]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    offline = wb.get("offline", "auto")
-    offline = (not _wandb_online()) if str(offline) == "auto" else bool(offline)
-    return [WandbLogger(save_dir=str(out_dir), project=wb.get("project", "meddiff"), name=status.get("name"),
-                        group=status.get("group"), tags=tags, job_type="eval", offline=offline, id=new_wandb_id(),
-                        config={"train_run_dir": str(run_dir), "checkpoint": str(ckpt_path),
-                                "train_wandb_id": (run_dir / WANDB_ID_FILE).read_text().strip()})]
