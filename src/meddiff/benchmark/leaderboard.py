@@ -311,7 +311,7 @@ def _write_png(path: Path, task: str, rows: list[Mapping[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r.get("image_auroc") is not None][::-1]
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(shown) + 1.2))
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(shown) + 1.2))
     for i, r in enumerate(shown):
         v, lo, hi = r["image_auroc"], r.get("image_auroc_ci_lo"), r.get("image_auroc_ci_hi")
         err = [[v - lo], [hi - v]] if lo is not None and hi is not None else None
@@ -321,7 +321,7 @@ def _write_png(path: Path, task: str, rows: list[Mapping[str, Any]]) -> None:
     ax.set_xlim(0.0, 1.0)
     ax.axvline(0.5, color="k", lw=0.5, ls=":")
     ax.set_xlabel("test image AUROC (95% CI)")
-    ax.set_title(f"{task}: methods (blue) vs trivial baselines (grey)")
+    ax.set_title(f"{task}: methods (blue) vs trivial baselines (grey)", fontsize=10, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
