@@ -20,7 +20,8 @@ training image flipped left-right with probability 1/2, as Brainomaly's official
 (seed, epoch, pool index) by :class:`FlipSampler`, so flips are label-blind and resumable; never in validation, test
 or the protocols' pools); ``val`` = a list of
 loaders ``[known_healthy_val, mixed, labelled_val]`` (those that exist), each item tagged ``pool`` =
-``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.validation``); ``test`` = ``test``.
+``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.validation``); ``test`` = ``test``; selection on
+labelled validation (``val_labelled_dataloader``, the anomaly protocol) reads ``labelled_val`` when it exists.
 
 Items (dicts, ``docs/contracts.md``): ``image [C, H, W]`` float32 in ``[-1, 1]``, ``id``, ``subject``, ``pool``,
 ``label`` (int64, only where labels may be seen), ``mask`` (bool ``[1, H, W]``, labelled pools with masks: BMAD
@@ -410,6 +411,14 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.pool_loader(p, max_items=self.val_max_per_pool) for p in self.val_loader_pools()]
+
+    def val_labelled_dataloader(self) -> DataLoader:
+        """What selection on labelled validation reads (the anomaly protocol): the labelled validation set
+        (``labelled_val``: Brainomaly ``val/pos`` + ``val/neg``, BMAD ``valid/``) when the data has one, else the
+        val split as every SplitDataModule (the held-out known-healthy images, all healthy)."""
+        if self.has_pool("labelled_val"):
+            return self.pool_loader("labelled_val")
+        return super().val_labelled_dataloader()
 
     def test_dataloader(self) -> DataLoader:
         return self.pool_loader("test")
