@@ -195,6 +195,25 @@ def test_train_classes_filters_only_the_train_split(root: Path) -> None:
         ADNISliceDataModule(root=str(root), train_classes=[6])
 
 
+def test_eval_classes_filters_val_and_test_after_the_subject_split(root: Path) -> None:
+    """eval_classes=[CN, AD]: val/test keep only CN and AD volumes of the unfiltered split (label 1 = AD), train is
+    untouched; a bad class name is a ConfigError naming the option."""
+    plain = ADNISliceDataModule(root=str(root), image_size=32, train_classes=["CN"])
+    dm = ADNISliceDataModule(root=str(root), image_size=32, train_classes=["CN"], eval_classes=["CN", "AD"])
+    plain.setup()
+    dm.setup()
+    assert [e.volume_id for e in dm.train_set.volumes] == [e.volume_id for e in plain.train_set.volumes]
+    for split in ("val", "test"):
+        kept = [e.volume_id for e in plain.datasets[split].volumes if e.slice_label in (1, 5)]
+        assert [e.volume_id for e in dm.datasets[split].volumes] == kept
+        labels = {(int(it["class_label"]), int(it["label"])) for it in (dm.datasets[split][i]
+                                                                       for i in range(0, len(dm.datasets[split]), 5))}
+        assert labels <= {(0, 0), (4, 1)}
+    assert {e.slice_label for e in dm.test_set.volumes} == {1, 5}
+    with pytest.raises(ConfigError, match="eval_classes"):
+        ADNISliceDataModule(root=str(root), eval_classes=["XX"])
+
+
 def test_synthetic_flag_writes_a_task_dir_when_missing(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="synthetic=true"):
         ADNISliceDataModule(root=str(tmp_path / "none")).prepare_data()

@@ -81,6 +81,31 @@ def test_optional_labelled_validation_set(tmp_path):
     d = dm(tmp_path)
     assert d.val_loader_pools() == ["known_healthy_val", "mixed", "labelled_val"]
     assert next(iter(d.val_dataloader()[2]))["pool"] == ["labelled", "labelled"]
+    # selection on labelled validation (the anomaly protocol) reads the labelled set, both classes
+    lab = next(iter(d.val_labelled_dataloader()))
+    assert sorted(lab["id"]) == ["val/neg/v2__000", "val/pos/v1__000"] and sorted(lab["label"].tolist()) == [0, 1]
+
+
+def test_val_pools_chooses_the_validation_loaders(tmp_path):
+    brainomaly_tree(tmp_path)
+    png(tmp_path / "val/pos/v1__000.png")
+    png(tmp_path / "val/neg/v2__000.png")
+    d = dm(tmp_path, val_pools=["labelled_val"])
+    assert d.val_loader_pools() == ["labelled_val"]
+    (only,) = d.val_dataloader()
+    assert sorted(next(iter(only))["label"].tolist()) == [0, 1]
+    with pytest.raises(ConfigError, match="val_pools"):
+        dm(tmp_path, val_pools=["test"])
+    brainomaly_tree(tmp_path / "noval")  # no val/ folder: a named pool that is missing is an error
+    with pytest.raises(DataError, match="val_pools"):
+        dm(tmp_path / "noval", val_pools=["labelled_val"]).val_loader_pools()
+
+
+def test_labelled_validation_falls_back_to_the_val_split(tmp_path):
+    brainomaly_tree(tmp_path)
+    d = dm(tmp_path)
+    lab = next(iter(d.val_labelled_dataloader()))
+    assert sorted(lab["id"]) == sorted(r.id for r in d.pool_dataset("known_healthy_val").records)
 
 
 def test_bmad_layout_with_masks(tmp_path):

@@ -20,7 +20,8 @@ training image flipped left-right with probability 1/2, as Brainomaly's official
 (seed, epoch, pool index) by :class:`FlipSampler`, so flips are label-blind and resumable; never in validation, test
 or the protocols' pools); ``val`` = a list of
 loaders ``[known_healthy_val, mixed, labelled_val]`` (those that exist), each item tagged ``pool`` =
-``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.validation``); ``test`` = ``test``.
+``known_healthy`` / ``unannotated`` / ``labelled`` (``meddiff.models.validation``); ``test`` = ``test``; selection on
+labelled validation (``val_labelled_dataloader``, the anomaly protocol) reads ``labelled_val`` when it exists.
 
 Items (dicts, ``docs/contracts.md``): ``image [C, H, W]`` float32 in ``[-1, 1]``, ``id``, ``subject``, ``pool``,
 ``label`` (int64, only where labels may be seen), ``mask`` (bool ``[1, H, W]``, labelled pools with masks: BMAD
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 POOL_NAMES = ("known_healthy", "known_healthy_val", "mixed", "mixed_labelled", "labelled_val", "test")
 TRAIN_POOLS = ("known_healthy", "mixed")
+#: pools Lightning's validation can serve (``val_pools``)
+VAL_POOLS = ("known_healthy_val", "mixed", "labelled_val")
 #: the ``pool`` tag items carry (the vocabulary of meddiff.models.validation)
 _TAG = {"known_healthy": "known_healthy", "known_healthy_val": "known_healthy", "mixed": "unannotated",
         "mixed_labelled": "labelled", "labelled_val": "labelled", "test": "labelled"}
@@ -228,6 +231,9 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         val_fraction: share of known-healthy subjects held out for validation (AUCp's known-healthy side).
         train_pools: ``[known_healthy]`` (the refiner, diffusion models) or ``[known_healthy, mixed]`` (the GAN).
         val_max_per_pool: at most this many images per validation pool (a fixed seeded subset), or None.
+        val_pools: the pools of Lightning's validation loaders (a subset of ``known_healthy_val``, ``mixed``,
+            ``labelled_val``, each must exist), or None for all that exist (:meth:`val_loader_pools`); e.g.
+            ``[labelled_val]`` for a labelled-selection model (val/auroc, val/loss from one loader: benchmark_uad).
         use_masks: read the ``anomaly_mask`` folders (BMAD; Brainomaly ``val/`` and ``test/``).
         foreground_mask: add ``brain_mask`` to items.
         hflip: flip each training image left-right with probability 1/2 (Brainomaly's official training
@@ -244,6 +250,7 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
                  val_fraction: float = 0.1, train_pools: Sequence[str] = ("known_healthy",),
                  val_max_per_pool: int | None = None, use_masks: bool = True, foreground_mask: bool = False,
                  cache: bool = False, hflip: bool = False, synthetic: dict[str, Any] | None = None,
+                 val_pools: Sequence[str] | None = None,
                  batch_size: int = 16,
                  num_workers: int = 0, pin_memory: bool = False, seed: int = 0, seeded_shuffle: bool = True) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
@@ -264,6 +271,10 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         self.intensity, self.percentiles = intensity, tuple(float(p) for p in percentiles)
         self.subject_regex, self.allow_subject_overlap = subject_regex, bool(allow_subject_overlap)
         self.train_pools = tuple(pools)
+        if val_pools is not None and (isinstance(val_pools, str) or not val_pools
+                                      or not {str(p) for p in val_pools} <= set(VAL_POOLS)):
+            raise ConfigError(f"data.val_pools={val_pools!r} must be null or a non-empty list of {list(VAL_POOLS)}.")
+        self.val_pools = None if val_pools is None else tuple(str(p) for p in val_pools)
         self.val_max_per_pool = None if val_max_per_pool is None else int(val_max_per_pool)
         self.use_masks, self.foreground_mask, self.cache = bool(use_masks), bool(foreground_mask), bool(cache)
         if not isinstance(hflip, bool):
@@ -395,7 +406,13 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
         return {p: self._train_loader(p) for p in self.train_pools}
 
     def val_loader_pools(self) -> list[str]:
-        """Pools of the validation loaders, in order."""
+        """Pools of the validation loaders, in order (``val_pools`` when given, each checked to exist)."""
+        if self.val_pools is not None:
+            missing = [p for p in self.val_pools if not self.has_pool(p)]
+            if missing:
+                raise DataError(f"data.val_pools={list(self.val_pools)}: {self.root} has no images for {missing}; "
+                                "drop them from data.val_pools (or null for every pool the data has).")
+            return list(self.val_pools)
         pools = []
         if self.has_pool("known_healthy_val"):
             pools.append("known_healthy_val")
@@ -410,6 +427,14 @@ class ImageFolderAnomalyDataModule(SplitDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.pool_loader(p, max_items=self.val_max_per_pool) for p in self.val_loader_pools()]
+
+    def val_labelled_dataloader(self) -> DataLoader:
+        """What selection on labelled validation reads (the anomaly protocol): the labelled validation set
+        (``labelled_val``: Brainomaly ``val/pos`` + ``val/neg``, BMAD ``valid/``) when the data has one, else the
+        val split as every SplitDataModule (the held-out known-healthy images, all healthy)."""
+        if self.has_pool("labelled_val"):
+            return self.pool_loader("labelled_val")
+        return super().val_labelled_dataloader()
 
     def test_dataloader(self) -> DataLoader:
         return self.pool_loader("test")

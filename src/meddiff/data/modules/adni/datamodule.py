@@ -69,7 +69,7 @@ def split_subjects(
     return out
 
 
-def _parse_classes(classes: Iterable[int | str] | None) -> frozenset[int] | None:
+def _parse_classes(classes: Iterable[int | str] | None, what: str = "train_classes") -> frozenset[int] | None:
     if classes is None:
         return None
     if isinstance(classes, (str, int)):
@@ -77,9 +77,9 @@ def _parse_classes(classes: Iterable[int | str] | None) -> frozenset[int] | None
     out = set()
     for c in classes:
         try:
-            out.add(parse_label(c, "train_classes"))
+            out.add(parse_label(c, what))
         except DataError as exc:
-            raise ConfigError(f"{exc} (train_classes takes names CN..AD or slice labels 1..5)") from exc
+            raise ConfigError(f"{exc} ({what} takes names CN..AD or slice labels 1..5)") from exc
     return frozenset(out)
 
 
@@ -94,7 +94,10 @@ class ADNISliceDataModule(SplitDataModule):
         val_fraction, test_fraction, seed: subject-level stratified split (:func:`split_subjects`).
         batch_size, num_workers, pin_memory: DataLoader settings.
         train_classes: classes kept in the *train* split (names ``"CN"``.. or slice labels 1..5; ``None`` all);
-            val and test keep every class.
+            val and test keep every class unless ``eval_classes`` says otherwise.
+        eval_classes: classes kept in the *val* and *test* splits (same names; ``None`` all), e.g. ``[CN, AD]`` for
+            image-level anomaly detection with ``label`` 1 = AD (the anomaly protocol, benchmark_uad); the subject
+            split is computed before this filter, so the kept subjects are exactly those of the unfiltered splits.
         synthetic: write a synthetic task dir (:func:`meddiff.data.synthetic.mri.write_synthetic_adni`) when
             ``dataset.json`` is missing; ``synthetic_n_per_class`` (one count, or five for CN..AD),
             ``synthetic_shape``, ``synthetic_seed``, ``synthetic_atrophy`` (``"global"`` | ``"matched"``, see
@@ -132,6 +135,7 @@ class ADNISliceDataModule(SplitDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         train_classes: Sequence[int | str] | None = None,
+        eval_classes: Sequence[int | str] | None = None,
         synthetic: bool = False,
         synthetic_n_per_class: int | Sequence[int] = 4,
         synthetic_shape: Sequence[int] = (64, 64, 64),
@@ -149,6 +153,7 @@ class ADNISliceDataModule(SplitDataModule):
         self.task = str(task)
         self.settings = SliceSettings(image_size, lo, hi, tuple(int(a) for a in axes), pct_lo, pct_hi, frame)
         self.train_classes = _parse_classes(train_classes)
+        self.eval_classes = _parse_classes(eval_classes, "eval_classes")
         self.synthetic = bool(synthetic)
         n = synthetic_n_per_class
         self.synthetic_n_per_class: Any = n if isinstance(n, (int, np.integer, str)) else tuple(n)
@@ -233,7 +238,8 @@ class ADNISliceDataModule(SplitDataModule):
             self._dataset(read_dataset_json(self.json_path, check_files=not self.skip_bad))
 
     def split_entries(self) -> dict[str, list[ADNIEntry]]:
-        """``{"train"|"val"|"test": entries}`` (computed once; ``train_classes`` filters train only)."""
+        """``{"train"|"val"|"test": entries}`` (computed once; ``train_classes`` filters train only,
+        ``eval_classes`` val and test)."""
         if self.splits is None:
             self._ensure_task_dir()
             entries = read_dataset_json(self.json_path, check_files=not self.skip_bad)
@@ -241,6 +247,9 @@ class ADNISliceDataModule(SplitDataModule):
             self._train_non_cn = {e.subject for e in splits["train"] if e.slice_label != 1}
             if self.train_classes is not None:
                 splits["train"] = [e for e in splits["train"] if e.slice_label in self.train_classes]
+            if self.eval_classes is not None:
+                for name in ("val", "test"):
+                    splits[name] = [e for e in splits[name] if e.slice_label in self.eval_classes]
             self.splits = splits
         return self.splits
 
