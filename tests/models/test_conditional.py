@@ -118,11 +118,15 @@ def test_training_reduces_loss_and_validation_logs_psnr():
     logged = {}
     m.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
     m.eval()
+    m.on_validation_epoch_start()
     m.validation_step(b, 0)
+    m.on_validation_epoch_end()  # val/loss: once per epoch, over every loader
     assert {"val/loss", "val/psnr", "val/ssim", "val/psnr_noisy"} <= set(logged)
     assert 0 < logged["val/psnr"] < 100
     logged.clear()
+    m.on_validation_epoch_start()
     m.validation_step(b, 1)  # beyond val_batches=1: the loss only
+    m.on_validation_epoch_end()
     assert set(logged) == {"val/loss"}
     assert m.eval_protocol == "denoise" and not hasattr(m, "anomaly_val")
 

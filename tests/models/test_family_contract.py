@@ -122,3 +122,26 @@ def test_family_contract(family: str, tmp_path: Path, coarse_ckpt: Path) -> None
     again, _ = _build(family, tmp_path, coarse_ckpt)
     again.load_state_dict(ckpt["state_dict"])
     torch.testing.assert_close(again.eval().reconstruct(val_b), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_validates_over_several_loaders(family: str, tmp_path: Path, coarse_ckpt: Path) -> None:
+    """Validation loaders are pools of one validation set (image folders: known-healthy + labelled): every family
+    validates over two of them, and a diffusion family logs one ``val/loss`` over both (Lightning refuses a key
+    logged from several loaders, which stopped label-selected families on image folders at their first validation)."""
+    from meddiff.models.base import DiffusionModule
+
+    model, _ = _build(family, tmp_path, coarse_ckpt)
+    train_b, val_b = batches(family)
+    other = {**val_b, "label": torch.zeros(B, dtype=torch.long)} if "label" in val_b else val_b
+    if getattr(getattr(model, "anomaly_val", None), "label_free", False):  # its val/loss: the known-healthy pool
+        other = {"image": other["image"], "pool": ["known_healthy"] * B}
+    trainer = L.Trainer(max_steps=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                        default_root_dir=str(tmp_path))
+    loaders = [DataLoader(_Fixed(val_b), batch_size=None), DataLoader(_Fixed(other), batch_size=None)]
+    trainer.fit(model, DataLoader(_Fixed(train_b), batch_size=None), loaders)
+    if isinstance(model, DiffusionModule):
+        assert "val/loss" in trainer.callback_metrics, f"{family}: no val/loss"
+        assert torch.isfinite(trainer.callback_metrics["val/loss"])
+        assert not [k for k in trainer.callback_metrics if k.startswith("val/loss/")], "one val/loss, no suffix"

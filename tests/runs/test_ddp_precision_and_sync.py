@@ -41,9 +41,9 @@ def _epoch_log_calls(path: Path) -> list[ast.Call]:
 
 
 def test_epoch_level_values_of_the_base_model_are_synced_over_processes():
-    """val/loss through Lightning's sync_dist; train/loss_epoch reduced explicitly in on_train_epoch_end (a hook every
-    process runs at the same point: Lightning's lazy sync of a sync_dist train value ran on rank 0 alone and crossed
-    the other processes' collectives)."""
+    """train/loss_epoch and val/loss reduced explicitly in on_train_epoch_end / on_validation_epoch_end (hooks every
+    process runs at the same point: Lightning's lazy sync of a sync_dist value ran on rank 0 alone and crossed the
+    other processes' collectives); anything else logged per epoch through Lightning's sync_dist."""
     import meddiff.models.base as base
 
     calls = _epoch_log_calls(Path(base.__file__))
@@ -51,13 +51,13 @@ def test_epoch_level_values_of_the_base_model_are_synced_over_processes():
     for call in calls:
         kw = {k.arg: k.value for k in call.keywords}
         name = ast.unparse(call.args[0]) if call.args else "?"
-        if name == "'train/loss_epoch'":
-            continue  # reduced by hand, see test_train_loss_epoch_is_the_mean_over_every_process
+        if name in ("'train/loss_epoch'", "'val/loss'"):
+            continue  # reduced by hand, see test_train_and_val_loss_are_the_mean_over_every_process
         assert isinstance(kw.get("sync_dist"), ast.Constant) and kw["sync_dist"].value is True, \
             f"models/base.py line {call.lineno}: {name} is logged on_epoch without sync_dist=True"
 
 
-def test_train_loss_epoch_is_the_mean_over_every_process():
+def test_train_and_val_loss_are_the_mean_over_every_process():
     """Two processes: this one saw loss 1.0 on 4 images, the other 3.0 on 12: the epoch value is 2.5, not 1.0."""
     from types import SimpleNamespace
 
@@ -79,3 +79,7 @@ def test_train_loss_epoch_is_the_mean_over_every_process():
     model._epoch_loss += torch.tensor([1.0 * 4, 4.0], dtype=torch.float64)
     model.on_train_epoch_end()
     assert logged["train/loss_epoch"] == pytest.approx(2.5)
+    model.on_validation_epoch_start()
+    model._val_loss += torch.tensor([1.0 * 4, 4.0], dtype=torch.float64)
+    model.on_validation_epoch_end()
+    assert logged["val/loss"] == pytest.approx(2.5)

@@ -96,6 +96,7 @@ class DiffusionModule(L.LightningModule):
         self.schedule = schedule
         self.ema = EMA(net, ema_decay) if ema_decay > 0 else None
         self._epoch_loss = torch.zeros(2, dtype=torch.float64)  # train/loss_epoch accumulator (on_train_epoch_end)
+        self._val_loss = torch.zeros(2, dtype=torch.float64)  # val/loss accumulator (on_validation_epoch_end)
         self.loss_name = loss
         self.huber_delta = huber_delta
         self.noise_kind = noise
@@ -254,13 +255,29 @@ class DiffusionModule(L.LightningModule):
         self.log_val_loss(batch, batch_idx, healthy_rows(batch))
 
     def log_val_loss(self, batch: Mapping[str, Any], batch_idx: int, rows: torch.Tensor) -> None:
-        """``val/loss`` on the rows ``rows`` (bool ``[B]``) of ``batch``, noise seeded by the batch index; the name
-        has no ``/dataloader_idx_N`` suffix (several validation loaders are pools of one validation set)."""
+        """Add the loss on the rows ``rows`` (bool ``[B]``) of ``batch`` (noise seeded by the batch index) to
+        ``val/loss``, logged once per epoch in :meth:`on_validation_epoch_end` over every validation loader: the
+        loaders are pools of one validation set, and Lightning refuses one key logged from several loaders."""
         if rows.any():
             gen = torch.Generator(device=batch["image"].device).manual_seed(1000 + batch_idx)
             loss = self.diffusion_loss(select_rows(batch, rows), generator=gen)
-            self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=int(rows.sum()),
-                     add_dataloader_idx=False)
+            n = int(rows.sum())
+            self._val_loss += torch.stack([loss.detach().float() * n, loss.new_tensor(float(n))]).cpu().double()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss = torch.zeros(2, dtype=torch.float64)  # [sum of loss x rows, rows] on this process
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss``: the row-weighted mean over every loader and process (reduced here, in a hook every process
+        runs, as ``train/loss_epoch``); then the family's anomaly validation (``val/auroc``, ``val/aucp``) if any."""
+        total = self._val_loss.to(self.device)
+        if getattr(self._trainer, "world_size", 1) > 1:  # no trainer (a unit test calling the hook): one process
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        if float(total[1]) > 0:
+            self.log("val/loss", (total[0] / total[1]).float(), prog_bar=True, on_epoch=True)
+        anomaly_val = getattr(self, "anomaly_val", None)
+        if anomaly_val is not None:
+            anomaly_val.log_epoch(self.log)
 
     def num_val_batches(self, dataloader_idx: int = 0) -> float | None:
         """Batches of validation loader ``dataloader_idx`` as the trainer counts them (None without a trainer)."""

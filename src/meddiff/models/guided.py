@@ -242,5 +242,3 @@ class GuidedDiffusion(DiffusionModule):
         spread over each validation loader (with ``data.aucp_holdout`` the known-healthy pool's too: ``val/aucp``)."""
         self.anomaly_val.step(self, batch, batch_idx, dataloader_idx, spread=True)
 
-    def on_validation_epoch_end(self) -> None:
-        self.anomaly_val.log_epoch(self.log)

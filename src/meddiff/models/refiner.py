@@ -241,8 +241,6 @@ class RefinerDiffusion(DiffusionModule):
         """``val/loss`` on the known-healthy rows; the refinement with ``val_sampling`` scored on ``val_batches``."""
         self.anomaly_val.step(self, batch, batch_idx, dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        self.anomaly_val.log_epoch(self.log)
 
     # ------------------------------------------------------------------ self-contained checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

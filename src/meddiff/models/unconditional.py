@@ -86,8 +86,6 @@ class UnconditionalDiffusion(DiffusionModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.anomaly_val.step(self, batch, batch_idx, dataloader_idx)
 
-    def on_validation_epoch_end(self) -> None:
-        self.anomaly_val.log_epoch(self.log)
 
 
 @functools.cache
