@@ -43,7 +43,8 @@ demo-refiner: install
 	bash scripts/run_demo.sh $(PY) demo_refiner model.coarse_ckpt=logs/demo_coarse/latest $(DEMO_ARGS)
 
 # issue 18: every method x task at demo size (Hydra multirun; 12 jobs, ~41 min on 2 CPU cores), then
-# leaderboard_<task>.md/csv/png in the sweep dir (logs/train/multiruns/<time>/); a subset: make benchmark BENCH_ARGS='-m +benchmark_uad=mnist_pddpm,mnist_dae'
+# leaderboard_<task>.md/csv/png in the sweep dir (logs/train/multiruns/<time>/);
+# a subset: make benchmark BENCH_ARGS='-m +benchmark_uad=mnist_pddpm,mnist_dae'
 BENCH_ARGS ?=
 benchmark: install
 	$(PY) -m meddiff.train experiment=benchmark_uad $(BENCH_ARGS)
