@@ -157,23 +157,34 @@ def log_run_outputs(loggers: list, out_dir: str | Path, hparams: dict[str, Any],
     log_report(loggers, out_dir)
 
 
+def report_files(out_dir: str | Path) -> list[Path]:
+    """``report.json`` and the PNG figures of ``out_dir`` (those that exist): what a report artifact holds."""
+    return [p for p in [Path(out_dir) / "report.json", *sorted(Path(out_dir).glob("*.png"))] if p.is_file()]
+
+
+def log_files_artifact(run: Any, files: list[Path], name: str, type_: str, metadata: dict[str, Any] | None = None,
+                       aliases: list[str] | None = None) -> None:
+    """``files`` as one version of the wandb artifact ``name`` of type ``type_`` in ``run`` (online and offline)."""
+    import wandb
+
+    art = wandb.Artifact(name=name, type=type_, metadata=metadata)
+    for p in files:
+        art.add_file(str(p), name=p.name)
+    run.log_artifact(art, aliases=aliases)
+
+
 def log_report(loggers: list, out_dir: str | Path) -> int:
     """``report.json`` and the PNG figures of ``out_dir`` as the artifact ``report-<run id>`` (type ``report``),
     online and offline. Returns the number of artifact versions logged."""
-    files = [p for p in [Path(out_dir) / "report.json", *sorted(Path(out_dir).glob("*.png"))] if p.is_file()]
+    files = report_files(out_dir)
     if not files:
         return 0
     n = 0
     for lg in loggers:
         if kind(lg) != "wandb":
             continue
-        import wandb
-
         run = lg.experiment
-        art = wandb.Artifact(name=f"report-{run.id}", type="report")
-        for p in files:
-            art.add_file(str(p), name=p.name)
-        run.log_artifact(art, aliases=["latest"])
+        log_files_artifact(run, files, f"report-{run.id}", "report", aliases=["latest"])
         n += 1
     return n
 

@@ -266,20 +266,17 @@ def log_eval_report(loggers: list[Logger], out_dir: str | Path) -> int:
     """``report.json`` and the PNG figures of ``out_dir`` as an ``evaluation`` artifact of each eval wandb run
     (named ``eval-<training id>``: one version per evaluation of that training), online and offline. Returns the
     number of artifact versions logged."""
-    files = [p for p in [Path(out_dir) / "report.json", *sorted(Path(out_dir).glob("*.png"))] if p.is_file()]
+    from meddiff.runs.log_outputs import log_files_artifact, report_files
+
+    files = report_files(out_dir)
     n = 0
     for lg in loggers:
         if not files or not isinstance(lg, WandbLogger):
             continue
-        import wandb
-
         run = lg.experiment
         source = run.config.get("train_wandb_id") or run.id
-        art = wandb.Artifact(name=f"{EVAL_TAG}-{source}", type=EVAL_ARTIFACT_TYPE,
-                             metadata={"eval_name": run.config.get("eval_name"),
-                                       "checkpoint": run.config.get("checkpoint")})
-        for p in files:
-            art.add_file(str(p), name=p.name)
-        run.log_artifact(art)
+        log_files_artifact(run, files, f"{EVAL_TAG}-{source}", EVAL_ARTIFACT_TYPE,
+                           metadata={"eval_name": run.config.get("eval_name"),
+                                     "checkpoint": run.config.get("checkpoint")})
         n += 1
     return n
